@@ -1,0 +1,185 @@
+"""The `featuretree` command line: build a run, export it, summarise it (one subcommand per public function).
+
+    featuretree build --out runs/default            # embedded MiniLM, WordNet, default ladder
+    featuretree export runs/default --html tree.html --graphml tree.graphml --csv nodes.csv
+    featuretree info runs/default
+
+User mistakes print one line on stderr and exit with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from featuretree.config import Config, FeatureTreeError, field_docs
+
+log = logging.getLogger("featuretree")
+
+_CLI_FIELDS = ("model", "layer", "corpus", "n_tokens", "widths", "k", "epochs", "batch_size", "lr", "min_coverage",
+               "max_length", "seed")
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--widths {text!r}: give integers separated by commas, e.g. 512,2048,8192")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    docs, defaults = field_docs(Config), Config()
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    for name in _CLI_FIELDS:
+        default = getattr(defaults, name)
+        flag = "--" + name.replace("_", "-")
+        shown = ",".join(map(str, default)) if name == "widths" else default
+        kw: dict = {"default": None, "help": f"{docs.get(name, '')} (default: {shown})"}
+        if name == "widths":
+            kw["type"] = _widths
+        elif "float" in str(types[name]):
+            kw["type"] = float
+        elif "int" in str(types[name]):
+            kw["type"] = int
+        p.add_argument(flag, **kw)
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    given = {n: getattr(args, n) for n in _CLI_FIELDS if getattr(args, n) is not None}
+    return Config.from_dict({**Config().to_dict(), **given})
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """featuretree build: harvest, train the ladder, link, save the run and write its sunburst."""
+    from featuretree.export import to_frame, write_sunburst
+    from featuretree.tree import build
+
+    cfg = _config_from(args)
+    out = Path(args.out)
+    tree = build(cfg, out=out, progress=not args.quiet)
+    html = write_sunburst(tree, out / "sunburst.html")
+    frame = to_frame(tree)
+    for rung in tree.rungs:
+        m = tree.saes[rung].metrics
+        log.info("%-8s FVU %.3f  L0 %.1f  dead %.1f%%  nodes %d", rung, m.get("fvu", float("nan")),
+                 m.get("l0", float("nan")), 100 * m.get("dead_fraction", float("nan")), int((frame.rung == rung).sum()))
+    sys.stdout.write(f"wrote {out}/ ({len(frame)} features, {tree.graph.number_of_edges()} edges); open {html}\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """featuretree export: write a saved run as sunburst HTML, GraphML, CSV or node-link JSON."""
+    from featuretree.export import load, to_frame, to_graphml, write_sunburst
+
+    tree = load(args.run)
+    if not any((args.html, args.graphml, args.csv)):
+        raise FeatureTreeError("nothing to export: pass --html FILE, --graphml FILE and/or --csv FILE")
+    if args.html:
+        write_sunburst(tree, args.html, root=args.root, max_depth=args.max_depth, color=args.color)
+        sys.stdout.write(f"wrote {args.html}\n")
+    if args.graphml:
+        to_graphml(tree, args.graphml)
+        sys.stdout.write(f"wrote {args.graphml}\n")
+    if args.csv:
+        from featuretree.utils import write_text
+
+        write_text(args.csv, to_frame(tree).to_csv(index=False))
+        sys.stdout.write(f"wrote {args.csv}\n")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """featuretree info: per-rung metrics and the widest-reaching nodes of a saved run."""
+    from featuretree.export import load, to_frame
+
+    tree = load(args.run)
+    frame = to_frame(tree)
+    lines = [f"run {args.run}: {len(frame)} features in {len(tree.rungs)} rungs, {tree.graph.number_of_edges()} edges"]
+    for rung in tree.rungs:
+        m = tree.saes[rung].metrics
+        sub = frame[frame.rung == rung]
+        lines.append(f"  {rung:<10} FVU {m.get('fvu', float('nan')):.3f}  L0 {m.get('l0', float('nan')):.1f}  "
+                     f"dead {100 * m.get('dead_fraction', float('nan')):.1f}%  live {len(sub)}  "
+                     f"linked {int(sub.parent.notna().sum())}")
+    top = frame[frame.depth == 0].sort_values("freq", ascending=False).head(args.top)
+    lines.append(f"top {len(top)} root features by firing rate:")
+    lines += [f"  {r.node:<12} {100 * r.freq:5.1f}%  {r.label}" for r in top.itertuples()]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The argparse parser for all subcommands (exposed for docs and tests).
+
+    Example:
+        >>> make_parser().parse_args(["info", "runs/x"]).run
+        'runs/x'
+    """
+    p = argparse.ArgumentParser(
+        prog="featuretree",
+        description="Explore how features split inside neural networks: harvest one layer's activations, "
+                    "train a ladder of TopK dictionaries of increasing width, and link each feature to its "
+                    "parent in the next narrower rung.",
+        epilog="Example: featuretree build --out runs/default && featuretree info runs/default",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and only warnings in the log")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    b = sub.add_parser("build", help="harvest activations, train the ladder, link the tree, write a sunburst",
+                       description="Run the whole pipeline and save it as a run directory: config.json, acts/, "
+                                   "saes/w<width>/ (SAELens format), tree.json and sunburst.html. Rerunning with "
+                                   "the same --out reuses the harvested activations.")
+    _add_config_args(b)
+    b.add_argument("--out", default="runs/default", help="run directory to write (default: runs/default)")
+    b.set_defaults(func=cmd_build)
+
+    e = sub.add_parser("export", help="export a saved run as HTML sunburst / GraphML / CSV",
+                       description="Write a saved run in other formats. The HTML is self-contained (plotly.js "
+                                   "inlined) and opens offline.")
+    e.add_argument("run", help="run directory written by `featuretree build`")
+    e.add_argument("--html", help="write an interactive sunburst to this .html file")
+    e.add_argument("--graphml", help="write the graph as GraphML (lists JSON-encoded)")
+    e.add_argument("--csv", help="write the node table (ft.to_frame) as CSV")
+    e.add_argument("--root", help="node id to centre the sunburst on, e.g. w512/7")
+    e.add_argument("--max-depth", type=int, help="rings shown at once in the sunburst (click to zoom)")
+    e.add_argument("--color", choices=("rung", "coverage"), default="rung", help="sector colour (default: rung)")
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("info", help="summarise a saved run: per-rung FVU / L0 / dead fraction, top features",
+                       description="Print per-rung metrics and the most frequent root features of a saved run.")
+    i.add_argument("run", help="run directory written by `featuretree build`")
+    i.add_argument("--top", type=int, default=10, help="root features to list (default: 10)")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with `argv` (default sys.argv[1:]); returns the exit status.
+
+    Example:
+        >>> main(["info", "/no/such/run"])  # doctest: +SKIP
+        2
+    """
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except (FeatureTreeError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        sys.stderr.write(f"featuretree: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("featuretree: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

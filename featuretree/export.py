@@ -1,0 +1,438 @@
+"""Export a FeatureTree: save/load a run directory, a pandas table, GraphML, and a plotly sunburst.
+
+On disk a tree is `config.json`, `tree.json` (networkx node-link JSON) and `saes/<rung>/` (SAELens
+layout); every file is written atomically and nothing else in the directory is touched. The sunburst
+is the tree drawn as rings, one per rung of the ladder (narrowest innermost), with sector sizes
+    value(node) = max(freq(node), sum(value(child)))
+so plotly's branchvalues="total" rule (a parent is at least the sum of its children) always holds.
+torch, the tree module and plotly are imported inside the functions that need them, so tables and
+GraphML work on a bare nx.DiGraph and importing this module never pulls in training code.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import networkx as nx
+import pandas as pd
+
+from featuretree.config import Config, FeatureTreeError
+from featuretree.utils import atomic_path, write_json, write_text
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+    from featuretree.tree import FeatureTree
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE, TREE_FILE, SAES_DIR = "config.json", "tree.json", "saes"
+_GRAPHML_JSON = "featuretree_json"  # graph attribute naming the attributes stored as JSON text in GraphML
+_FRAME_COLUMNS = ["node", "rung", "width", "index", "freq", "label", "parent", "coverage", "cos", "kind",
+                  "depth", "n_children", "top_tokens", "top_contexts"]
+_EDGE_COLUMNS = ["parent", "child", "coverage", "reverse", "cos", "kind"]
+
+
+# ---- helpers over a plain graph ----------------------------------------------------------------------
+def _graph(tree) -> nx.DiGraph:
+    return tree if isinstance(tree, nx.Graph) else tree.graph
+
+
+def _rung_key(rung: str) -> tuple:
+    # the same order as FeatureTree.rungs: base rungs by width, then refined rungs ("w512/7/r64")
+    last = rung.rsplit("/", 1)[-1]
+    return rung.count("/"), int(last[1:]) if last[1:].isdigit() else 0, rung
+
+
+def _rung_of(g: nx.DiGraph, n: str) -> str:
+    return str(g.nodes[n].get("rung") or str(n).rsplit("/", 1)[0])
+
+
+def _rungs(tree) -> list[str]:
+    g = _graph(tree)
+    names = {_rung_of(g, n) for n in g} | set(getattr(tree, "saes", None) or {}) | set(g.graph.get("rungs") or [])
+    return sorted(names, key=_rung_key)
+
+
+def _parent(g: nx.DiGraph, n: str) -> str | None:
+    # the graph keeps one tree edge per child; if a hand-made graph has several, the best-covering wins
+    preds = list(g.predecessors(n))
+    if len(preds) <= 1:
+        return preds[0] if preds else None
+    return max(preds, key=lambda p: g.edges[p, n].get("coverage") or 0.0)
+
+
+def _plain(v: Any) -> Any:
+    """A JSON-safe copy: numpy/torch scalars and arrays -> Python, tuples/sets -> lists, Paths -> str."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [_plain(x) for x in v]
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if hasattr(v, "tolist"):  # numpy scalar/array, torch tensor
+        return _plain(v.tolist())
+    raise FeatureTreeError(f"cannot store {v!r} (type {type(v).__name__}) as JSON: keep graph attributes to "
+                           "numbers, strings, lists and dicts")
+
+
+def _check_rung_name(rung: str) -> str:
+    parts = str(rung).split("/")
+    if not rung or any(p in ("", ".", "..") or "\\" in p for p in parts):
+        raise FeatureTreeError(f"rung name {rung!r} cannot be a directory under {SAES_DIR}/: use names like "
+                               "'w512' or 'w512/7/r64'")
+    return str(rung)
+
+
+# ---- save / load -------------------------------------------------------------------------------------
+def save(tree: FeatureTree, path: str | os.PathLike) -> Path:
+    """Write `tree` to directory `path`: config.json, tree.json (node-link) and saes/<rung>/ per dictionary.
+
+    Other files in `path` (e.g. an `acts/` store) are left alone; tree.json is written last.
+
+    Example:
+        >>> import tempfile, networkx as nx
+        >>> from featuretree.sae import TopKSAE
+        >>> from featuretree.tree import FeatureTree
+        >>> g = nx.DiGraph(rungs=["w4"]); g.add_node("w4/0", rung="w4", freq=0.5)
+        >>> d = save(FeatureTree(g, {"w4": TopKSAE(8, 4, 2)}), tempfile.mkdtemp())
+        >>> sorted(p.name for p in d.iterdir())
+        ['config.json', 'saes', 'tree.json']
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rungs = sorted(tree.saes, key=_rung_key)
+    for rung in rungs:
+        tree.saes[rung].save(path / SAES_DIR / _check_rung_name(rung))
+    write_json(path / CONFIG_FILE, tree.config.to_dict() if tree.config is not None else {})
+    data = _plain(nx.node_link_data(tree.graph, edges="edges"))
+    data["saes"] = rungs  # which saes/ subdirectories belong to this tree (stale ones may linger)
+    write_json(path / TREE_FILE, data)
+    log.info("saved %d nodes, %d edges and %d dictionaries to %s", tree.graph.number_of_nodes(),
+             tree.graph.number_of_edges(), len(rungs), path)
+    return path
+
+
+def _read_json(p: Path, what: str) -> Any:
+    if not p.is_file():
+        raise FeatureTreeError(f"{p.parent} has no {p.name} ({what}): it is not a saved feature tree; "
+                               "write one with ft.save(tree, path)")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise FeatureTreeError(f"{p} is not readable JSON ({e}): re-save the tree with ft.save(tree, path)") from e
+
+
+def load(path: str | os.PathLike) -> FeatureTree:
+    """Read a tree written by `save`: graph, dictionaries and config (None if config.json is {}).
+
+    Example:
+        >>> import tempfile, networkx as nx
+        >>> from featuretree.tree import FeatureTree
+        >>> g = nx.DiGraph([("w2/0", "w8/1")])
+        >>> load(save(FeatureTree(g), tempfile.mkdtemp())).graph.edges
+        OutEdgeView([('w2/0', 'w8/1')])
+    """
+    from featuretree.sae import TopKSAE
+    from featuretree.tree import FeatureTree
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FeatureTreeError(f"no saved tree at {path}: the directory does not exist; write one with "
+                               "ft.save(tree, path) or check the path")
+    cfg = _read_json(path / CONFIG_FILE, "the run's settings")
+    data = _read_json(path / TREE_FILE, "the feature graph")
+    try:
+        config = Config.from_dict(cfg) if cfg else None
+    except (FeatureTreeError, TypeError) as e:
+        raise FeatureTreeError(f"{path / CONFIG_FILE} is not a valid Config: {e}") from e
+    try:
+        graph = nx.node_link_graph(data, directed=True, multigraph=False, edges="edges")
+    except (KeyError, TypeError, AttributeError, nx.NetworkXError) as e:
+        raise FeatureTreeError(f"{path / TREE_FILE} is not networkx node-link data ({e!r}): re-save the tree "
+                               "with ft.save(tree, path)") from e
+    if "saes" in data:
+        rungs = [_check_rung_name(r) for r in data["saes"]]
+    else:  # a tree.json from another tool: take every saved dictionary under saes/
+        root = path / SAES_DIR
+        rungs = sorted((p.parent.relative_to(root).as_posix() for p in root.rglob("cfg.json")), key=_rung_key)
+    saes = {}
+    for rung in rungs:
+        try:
+            saes[rung] = TopKSAE.load(path / SAES_DIR / rung)
+        except FeatureTreeError as e:
+            raise FeatureTreeError(f"rung {rung!r} listed in {path / TREE_FILE} cannot be loaded: {e}") from e
+    log.info("loaded %d nodes and %d dictionaries from %s", graph.number_of_nodes(), len(saes), path)
+    return FeatureTree(graph, saes, config)
+
+
+# ---- tables ------------------------------------------------------------------------------------------
+def to_frame(tree, *, edges: bool = False) -> pd.DataFrame:
+    """One row per node (index = node id) with its primary parent edge, depth and labels; or the edge table.
+
+    `depth` counts parent edges up to the node's root (0 for a root). `tree` may be a FeatureTree or an
+    nx.DiGraph. With `edges=True`: columns parent, child, coverage, reverse, cos, kind.
+
+    Example:
+        >>> import networkx as nx
+        >>> g = nx.DiGraph(); g.add_edge("w2/0", "w8/1", coverage=0.9, cos=0.5, kind="split")
+        >>> df = to_frame(g)
+        >>> df.parent.tolist(), df.depth.tolist(), df.coverage.tolist()[1]
+        ([None, 'w2/0'], [0, 1], 0.9)
+        >>> to_frame(g, edges=True).child.tolist()
+        ['w8/1']
+    """
+    g = _graph(tree)
+    if edges:
+        rows = [{"parent": p, "child": c, **{k: d.get(k) for k in _EDGE_COLUMNS[2:]}} for p, c, d in g.edges(data=True)]
+        return pd.DataFrame(rows, columns=_EDGE_COLUMNS)
+    parent = {n: _parent(g, n) for n in g}
+    depth: dict[str, int] = {}
+    for n in g:
+        chain, m = [], n
+        while m is not None and m not in depth and len(chain) <= len(g):  # the bound stops on a cycle
+            chain.append(m)
+            m = parent[m]
+        base = depth.get(m, -1) if m is not None else -1
+        for i, c in enumerate(reversed(chain)):
+            depth[c] = base + 1 + i
+    rows = []
+    for n, d in g.nodes(data=True):
+        p = parent[n]
+        e = g.edges[p, n] if p is not None else {}
+        rows.append({"node": n, "rung": _rung_of(g, n), "width": d.get("width"), "index": d.get("index"),
+                     "freq": d.get("freq"), "label": d.get("label", n), "parent": p, "coverage": e.get("coverage"),
+                     "cos": e.get("cos"), "kind": e.get("kind"), "depth": depth[n], "n_children": g.out_degree(n),
+                     "top_tokens": list(d.get("top_tokens") or []), "top_contexts": list(d.get("top_contexts") or [])})
+    df = pd.DataFrame(rows, columns=_FRAME_COLUMNS, index=list(g.nodes))
+    for col in ("parent", "kind"):  # keep None for roots (pandas 3 would turn a str column's None into NaN)
+        df[col] = pd.Series([r[col] for r in rows], index=df.index, dtype=object)
+    return df
+
+
+# ---- GraphML -----------------------------------------------------------------------------------------
+def _kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, (int, float)):
+        return "num"
+    return "str" if isinstance(v, str) else "json"
+
+
+def _json_names(dicts: Iterable[dict]) -> list[str]:
+    # GraphML holds one scalar type per attribute: store an attribute as JSON text wherever any of its
+    # values is a list/dict/None or its types are mixed, so decoding is per attribute, never guessed
+    kinds: dict[str, set[str]] = {}
+    for d in dicts:
+        for k, v in d.items():
+            kinds.setdefault(k, set()).add(_kind(v))
+    return sorted(k for k, s in kinds.items() if "json" in s or len(s) > 1)
+
+
+def to_graphml(tree, path: str | os.PathLike) -> Path:
+    """Write the graph as GraphML (for Gephi, Cytoscape, yEd); lists are stored as JSON strings.
+
+    Example:
+        >>> import tempfile, pathlib, networkx as nx
+        >>> g = nx.DiGraph(); g.add_node("w2/0", top_tokens=["dog", "cat"])
+        >>> p = to_graphml(g, pathlib.Path(tempfile.mkdtemp()) / "tree.graphml")
+        >>> from_graphml(p).nodes["w2/0"]["top_tokens"]
+        ['dog', 'cat']
+    """
+    g = _graph(tree)
+    nodes = {n: _plain(d) for n, d in g.nodes(data=True)}
+    edges = {(p, c): _plain(d) for p, c, d in g.edges(data=True)}
+    graph = _plain(g.graph)
+    enc = {"graph": _json_names([graph]), "node": _json_names(nodes.values()), "edge": _json_names(edges.values())}
+
+    def scalars(d: dict, names: list[str]) -> dict:
+        return {k: json.dumps(v, ensure_ascii=False) if k in names else v for k, v in d.items()}
+
+    h = nx.DiGraph(**scalars(graph, enc["graph"]))
+    h.graph[_GRAPHML_JSON] = json.dumps(enc)
+    h.add_nodes_from((str(n), scalars(d, enc["node"])) for n, d in nodes.items())
+    h.add_edges_from((str(p), str(c), scalars(d, enc["edge"])) for (p, c), d in edges.items())
+    with atomic_path(path) as tmp:
+        nx.write_graphml(h, tmp, encoding="utf-8", infer_numeric_types=True)
+    log.info("wrote GraphML with %d nodes to %s", h.number_of_nodes(), path)
+    return Path(path)
+
+
+def from_graphml(path: str | os.PathLike) -> nx.DiGraph:
+    """Read GraphML written by `to_graphml`, decoding the JSON-encoded attributes back to lists.
+
+    Example:
+        >>> import tempfile, pathlib, networkx as nx
+        >>> p = to_graphml(nx.DiGraph([("w2/0", "w8/1")]), pathlib.Path(tempfile.mkdtemp()) / "t.graphml")
+        >>> list(from_graphml(p).edges)
+        [('w2/0', 'w8/1')]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureTreeError(f"no GraphML file at {path}: write one with ft.to_graphml(tree, path)")
+    try:
+        g = nx.DiGraph(nx.read_graphml(path))
+    except Exception as e:  # the XML parser raises several unrelated types
+        raise FeatureTreeError(f"{path} is not readable GraphML ({e}): re-export it with ft.to_graphml") from e
+    enc = json.loads(g.graph.pop(_GRAPHML_JSON, "{}"))
+    for k in ("node_default", "edge_default"):  # the reader's own bookkeeping, not the tree's
+        if g.graph.get(k) == {}:
+            del g.graph[k]
+
+    def decode(d: dict, names: list[str]) -> None:
+        for k in names:
+            if isinstance(d.get(k), str):
+                d[k] = json.loads(d[k])
+
+    decode(g.graph, enc.get("graph", []))
+    for _, d in g.nodes(data=True):
+        decode(d, enc.get("node", []))
+    for _, _, d in g.edges(data=True):
+        decode(d, enc.get("edge", []))
+    return g
+
+
+# ---- sunburst ----------------------------------------------------------------------------------------
+_MARK = re.compile(r"«([^«»]*)»")
+
+
+def _esc(text: Any, limit: int | None = None) -> str:
+    s = str(text)
+    if limit is not None and len(s) > limit:
+        s = s[: limit - 1] + "…"
+    return html.escape(s)
+
+
+def _hover(n: str, d: dict, p: str | None, e: dict) -> str:
+    lines = [f"<b>{_esc(n)}</b>  {_esc(d.get('label') or n, 120)}",
+             f"width {_esc(d.get('width', '?'))} · fires on {100 * float(d.get('freq') or 0):.3g}% of tokens"]
+    if p is not None:
+        cov, cos = e.get("coverage"), e.get("cos")
+        lines.append(f"parent {_esc(p)}: coverage {_fmt(cov)} · cos {_fmt(cos)}")
+    for c in list(d.get("top_contexts") or [])[:3]:
+        # escape first, then bold the «firing token»: corpus text can never inject markup
+        lines.append("• " + _MARK.sub(r"<b>«\1»</b>", _esc(c, 120)))
+    return "<br>".join(lines)
+
+
+def _fmt(x: Any) -> str:
+    return f"{float(x):.2f}" if isinstance(x, (int, float)) else "?"
+
+
+def sunburst(tree, *, root: str | None = None, max_depth: int | None = None, color: str = "rung") -> go.Figure:
+    """A plotly sunburst of the tree: ring 1 = the narrowest rung, ring 2 = the next, and so on.
+
+    Without `root` it starts from the parentless features of the narrowest rung (novel features and
+    anything not under them are left out, and counted in the log); with `root` (a node id) that node is
+    the center and only its subtree is drawn. Sector size is the firing frequency, made valid for
+    branchvalues="total" as value = max(freq, sum of children's values). `max_depth` rings are shown at
+    once (click a sector to zoom in). `color` is "rung" (one colour per rung) or "coverage" (P(parent
+    fires | child fires), continuous; roots are drawn at 1). All corpus text is HTML-escaped.
+    `fig.write_html(path)` inlines plotly.js (include_plotlyjs=True, the default), so the file is
+    self-contained (~5 MB) and opens offline; `write_sunburst` does that atomically.
+
+    Example:
+        >>> import networkx as nx
+        >>> g = nx.DiGraph(); g.add_node("w2/0", rung="w2", freq=0.5, label="animals")
+        >>> g.add_node("w8/1", rung="w8", freq=0.3, label="dogs"); g.add_edge("w2/0", "w8/1")
+        >>> fig = sunburst(g)
+        >>> list(fig.data[0].ids), list(fig.data[0].parents), list(fig.data[0].values)
+        (['w2/0', 'w8/1'], ['', 'w2/0'], [0.5, 0.3])
+    """
+    import plotly.colors
+    import plotly.graph_objects as go
+
+    if color not in ("rung", "coverage"):
+        raise FeatureTreeError(f"color={color!r} is not supported: use color='rung' or color='coverage'")
+    if max_depth is not None and int(max_depth) < 1:
+        raise FeatureTreeError(f"max_depth={max_depth} must be at least 1 (or None for every ring)")
+    g = _graph(tree)
+    rungs = _rungs(tree)
+    novel = {n for n, d in g.nodes(data=True) if d.get("novel")}
+    if root is not None:
+        if root not in g:
+            raise FeatureTreeError(f"unknown node {root!r}: ids look like 'w1024/311'; list them with ft.to_frame(tree)")
+        tops = [root]
+    else:
+        tops = [n for n in g if g.in_degree(n) == 0 and n not in novel and rungs and _rung_of(g, n) == rungs[0]]
+    children: dict[str, list[str]] = {}
+    parent_of: dict[str, str | None] = {}
+    for n in g:
+        p = parent_of[n] = _parent(g, n)
+        if p is not None and n not in novel:
+            children.setdefault(p, []).append(n)
+    order, seen, stack = [], set(), list(reversed(tops))
+    while stack:  # preorder: every parent before its descendants
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        order.append(n)
+        stack.extend(reversed(children.get(n, [])))
+    value: dict[str, float] = {}
+    for n in reversed(order):  # bottom-up; fsum so plotly's own summation cannot exceed the parent
+        kids = math.fsum(value[c] for c in children.get(n, []) if c in value)
+        value[n] = max(float(g.nodes[n].get("freq") or 0.0), kids)
+    left_out = g.number_of_nodes() - len(order)
+    if root is None:
+        log.info("sunburst: %d of %d features shown; %d left out (novel, or not under a %s root)",
+                 len(order), g.number_of_nodes(), left_out, rungs[0] if rungs else "?")
+    else:
+        log.info("sunburst of %s: %d features in its subtree", root, len(order))
+
+    top_set = set(tops)
+    parents = ["" if n in top_set else parent_of[n] for n in order]
+    # hover and colour use the real parent edge, also for a `root` drawn as the center
+    edge = {n: g.edges[parent_of[n], n] if parent_of[n] is not None else {} for n in order}
+    labels = [_esc(g.nodes[n].get("label") or n) for n in order]
+    hover = [_hover(n, g.nodes[n], parent_of[n], edge[n]) for n in order]
+    shown_rungs = sorted({_rung_of(g, n) for n in order}, key=_rung_key)
+    if color == "rung":
+        palette = plotly.colors.qualitative.Plotly + plotly.colors.qualitative.D3
+        colour_of = {r: palette[i % len(palette)] for i, r in enumerate(rungs)}
+        marker = dict(colors=[colour_of[_rung_of(g, n)] for n in order], line=dict(color="white", width=0.5))
+        key = " ".join(f'<span style="color:{colour_of[r]}">■ {_esc(r)}</span>' for r in shown_rungs)
+    else:
+        covs = [float(c) if isinstance(c := edge[n].get("coverage"), (int, float)) else 1.0 for n in order]
+        marker = dict(colors=covs, colorscale="Viridis", cmin=0.0, cmax=1.0, showscale=True,
+                      colorbar=dict(title=dict(text="coverage")), line=dict(color="white", width=0.5))
+        key = "colour = coverage P(parent | child)"
+    where = f"subtree of {_esc(root)}: " if root is not None else ""
+    title = f"{where}{len(order)} features in {len(shown_rungs)} rungs"
+    fig = go.Figure(go.Sunburst(
+        ids=order, parents=parents, labels=labels, values=[value[n] for n in order], branchvalues="total",
+        hovertext=hover, hoverinfo="text", textinfo="label", marker=marker, insidetextorientation="radial",
+        leaf=dict(opacity=1.0),  # plotly fades leaves by default, which would blur the one-colour-per-rung key
+        maxdepth=int(max_depth) if max_depth is not None else -1))
+    fig.update_layout(title=dict(text=title, subtitle=dict(text=key), x=0.5), margin=dict(t=70, l=10, r=10, b=10))
+    return fig
+
+
+def write_sunburst(tree, path: str | os.PathLike, **kw) -> Path:
+    """Write `sunburst(tree, **kw)` as one self-contained HTML file (plotly.js inlined), atomically.
+
+    Example:
+        >>> import tempfile, pathlib, networkx as nx
+        >>> g = nx.DiGraph(); g.add_node("w2/0", rung="w2", freq=0.5)
+        >>> p = write_sunburst(g, pathlib.Path(tempfile.mkdtemp()) / "sunburst.html")
+        >>> p.stat().st_size > 1_000_000
+        True
+    """
+    fig = sunburst(tree, **kw)
+    page = fig.to_html(include_plotlyjs=True, full_html=True)
+    title = fig.layout.title.text or ""  # already escaped, and free of markup
+    # a page title, and no body margin (plotly sizes the plot to 100% of the body, so a margin scrolls)
+    page = page.replace("<head>", f"<head><title>featuretree · {title}</title><style>body {{margin: 0}}</style>", 1)
+    write_text(path, page)
+    log.info("wrote sunburst to %s (%.1f MB)", path, Path(path).stat().st_size / 1e6)
+    return Path(path)

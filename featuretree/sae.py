@@ -1,0 +1,251 @@
+"""TopKSAE: a TopK sparse autoencoder with a sparse (k-row) encoder backward and decoder, saved in SAELens' format.
+
+    pre     = (x - b_dec) @ W_enc + b_enc             # (n, width)
+    indices = topk(pre, k); values = relu(pre[indices])  # (n, k) each
+    x_hat   = sum_j values_j * W_dec[indices_j] + b_dec    # (n, d_model), an embedding_bag
+
+Only the k chosen pre-activations need gradients, so the encoder's backward touches k columns of W_enc
+per token (an embedding_bag backward and a sparse matmul) instead of a dense (n, width) gradient.
+Decoder rows are kept unit-norm, so `values` are the feature's coefficient along its direction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from featuretree.config import FeatureTreeError
+from featuretree.utils import save_tensors, write_json
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+
+
+class _GatheredPreacts(torch.autograd.Function):
+    """values = pre[indices] for pre = xc @ W_enc + b_enc, with a backward over the k chosen columns only."""
+
+    @staticmethod
+    def forward(ctx, xc: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+        ctx.save_for_backward(xc, W_enc, indices)
+        ctx.width = b_enc.shape[0]
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # grad: (n, k)
+        xc, W_enc, indices = ctx.saved_tensors
+        n, k = indices.shape
+        grad_xc = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # sum_j grad[r, j] * W_enc[:, indices[r, j]]: an embedding_bag over W_enc's columns
+            grad_xc = F.embedding_bag(indices, W_enc.t().contiguous(), per_sample_weights=grad, mode="sum")  # (n, d)
+        flat_idx = indices.reshape(-1)
+        if ctx.needs_input_grad[1]:
+            rows = torch.arange(n, device=xc.device).repeat_interleave(k)
+            S = torch.sparse_coo_tensor(torch.stack([flat_idx, rows]), grad.reshape(-1), (ctx.width, n), check_invariants=False)
+            grad_W = torch.sparse.mm(S, xc).t()  # (d, width)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(ctx.width, dtype=grad.dtype, device=grad.device).index_add_(0, flat_idx, grad.reshape(-1))
+        return grad_xc, grad_W, grad_b, None, None
+
+
+class TopKSAE(nn.Module):
+    """TopK sparse autoencoder: exactly k features are active per token.
+
+    Example:
+        >>> sae = TopKSAE(d_model=16, width=64, k=4)
+        >>> x = torch.randn(8, 16)
+        >>> values, indices = sae.encode(x)
+        >>> values.shape, indices.shape
+        (torch.Size([8, 4]), torch.Size([8, 4]))
+        >>> torch.allclose(sae.decode(values, indices), sae(x))
+        True
+    """
+
+    def __init__(self, d_model: int = 384, width: int = 1024, k: int = 16, *, seed: int | None = 0,
+                 metadata: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if width <= 0 or d_model <= 0:
+            raise FeatureTreeError(f"width={width} and d_model={d_model} must be positive integers")
+        if not 0 < k < width:
+            raise FeatureTreeError(f"k={k} must be at least 1 and below width={width}: lower k or widen the dictionary")
+        self.d_model, self.width, self.k = int(d_model), int(width), int(k)
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.metrics: dict[str, float] = {}
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        W_dec = torch.randn(width, d_model, generator=gen)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)  # (width, d_model), unit rows
+        self.W_enc = nn.Parameter(W_dec.t().clone())  # (d_model, width)
+        self.b_enc = nn.Parameter(torch.zeros(width))
+        self.b_dec = nn.Parameter(torch.zeros(d_model))
+
+    # ---- forward maths -------------------------------------------------------------------------
+    def preacts(self, x: Tensor) -> Tensor:
+        """Dense pre-activations (x - b_dec) @ W_enc + b_enc, shape (n, width).
+
+        Example:
+            >>> TopKSAE(8, 32, 2).preacts(torch.randn(3, 8)).shape
+            torch.Size([3, 32])
+        """
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # (n, width)
+
+    def encode(self, x: Tensor, *, k: int | None = None, among: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The k active features of each row: (values (n, k) >= 0, indices (n, k) int64).
+
+        Differentiable w.r.t. the parameters through the k chosen columns only. `k` overrides the
+        dictionary's k and `among` (a (width,) bool mask) restricts the choice (AuxK uses both).
+
+        Example:
+            >>> v, i = TopKSAE(8, 32, 2).encode(torch.randn(3, 8))
+            >>> bool((v >= 0).all()), i.shape
+            (True, torch.Size([3, 2]))
+        """
+        x = x.to(self.W_enc.dtype)
+        with torch.no_grad():
+            pre = self.preacts(x)  # (n, width)
+            if among is not None:
+                pre.masked_fill_(~among, float("-inf"))
+            top, indices = pre.topk(k or self.k, dim=1, sorted=False)  # (n, k)
+        if torch.is_grad_enabled() and self.W_enc.requires_grad:
+            top = _GatheredPreacts.apply(x - self.b_dec, self.W_enc, self.b_enc, indices, top)
+        return F.relu(top), indices
+
+    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
+        """Reconstruct (n, d_model) from sparse codes: sum_j values_j * W_dec[indices_j] + b_dec.
+
+        Example:
+            >>> sae = TopKSAE(8, 32, 2)
+            >>> sae.decode(torch.ones(1, 2), torch.tensor([[0, 1]])).shape
+            torch.Size([1, 8])
+        """
+        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+        return out + self.b_dec  # (n, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction decode(encode(x)), shape (n, d_model).
+
+        Example:
+            >>> TopKSAE(8, 32, 2)(torch.randn(3, 8)).shape
+            torch.Size([3, 8])
+        """
+        return self.decode(*self.encode(x))
+
+    def dense_codes(self, x: Tensor) -> Tensor:
+        """The (n, width) activation matrix with zeros off the top-k (for small inputs and analysis).
+
+        Example:
+            >>> int((TopKSAE(8, 32, 2).dense_codes(torch.randn(3, 8)) != 0).sum(1).max()) <= 2
+            True
+        """
+        values, indices = self.encode(x)
+        return torch.zeros(x.shape[0], self.width, dtype=values.dtype).scatter_(1, indices, values)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale every decoder row to unit norm (call after each optimiser step).
+
+        Example:
+            >>> sae = TopKSAE(8, 32, 2); sae.W_dec.data *= 3; sae.normalize_decoder()
+            >>> torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32))
+            True
+        """
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the part of W_dec's gradient along each row, which unit-normalising would undo anyway.
+
+        Example:
+            >>> sae = TopKSAE(4, 8, 2); sae.W_dec.grad = sae.W_dec.detach().clone()
+            >>> sae.remove_parallel_grad(); float(sae.W_dec.grad.abs().max()) < 1e-6
+            True
+        """
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad -= parallel * self.W_dec
+
+    # ---- SAELens format ------------------------------------------------------------------------
+    def cfg_dict(self) -> dict[str, Any]:
+        """SAELens-style cfg.json contents (architecture 'topk', d_in, d_sae, k, metadata).
+
+        Example:
+            >>> TopKSAE(8, 32, 2).cfg_dict()["d_sae"]
+            32
+        """
+        return {
+            "architecture": "topk",
+            "d_in": self.d_model,
+            "d_sae": self.width,
+            "k": self.k,
+            "dtype": str(self.W_dec.dtype).removeprefix("torch."),
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": {**self.metadata, "featuretree_metrics": self.metrics},
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `cfg.json` + `sae_weights.safetensors` (SAELens layout) into directory `path`.
+
+        Example:
+            >>> import tempfile
+            >>> d = TopKSAE(8, 32, 2).save(tempfile.mkdtemp())
+            >>> sorted(p.name for p in d.iterdir())
+            ['cfg.json', 'sae_weights.safetensors']
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_tensors(path / WEIGHTS_FILE, {n: getattr(self, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")})
+        write_json(path / CFG_FILE, self.cfg_dict())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TopKSAE:
+        """Load a dictionary saved by `save` (or by SAELens with architecture 'topk').
+
+        Example:
+            >>> import tempfile
+            >>> d = TopKSAE(8, 32, 2).save(tempfile.mkdtemp())
+            >>> TopKSAE.load(d).width
+            32
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_path, w_path = path / CFG_FILE, path / WEIGHTS_FILE
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise FeatureTreeError(f"{path} is not a saved dictionary: expected {CFG_FILE} and {WEIGHTS_FILE} inside it")
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            d_in, d_sae, k = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg.get("k") or cfg["activation_fn_kwargs"]["k"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise FeatureTreeError(f"{cfg_path} is not a valid SAE config ({e!r}): it needs d_in, d_sae and k") from e
+        try:
+            weights = load_file(str(w_path))
+        except (SafetensorError, OSError) as e:
+            raise FeatureTreeError(f"{w_path} is not a readable safetensors file ({e}); re-save or retrain it") from e
+        expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+        for name, shape in expected.items():
+            if name not in weights or tuple(weights[name].shape) != shape:
+                got = tuple(weights[name].shape) if name in weights else "missing"
+                raise FeatureTreeError(f"{w_path}: {name} has shape {got}, expected {shape} from {CFG_FILE}")
+        meta = dict(cfg.get("metadata") or {})
+        metrics = meta.pop("featuretree_metrics", {}) or {}
+        sae = cls(d_in, d_sae, k, seed=None, metadata=meta)
+        with torch.no_grad():
+            for name in expected:
+                getattr(sae, name).copy_(weights[name].float())
+        sae.metrics = dict(metrics)
+        return sae

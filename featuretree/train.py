@@ -1,0 +1,235 @@
+"""train_ladder: train TopK dictionaries of several widths from ONE pass over an activation stream.
+
+Every batch feeds every rung, so a ladder costs one harvest and one read of the data. Per rung:
+    loss = FVU(x, x_hat) + auxk_alpha * AuxK,   FVU = ||x - x_hat||^2 / ||x - mean(x)||^2
+AuxK (Gao et al. 2024) reconstructs the residual x - x_hat from the top `k_aux` *dead* features
+(not fired for `dead_tokens` tokens) so they get gradient and revive. Adam with lr = 2e-4 / sqrt(width / 2^14)
+unless given; decoder rows are unit-norm after every step and their gradient's radial part is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from featuretree.config import FeatureTreeError
+from featuretree.sae import TopKSAE
+from featuretree.utils import write_json
+
+log = logging.getLogger(__name__)
+
+
+def default_lr(width: int) -> float:
+    """sparsify's width-scaled Adam learning rate, 2e-4 / sqrt(width / 2**14).
+
+    Example:
+        >>> round(default_lr(2**14), 6)
+        0.0002
+    """
+    return 2e-4 / math.sqrt(width / 2**14)
+
+
+def _is_store(acts) -> bool:
+    return hasattr(acts, "batches") and hasattr(acts, "d_model")
+
+
+def _check_finite(x: Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise FeatureTreeError("activations contain NaN or Inf: check the model's dtype or drop the bad rows before training")
+
+
+def iter_batches(acts, batch_size: int, *, split: str = "train", epochs: int = 1, seed: int = 0,
+                 shuffle: bool = True) -> Iterator[Tensor]:
+    """Shuffled (b, d_model) float32 batches from an Activations store or a Tensor [n, d_model].
+
+    A Tensor is used whole (`split` is ignored); a store yields its `split` part.
+
+    Example:
+        >>> [b.shape[0] for b in iter_batches(torch.randn(10, 4), 4)]
+        [4, 4, 2]
+    """
+    if _is_store(acts):
+        yield from acts.batches(batch_size, split=split, shuffle=shuffle, seed=seed, epochs=epochs)
+        return
+    x = torch.as_tensor(acts)
+    if x.ndim != 2:
+        raise FeatureTreeError(f"activations must be a 2-D tensor [n, d_model]; got shape {tuple(x.shape)}")
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=gen) if shuffle else torch.arange(x.shape[0])
+        for i in range(0, x.shape[0], batch_size):
+            yield x[order[i:i + batch_size]].float()
+
+
+def n_rows(acts, split: str = "train") -> int:
+    """Number of rows `iter_batches` yields per epoch.
+
+    Example:
+        >>> n_rows(torch.zeros(7, 3))
+        7
+    """
+    if _is_store(acts):
+        return acts.n_rows(split) if hasattr(acts, "n_rows") else len(acts)
+    return int(acts.shape[0])
+
+
+def d_model_of(acts) -> int:
+    """Width of the activation vectors.
+
+    Example:
+        >>> d_model_of(torch.zeros(7, 3))
+        3
+    """
+    return int(acts.d_model) if _is_store(acts) else int(acts.shape[1])
+
+
+class _Rung:
+    """One dictionary's optimiser state and dead-feature clock (internal to train_ladder)."""
+
+    def __init__(self, sae: TopKSAE, lr: float, dead_tokens: int, auxk_alpha: float) -> None:
+        self.sae = sae
+        self.opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+        self.since_fired = torch.zeros(sae.width, dtype=torch.long)  # tokens since each feature last fired
+        self.dead_tokens, self.auxk_alpha = dead_tokens, auxk_alpha
+        self.k_aux = min(sae.d_model // 2, sae.width - sae.k)
+        self.stats = {"fvu": 0.0, "aux": 0.0, "n": 0}
+
+    def step(self, x: Tensor, denom: Tensor) -> None:
+        sae = self.sae
+        values, indices = sae.encode(x)  # (n, k) each
+        x_hat = sae.decode(values, indices)  # (n, d)
+        err = x - x_hat
+        fvu = err.pow(2).sum() / denom
+        loss = fvu
+        dead = self.since_fired > self.dead_tokens  # (width,)
+        aux = torch.zeros(())
+        if self.auxk_alpha > 0 and bool(dead.any()):
+            vals, idx = sae.encode(x, k=min(self.k_aux, int(dead.sum())), among=dead)  # (n, k_aux)
+            aux_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum")  # (n, d)
+            resid = err.detach()
+            aux = (resid - aux_hat).pow(2).sum() / resid.sub(resid.mean(0)).pow(2).sum().clamp_min(1e-8)
+            loss = loss + self.auxk_alpha * aux
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grad()
+        self.opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            fired = torch.zeros(sae.width, dtype=torch.bool)
+            fired[indices[values > 0]] = True
+            self.since_fired += x.shape[0]
+            self.since_fired[fired] = 0
+        self.stats["fvu"] += float(fvu.detach()) * x.shape[0]
+        self.stats["aux"] += float(aux.detach()) * x.shape[0]
+        self.stats["n"] += x.shape[0]
+
+
+@torch.no_grad()
+def evaluate(sae: TopKSAE, batches: Iterable[Tensor]) -> dict[str, float]:
+    """FVU, mean L0 and dead fraction (features that never fire) of `sae` over `batches`.
+
+    Example:
+        >>> m = evaluate(TopKSAE(8, 32, 2), [torch.randn(64, 8)])
+        >>> sorted(m)
+        ['dead_fraction', 'fvu', 'l0', 'n_tokens']
+    """
+    sse = torch.zeros((), dtype=torch.float64)
+    sx = sxx = None
+    n, l0 = 0, 0
+    fired = torch.zeros(sae.width, dtype=torch.bool)
+    for x in batches:
+        x = x.float()
+        values, indices = sae.encode(x)
+        sse += (x - sae.decode(values, indices)).double().pow(2).sum()
+        sx = x.double().sum(0) if sx is None else sx + x.double().sum(0)
+        sxx = x.double().pow(2).sum() if sxx is None else sxx + x.double().pow(2).sum()
+        active = values > 0
+        l0 += int(active.sum())
+        fired[indices[active]] = True
+        n += x.shape[0]
+    if n == 0:
+        raise FeatureTreeError("no tokens to evaluate on: collect more tokens (held-out docs are a tenth of them)")
+    total_var = sxx - sx.pow(2).sum() / n
+    return {"fvu": float(sse / total_var), "l0": l0 / n, "dead_fraction": float((~fired).float().mean()), "n_tokens": n}
+
+
+def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: int = 2, batch_size: int = 4096,
+                 lr: float | None = None, auxk_alpha: float = 1 / 32, dead_tokens: int | None = None,
+                 seed: int = 0, out: str | os.PathLike | None = None, progress: bool = True,
+                 eval_acts=None) -> dict[int, TopKSAE]:
+    """Train one TopK dictionary per width from a single pass over `acts` (all rungs see every batch).
+
+    `acts` is an Activations store (its train split is streamed, its held-out split evaluated) or a
+    Tensor [n, d_model] (trained on, and evaluated on `eval_acts` or itself). Each returned SAE has
+    `.metrics` (fvu, l0, dead_fraction, n_tokens, train_fvu); with `out` every rung is saved to
+    `out/w<width>/` and the metrics to `out/metrics.json`.
+
+    Example:
+        >>> x = torch.randn(2048, 16)
+        >>> saes = train_ladder(x, widths=(32, 64), k=4, epochs=1, batch_size=256, progress=False)
+        >>> sorted(saes), saes[64].width
+        ([32, 64], 64)
+    """
+    widths = tuple(int(w) for w in widths)
+    if not widths or list(widths) != sorted(set(widths)) or widths[0] <= 0:
+        raise FeatureTreeError(f"widths {widths} must be positive and strictly increasing, e.g. (512, 2048, 8192)")
+    if not 0 < k < widths[0]:
+        raise FeatureTreeError(f"k={k} must be at least 1 and below the narrowest width {widths[0]}")
+    d_model = d_model_of(acts)
+    n_train = n_rows(acts, "train")
+    if n_train < batch_size:
+        log.warning("only %d training tokens for batch_size %d: using one batch of all of them", n_train, batch_size)
+        batch_size = max(1, n_train)
+    # A feature is dead after ~ a fifth of an epoch without firing (sparsify uses 10M tokens at scale).
+    dead_tokens = int(dead_tokens if dead_tokens is not None else max(batch_size, min(10_000_000, n_train // 5)))
+    torch.manual_seed(seed)
+    rungs = {w: _Rung(TopKSAE(d_model, w, k, seed=seed + i), lr or default_lr(w), dead_tokens, auxk_alpha)
+             for i, w in enumerate(widths)}
+    total = n_train * epochs
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"train {len(widths)} rungs", disable=not progress)
+    first = True
+    for x in iter_batches(acts, batch_size, split="train", epochs=epochs, seed=seed):
+        _check_finite(x)
+        if first:  # start b_dec at the data mean so the first steps fit directions, not the offset
+            for r in rungs.values():
+                r.sae.b_dec.data.copy_(x.mean(0))
+            first = False
+        denom = (x - x.mean(0)).pow(2).sum().clamp_min(1e-8)
+        for r in rungs.values():
+            r.step(x, denom)
+        bar.update(x.shape[0])
+        bar.set_postfix({f"fvu{w}": f"{r.stats['fvu'] / max(r.stats['n'], 1):.3f}" for w, r in rungs.items()},
+                        refresh=False)
+    bar.close()
+    if first:
+        raise FeatureTreeError("the activation stream is empty: collect more tokens before training")
+
+    saes: dict[int, TopKSAE] = {}
+    for w, r in rungs.items():
+        sae = r.sae
+        sae.eval()
+        sae.requires_grad_(False)
+        if eval_acts is None and _is_store(acts) and n_rows(acts, "heldout") > 0:
+            ev = iter_batches(acts, 8192, split="heldout", shuffle=False)
+        else:
+            ev = iter_batches(eval_acts if eval_acts is not None else acts, 8192, shuffle=False)
+        sae.metrics = {**evaluate(sae, ev), "train_fvu": r.stats["fvu"] / max(r.stats["n"], 1),
+                       "train_tokens": r.stats["n"], "lr": r.opt.param_groups[0]["lr"]}
+        sae.metadata.update({"featuretree_rung": f"w{w}", "k": k})
+        log.info("rung w%d: FVU %.4f  L0 %.1f  dead %.1f%%", w, sae.metrics["fvu"], sae.metrics["l0"],
+                 100 * sae.metrics["dead_fraction"])
+        saes[w] = sae
+    if out is not None:
+        out = Path(out)
+        for w, sae in saes.items():
+            sae.save(out / f"w{w}")
+        write_json(out / "metrics.json", {f"w{w}": s.metrics for w, s in saes.items()})
+    return saes

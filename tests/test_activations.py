@@ -1,0 +1,266 @@
+"""Tests for featuretree.activations: harvest correctness against a plain HF forward, and the shard stream."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: nothing may touch the network
+
+import json  # noqa: E402
+import random  # noqa: E402
+from collections import Counter  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from featuretree.activations import Activations, collect  # noqa: E402
+from featuretree.config import FeatureTreeError  # noqa: E402
+from featuretree.model import get_tokenizer, load_model  # noqa: E402
+
+LAYER, N_TOKENS, MAX_LENGTH, SHARD, HELDOUT = 3, 2000, 48, 300, 5
+
+WORDS = (
+    "the a cat dog bird tree river mountain house small large red quickly slowly runs jumps sings grows "
+    "flows of in on with under photosynthesis chlorophyll enzyme violin symphony harmony anthrax bacterium "
+    "infection geology sediment basalt, . ; unbelievably"
+).split()
+
+
+def make_texts(n=60, seed=1):
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 60))) for _ in range(n)]
+    texts[7] = "a [SEP] inside the text and a café"  # a literal special token must not be harvested
+    return texts
+
+
+def tiny_gpt2():
+    """A 2-layer GPT-2 and a word-level fast tokenizer (bos = eos = <|endoftext|>, no pad), built in-process."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]
+    )
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="[UNK]"
+    )
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(vocab), n_positions=64)
+    return transformers.GPT2Model(cfg), tok
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return make_texts()
+
+
+@pytest.fixture(scope="module")
+def store(model, texts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("acts")
+    return collect(
+        model,
+        LAYER,
+        texts,
+        n_tokens=N_TOKENS,
+        out=out,
+        batch_size=8,
+        max_length=MAX_LENGTH,
+        shard_size=SHARD,
+        heldout_every=HELDOUT,
+        progress=False,
+    )
+
+
+def test_store_layout_and_meta(store, texts):
+    assert isinstance(store, Activations)
+    assert len(store) == store.n_tokens == N_TOKENS and store.d_model == 384
+    meta = json.loads((store.path / "meta.json").read_text())
+    assert meta["n_shards"] == 7 and meta["shard_sizes"] == [SHARD] * 6 + [200]
+    assert (meta["layer"], meta["max_length"], meta["heldout_every"], meta["model"]) == (
+        LAYER,
+        MAX_LENGTH,
+        HELDOUT,
+        "all-MiniLM-L6-v2",
+    )
+    assert sorted(p.name for p in store.path.glob("shard_*")) == [
+        f"shard_{i:05d}.safetensors" for i in range(7)
+    ]
+    from safetensors.torch import load_file
+
+    shard = load_file(str(store.path / "shard_00000.safetensors"))
+    assert shard["acts"].shape == (SHARD, 384) and shard["acts"].dtype == torch.float32
+    for name in ("token_ids", "doc_ids", "positions", "starts", "ends"):
+        assert shard[name].shape == (SHARD,) and shard[name].dtype == torch.int64
+    reopened = Activations(store.path)
+    torch.testing.assert_close(reopened.load("all"), store.load("all"))
+    assert len(json.loads((store.path / "vocab.json").read_text())) == 30522
+
+
+def test_only_real_tokens_consistent_with_retokenizing(store, model, texts):
+    tok = get_tokenizer(model)
+    df = store.tokens("all")
+    assert len(df) == N_TOKENS
+    assert not set(df.token_id) & set(tok.all_special_ids)
+    docs = store.texts()
+    assert all(docs[d] == texts[d] for d in docs) and set(df.doc_id) == set(docs)
+    for doc_id, rows in df.groupby("doc_id", sort=False):
+        enc = tok(texts[doc_id], truncation=True, max_length=MAX_LENGTH, return_offsets_mapping=True)
+        pos = rows.position.tolist()
+        assert [enc["input_ids"][p] for p in pos] == rows.token_id.tolist()
+        assert [tuple(enc["offset_mapping"][p]) for p in pos] == list(zip(rows.start, rows.end, strict=True))
+        real = [p for p, i in enumerate(enc["input_ids"]) if i not in tok.all_special_ids]
+        assert rows.position.tolist() == real[: len(rows)]  # all real tokens, in order (last doc may be cut)
+    seven = df[df.doc_id == 7]
+    if len(seven):
+        assert "[SEP]" not in store.token_strings(seven.token_id)
+    pieces = store.token_strings(df.token_id[:20])
+    assert all(isinstance(s, str) for s in pieces)
+
+
+def test_activations_equal_a_plain_hf_forward(store, model, texts):
+    tok = get_tokenizer(model)
+    df = store.tokens("all")
+    acts = store.load("all")  # (n, d_model)
+    for doc_id in list(dict.fromkeys(df.doc_id))[:12]:
+        idx = (df.doc_id == doc_id).to_numpy().nonzero()[0]
+        enc = tok(texts[doc_id], truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        with torch.inference_mode():
+            hs = model._module(**enc, output_hidden_states=True).hidden_states[LAYER + 1][0]  # (seq, d_model)
+        torch.testing.assert_close(
+            acts[idx], hs[torch.tensor(df.position.to_numpy()[idx])], atol=1e-4, rtol=0
+        )
+
+
+def test_later_layers_never_run(model, texts, tmp_path):
+    calls = []
+    hook = model._module.encoder.layer[LAYER + 1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        collect(model, LAYER, texts[:10], n_tokens=50, out=tmp_path, progress=False)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_unshuffled_stream_is_the_store_in_order(store):
+    batches = list(store.batches(64, split="all", shuffle=False))
+    assert all(len(b) == 64 for b in batches[:-1]) and 0 < len(batches[-1]) <= 64
+    torch.testing.assert_close(torch.cat(batches), store.load("all"), atol=0, rtol=0)
+
+
+def rows(x):
+    return Counter(r.numpy().tobytes() for r in x)
+
+
+def test_shuffled_epochs_are_permutations(store):
+    full = store.load("all")
+    one = list(store.batches(128, split="all", seed=3))
+    assert all(len(b) == 128 for b in one[:-1]) and sum(map(len, one)) == N_TOKENS
+    assert rows(torch.cat(one)) == rows(full)
+    assert not torch.equal(torch.cat(one), full)
+    again = torch.cat(list(store.batches(128, split="all", seed=3)))
+    torch.testing.assert_close(again, torch.cat(one), atol=0, rtol=0)  # seeded: reproducible
+    two = torch.cat(list(store.batches(128, split="all", seed=3, epochs=2)))
+    assert len(two) == 2 * N_TOKENS and not torch.equal(two[:N_TOKENS], two[N_TOKENS:])
+    assert rows(two[N_TOKENS:]) == rows(full)
+
+
+def test_train_and_heldout_partition_by_document(store):
+    train, held = store.tokens("train"), store.tokens("heldout")
+    assert len(train) + len(held) == N_TOKENS and len(held) > 0 and len(train) > 0
+    assert (held.doc_id % HELDOUT == 0).all() and not (train.doc_id % HELDOUT == 0).any()
+    assert store.is_heldout(torch.tensor([0, 1, 5, 12])).tolist() == [True, False, True, False]
+    x_train, x_held = store.load("train"), store.load("heldout")
+    assert (len(x_train), len(x_held)) == (len(train), len(held))
+    streamed = torch.cat(list(store.batches(100, split="train")))
+    assert rows(streamed) == rows(x_train)
+    assert rows(torch.cat(list(store.batches(100, split="heldout", shuffle=False)))) == rows(x_held)
+    assert len(store.load("train", max_tokens=500)) == 500 == len(store.tokens("train", max_tokens=500))
+    torch.testing.assert_close(store.load("train", max_tokens=500), x_train[:500], atol=0, rtol=0)
+    with pytest.raises(FeatureTreeError, match="split"):
+        store.load("test")
+
+
+def test_stream_memory_is_bounded_by_buffer_shards(store, monkeypatch):
+    reads = []
+    original = Activations._read
+    monkeypatch.setattr(
+        Activations, "_read", lambda self, shard, names: reads.append(shard) or original(self, shard, names)
+    )
+    it = store.batches(50, split="all", buffer_shards=2, seed=1)
+    first = next(it)
+    assert len(reads) == 2  # the first batch needed only the first buffer of 2 shards
+    shard_of = {}
+    from safetensors.torch import load_file
+
+    for p in store.path.glob("shard_*.safetensors"):
+        for r in load_file(str(p))["acts"]:
+            shard_of[r.numpy().tobytes()] = p
+    assert {shard_of[r.numpy().tobytes()] for r in first} <= set(reads)
+    for _ in range(2 * SHARD // 50 - 1):  # the rest of the first buffer comes without reading more shards
+        next(it)
+    assert len(reads) == 2
+    list(it)
+    assert len(reads) == 7
+
+
+def test_decoder_model_collects(tmp_path):
+    module, tok = tiny_gpt2()
+    nm = load_model((module, tok))
+    texts = ["the cat sat on the mat .", "a dog ran to the big red house", "zebra unknown words here"]
+    acts = collect(nm, 0, texts, n_tokens=1000, out=tmp_path / "l0", progress=False)
+    n_words = sum(len(t.split()) for t in texts)  # one token per word ([UNK] kept), no <|endoftext|>
+    assert len(acts) == n_words and acts.d_model == 32
+    df = acts.tokens()
+    assert 0 not in set(df.token_id) and (df.position >= 1).all()
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        hs = module(**enc, output_hidden_states=True).hidden_states[1]  # (3, seq, 32)
+    torch.testing.assert_close(
+        acts.load("all"), hs[torch.tensor(df.doc_id), torch.tensor(df.position)], atol=1e-5, rtol=0
+    )
+    last = collect(nm, -1, texts, out=tmp_path / "l1", progress=False)  # last block: before ln_f
+    assert last.meta["layer"] == 1 and len(last) == n_words
+
+
+def test_short_corpus_collects_everything_and_warns(model, tmp_path, caplog):
+    acts = collect(model, 0, ["A cat.", "Dogs bark."], n_tokens=1000, out=tmp_path, progress=False)
+    assert len(acts) == 6 and "only 6 real tokens" in caplog.text
+    again = collect(model, 0, ["A cat."], out=tmp_path, progress=False)  # overwrites the old store
+    assert len(again) == 3 and len(list(tmp_path.glob("shard_*"))) == 1
+
+
+def test_errors(model, tmp_path):
+    with pytest.raises(FeatureTreeError, match="empty"):
+        collect(model, 0, [], out=tmp_path)
+    with pytest.raises(FeatureTreeError, match="single string"):
+        collect(model, 0, "just one text", out=tmp_path)
+    with pytest.raises(FeatureTreeError, match="pass 0..5"):
+        collect(model, 6, ["a"], out=tmp_path)
+    with pytest.raises(FeatureTreeError, match="no tokens"):
+        collect(model, 0, ["", ""], out=tmp_path, progress=False)
+    with pytest.raises(FeatureTreeError, match="not a complete activation store; rerun collect"):
+        Activations(tmp_path / "nowhere")
+
+
+def test_texts_object_and_nan_guard(model, tmp_path):
+    class Corpus:
+        texts = ["A cat.", "Dogs bark."]
+
+    assert len(collect(model, 1, Corpus(), out=tmp_path / "ok", progress=False)) == 6
+    # nnsight's .output is the value *before* a module's own torch forward hooks apply, so poison the
+    # block before and harvest block 1, whose input is then NaN.
+    hook = model._module.encoder.layer[0].register_forward_hook(
+        lambda m, i, o: (o[0] * float("nan"),) + tuple(o[1:]) if isinstance(o, tuple) else o * float("nan")
+    )
+    try:
+        with pytest.raises(FeatureTreeError, match="NaN"):
+            collect(model, 1, Corpus(), out=tmp_path / "bad", progress=False)
+    finally:
+        hook.remove()
+    assert not (tmp_path / "bad" / "meta.json").exists()
