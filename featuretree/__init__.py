@@ -1,18 +1,56 @@
-"""featuretree: harvest activations once, train a ladder of TopK dictionaries, link features into a tree."""
+"""featuretree: harvest activations once, train a ladder of TopK dictionaries, link features into a tree.
 
-from featuretree.activations import Activations, collect
+Public names are imported on first use (PEP 562), so `import featuretree` is instant and importing
+`featuretree.export` never pulls in training code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from featuretree.config import Config, FeatureTreeError
-from featuretree.corpus import Corpus, load_corpus
-from featuretree.export import from_graphml, load, save, sunburst, to_frame, to_graphml, write_sunburst
-from featuretree.model import load_model
-from featuretree.sae import TopKSAE
-from featuretree.train import train_ladder
-from featuretree.tree import FeatureTree, build, link
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "Activations": "activations", "collect": "activations",
+    "Corpus": "corpus", "load_corpus": "corpus",
+    "load_model": "model",
+    "TopKSAE": "sae",
+    "train_ladder": "train",
+    "FeatureTree": "tree", "build": "tree", "link": "tree",
+    "save": "export", "load": "export", "to_frame": "export", "to_graphml": "export", "from_graphml": "export",
+    "sunburst": "export", "write_sunburst": "export",
+    "planted_hierarchy": "eval", "edge_scores": "eval",
+}
+
 __all__ = [
     "Activations", "Config", "Corpus", "FeatureTree", "FeatureTreeError", "TopKSAE", "__version__", "build",
-    "collect", "from_graphml", "link", "load", "load_corpus", "load_model", "save", "sunburst", "to_frame",
-    "to_graphml", "train_ladder", "write_sunburst",
+    "collect", "edge_scores", "from_graphml", "link", "load", "load_corpus", "load_model", "planted_hierarchy",
+    "save", "sunburst", "to_frame", "to_graphml", "train_ladder", "write_sunburst",
 ]
+assert set(__all__) == {"Config", "FeatureTreeError", "__version__", *_LAZY}
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
+    from featuretree.activations import Activations, collect  # noqa: F401
+    from featuretree.corpus import Corpus, load_corpus  # noqa: F401
+    from featuretree.eval import edge_scores, planted_hierarchy  # noqa: F401
+    from featuretree.export import from_graphml, load, save, sunburst, to_frame, to_graphml, write_sunburst  # noqa: F401
+    from featuretree.model import load_model  # noqa: F401
+    from featuretree.sae import TopKSAE  # noqa: F401
+    from featuretree.train import train_ladder  # noqa: F401
+    from featuretree.tree import FeatureTree, build, link  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featuretree' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"featuretree.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -27,7 +27,8 @@ def _widths(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(w) for w in text.replace(",", " ").split())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--widths {text!r}: give integers separated by commas, e.g. 512,2048,8192")
+        raise argparse.ArgumentTypeError(
+            f"--widths {text!r}: give integers separated by commas, e.g. 512,2048,8192") from None
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

@@ -60,7 +60,7 @@ class Config:
     """Tokens per optimisation step."""
 
     lr: float | None = None
-    """Adam learning rate; None scales it with width as 2e-4 / sqrt(width / 2**14) (sparsify's rule)."""
+    """Adam learning rate; None scales it with width as 6e-4 / sqrt(width / 2**14) (3x sparsify's rule)."""
 
     min_coverage: float = 0.5
     """A feature gets a parent only if that parent fires on at least this fraction of its firing tokens."""

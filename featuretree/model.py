@@ -105,6 +105,10 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
             raise FeatureTreeError(
                 f"model path {name!r} is not a directory: pass a directory holding config.json"
             )
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would garble CLI error lines
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         module = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
@@ -116,6 +120,9 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
             f"and featuretree never downloads. Pass a local path (e.g. after `huggingface-cli download {name}`), "
             f"or an already loaded (module, tokenizer) pair, or use the embedded default {DEFAULT_MODEL!r}."
         ) from e
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     log.info("loaded %s from %s", type(module).__name__, path)
     return module, tok
 

@@ -28,13 +28,17 @@ log = logging.getLogger(__name__)
 
 
 def default_lr(width: int) -> float:
-    """sparsify's width-scaled Adam learning rate, 2e-4 / sqrt(width / 2**14).
+    """Width-scaled Adam learning rate, 6e-4 / sqrt(width / 2**14): sparsify's rule times 3.
+
+    sparsify's 2e-4 is tuned for runs of ~10^5 steps; featuretree ladders take ~10^3 (CPU, a few hundred
+    thousand tokens). Measured on MiniLM layer 3 (300k WordNet tokens, batch 1024, 4 epochs): FVU of the
+    2048 / 8192 rungs 0.243 / 0.256 at 1x vs 0.211 / 0.188 at 3x.
 
     Example:
         >>> round(default_lr(2**14), 6)
-        0.0002
+        0.0006
     """
-    return 2e-4 / math.sqrt(width / 2**14)
+    return 6e-4 / math.sqrt(width / 2**14)
 
 
 def _is_store(acts) -> bool:

@@ -168,7 +168,42 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
-def link(saes, acts, *, min_coverage: float = 0.5, same_threshold: float = 0.9, fire_rel: float = 0.25,
+def _candidates(above: list[str], r: str, fires: dict, min_coverage: float,
+                within_coverage: float) -> dict[int, list[tuple[str, int, float, float]]]:
+    """Candidate parents of each live feature of rung `r`: (rung, index, coverage, reverse) tuples.
+
+    Across rungs: the nearest narrower rung holding any parent with coverage >= min_coverage. Within
+    rung `r` (the eval-HSAEs rule): P(p | c) >= within_coverage while P(c | p) < within_coverage, i.e. p
+    covers c and fires more widely: a child the rung already resolves beside its parent.
+    """
+    out: dict[int, list[tuple[str, int, float, float]]] = {}
+    n_live = np.asarray(fires[r].sum(0)).ravel()
+    todo = set(np.flatnonzero(n_live > 0).tolist())
+    for pr in reversed(above):
+        if not todo:
+            break
+        cov, _, n_p = coverage_matrix(fires[r], fires[pr])
+        for c in sorted(todo):
+            row = cov.getrow(c)
+            keep = row.data >= min_coverage
+            if keep.any():
+                ps, cs = row.indices[keep], row.data[keep]
+                out[c] = [(pr, int(p), float(v), float(v * n_live[c] / max(n_p[p], 1))) for p, v in zip(ps, cs)]
+                todo.discard(c)
+    cov, n_c, _ = coverage_matrix(fires[r], fires[r])
+    cov.setdiag(0)
+    cov.eliminate_zeros()
+    for c in np.flatnonzero(n_live > 0):
+        row = cov.getrow(c)
+        for p, v in zip(row.indices, row.data):
+            rev = float(v * n_c[c] / max(n_c[p], 1))
+            if v >= within_coverage and rev < within_coverage and n_c[p] > n_c[c]:
+                out.setdefault(int(c), []).append((r, int(p), float(v), rev))
+    return out
+
+
+def link(saes, acts, *, min_coverage: float = 0.5, same_threshold: float = 0.9, within_coverage: float = 0.9,
+         fire_rel: float = 0.25,
          max_tokens: int = 200_000, n_contexts: int = 5, labels: bool = True) -> FeatureTree:
     """Build a FeatureTree from a ladder of dictionaries and the activations to measure co-firing on.
 
@@ -177,7 +212,9 @@ def link(saes, acts, *, min_coverage: float = 0.5, same_threshold: float = 0.9, 
     [n, d_model] (used whole; labels are then feature ids). An edge p -> c gets `coverage` = P(p | c),
     `reverse` = P(c | p), decoder `cos`, and `kind` "same" (both coverages >= same_threshold) or "split".
     A feature "fires" where its activation is at least `fire_rel` x its 90th-percentile activation.
-    Other parents with coverage >= min_coverage are kept in the child's `other_parents`.
+    Other parents with coverage >= min_coverage are kept in the child's `other_parents`. A feature may
+    also get a parent in its own rung (`within=True` on the edge) when that parent covers it at
+    >= within_coverage but not the other way round: a child the rung resolves beside its parent.
 
     Example:
         >>> from featuretree.train import train_ladder
@@ -219,43 +256,26 @@ def link(saes, acts, *, min_coverage: float = 0.5, same_threshold: float = 0.9, 
         log.info("rung %s: %d of %d features fire on %d held-out tokens", r, len(np.flatnonzero(counts)), sae.width, n)
 
     n_novel = 0
-    for i, r in enumerate(rungs[1:], start=1):
-        child_fires, W_c = fires[r], saes[r].W_dec.detach()
-        linked = np.zeros(saes[r].width, dtype=bool)
-        # try the rung just above first, then further up for children it does not cover
-        for pr in reversed(rungs[:i]):
-            cov, n_c, n_p = coverage_matrix(child_fires, fires[pr])
-            joint = cov.multiply(n_c[:, None]).tocsr()
-            W_p = saes[pr].W_dec.detach()
-            for c in np.flatnonzero((n_c > 0) & ~linked):
-                row = cov.getrow(c)
-                if row.nnz == 0:
-                    continue
-                order = np.argsort(-row.data, kind="stable")
-                ps, cs = row.indices[order], row.data[order]
-                strong = [(int(p), float(v)) for p, v in zip(ps, cs) if v >= min_coverage]
-                if not strong:
-                    continue
-                best_cov = strong[0][1]
-                # Among parents that cover the child about equally, the most specific one (highest
-                # P(child | parent)) is the direct parent; an ancestor covers it as well but fires more widely.
-                tied = [p for p, v in strong if v >= best_cov - 0.05]
-                rev = {p: float(joint[c, p] / max(n_p[p], 1)) for p in tied}
-                best = max(tied, key=lambda p: rev[p])
-                cos_by_p = {p: _cos(W_c[c], W_p[p]) for p, _ in strong[:8]}
-                cos_by_p.setdefault(best, _cos(W_c[c], W_p[best]))
-                reverse = rev[best]
-                cov_best = float(row[0, best])
-                kind = "same" if cov_best >= same_threshold and reverse >= same_threshold else "split"
-                g.add_edge(node_id(pr, best), node_id(r, c), coverage=cov_best, reverse=reverse,
-                           cos=cos_by_p[best], kind=kind)
-                g.nodes[node_id(r, c)]["other_parents"] = [
-                    [node_id(pr, p), round(v, 4)] for p, v in strong[:8] if p != best]
-                linked[c] = True
-        novel = (np.asarray(child_fires.sum(0)).ravel() > 0) & ~linked
-        for c in np.flatnonzero(novel):
-            g.nodes[node_id(r, c)]["novel"] = True
-        n_novel += int(novel.sum())
+    for i, r in enumerate(rungs):
+        cands = _candidates(rungs[:i], r, fires, min_coverage, within_coverage)
+        W_c = saes[r].W_dec.detach()
+        for c, pool in cands.items():
+            best_cov = max(v for _, _, v, _ in pool)
+            # Among parents that cover the child about equally, the most specific one (highest
+            # P(child | parent)) is the direct parent; an ancestor covers it as well but fires more widely.
+            tied = [t for t in pool if t[2] >= best_cov - 0.05]
+            pr, p, cov, rev = max(tied, key=lambda t: (t[3], t[0] == r))
+            kind = "same" if cov >= same_threshold and rev >= same_threshold else "split"
+            g.add_edge(node_id(pr, p), node_id(r, c), coverage=cov, reverse=rev,
+                       cos=_cos(W_c[c], saes[pr].W_dec.detach()[p]), kind=kind, within=pr == r)
+            others = sorted((t for t in pool if t[:2] != (pr, p)), key=lambda t: -t[2])[:8]
+            g.nodes[node_id(r, c)]["other_parents"] = [[node_id(q, j), round(v, 4)] for q, j, v, _ in others]
+        if i > 0:
+            live = np.flatnonzero(np.asarray(fires[r].sum(0)).ravel() > 0)
+            novel = [c for c in live if c not in cands]
+            for c in novel:
+                g.nodes[node_id(r, c)]["novel"] = True
+            n_novel += len(novel)
     if n_novel:
         log.info("%d features have no parent covering them >= %.2f (marked novel)", n_novel, min_coverage)
 

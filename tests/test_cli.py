@@ -1,0 +1,105 @@
+"""CLI end to end on the embedded model and a tiny corpus: build, export, info, errors as one line + exit 2."""
+
+import json
+
+import networkx as nx
+import pytest
+
+from featuretree import load, save
+from featuretree.__main__ import main
+
+TEXTS = [
+    "the dog barked at the cat all night", "a small bird sang in the tall oak tree",
+    "the doctor treated the patient for a fever", "the court ruled that the contract was void",
+    "a computer program sorts the list of numbers", "the river flows into the sea near the town",
+    "the farmer planted wheat and corn in spring", "an eagle is a large bird of prey",
+    "the lawyer filed an appeal with the judge", "the nurse gave the child a vaccine",
+] * 6
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(f"{t} ({i})" for i, t in enumerate(TEXTS)) + "\n")
+    out = d / "run"
+    code = main(["-q", "build", "--corpus", str(corpus), "--n-tokens", "700", "--widths", "16,64", "--k", "4",
+                 "--epochs", "2", "--batch-size", "128", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_build_writes_a_complete_run(run_dir):
+    for name in ("config.json", "tree.json", "sunburst.html", "acts/meta.json", "saes/w16/cfg.json",
+                 "saes/w64/sae_weights.safetensors", "saes/w64/cfg.json"):
+        assert (run_dir / name).is_file(), name
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["widths"] == [16, 64] and cfg["k"] == 4
+    html = (run_dir / "sunburst.html").read_text()
+    assert "sunburst" in html and len(html) > 1_000_000  # plotly.js inlined: opens offline
+    tree = load(run_dir)
+    assert tree.rungs == ["w16", "w64"]
+    labels = [d["label"] for _, d in tree.graph.nodes(data=True)]
+    assert any(not lab.startswith("w") for lab in labels)  # real token labels, not ids
+    contexts = [c for _, d in tree.graph.nodes(data=True) for c in d["top_contexts"]]
+    assert contexts and all("«" in c and "»" in c for c in contexts)
+    assert tree.graph.number_of_edges() > 0
+    for _, _, e in tree.graph.edges(data=True):
+        assert {"cos", "coverage", "kind"} <= set(e)
+    for rung in tree.rungs:
+        assert {"fvu", "l0", "dead_fraction"} <= set(tree.saes[rung].metrics)
+
+
+def test_save_load_roundtrip_gives_equal_graph(run_dir, tmp_path):
+    tree = load(run_dir)
+    save(tree, tmp_path / "copy")
+    back = load(tmp_path / "copy")
+    assert nx.utils.graphs_equal(tree.graph, back.graph)
+    assert dict(tree.graph.nodes(data=True)) == dict(back.graph.nodes(data=True))
+    assert back.config == tree.config
+
+
+def test_export_and_info(run_dir, tmp_path, capsys):
+    html, gml, csv = tmp_path / "t.html", tmp_path / "t.graphml", tmp_path / "t.csv"
+    assert main(["-q", "export", str(run_dir), "--html", str(html), "--graphml", str(gml), "--csv", str(csv)]) == 0
+    assert html.stat().st_size > 1_000_000 and gml.is_file() and csv.read_text().startswith("node,")
+    assert main(["-q", "info", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "w16" in out and "FVU" in out
+
+
+def test_rebuild_reuses_harvest(run_dir):
+    before = (run_dir / "acts" / "meta.json").stat().st_mtime_ns
+    assert main(["-q", "build", "--n-tokens", "700", "--widths", "16,32", "--k", "4", "--epochs", "1",
+                 "--batch-size", "128", "--out", str(run_dir / "..") + "/run"]) == 0
+    assert (run_dir / "acts" / "meta.json").stat().st_mtime_ns == before
+    assert load(run_dir).rungs == ["w16", "w32"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["build", "--widths", "64,16", "--out", "{tmp}/a"], "strictly increasing"),
+    (["build", "--k", "32", "--widths", "16,64", "--out", "{tmp}/b"], "below the narrowest"),
+    (["build", "--layer", "9", "--corpus", "{corpus}", "--out", "{tmp}/c"], "out of range"),
+    (["build", "--model", "no-such-org/no-such-model", "--corpus", "{corpus}", "--out", "{tmp}/d"], "no-such-model"),
+    (["build", "--corpus", "{tmp}/missing.txt", "--out", "{tmp}/e"], "missing.txt"),
+    (["export", "{tmp}/no-run", "--html", "{tmp}/x.html"], "no-run"),
+    (["info", "{tmp}/no-run"], "no-run"),
+])
+def test_user_mistakes_are_one_line_exit_2(argv, needle, tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("one short line\nanother short line\n")
+    argv = [a.format(tmp=tmp_path, corpus=corpus) for a in argv]
+    assert main(["-q", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("featuretree: error:") and "\n" not in err and needle in err, err
+    assert "Traceback" not in err
+
+
+def test_help_is_useful(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--layer", "--corpus", "--widths", "--k", "--n-tokens", "--out"):
+        assert flag in out
+    assert main([]) == 2
