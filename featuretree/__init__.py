@@ -1,7 +1,7 @@
 """featuretree: harvest activations once, train a ladder of TopK dictionaries, link features into a tree.
 
-Public names are imported on first use (PEP 562), so `import featuretree` is instant and importing
-`featuretree.export` never pulls in training code.
+Most public names are imported on first use (PEP 562), so `import featuretree` does not load torch,
+and importing `featuretree.export` never pulls in training code.
 """
 
 from __future__ import annotations
@@ -10,6 +10,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from featuretree.config import Config, FeatureTreeError
+
+# Imported eagerly, not lazily: nnsight patches a `save` method onto every object, modules included,
+# which would shadow a lazy `featuretree.save` once nnsight is loaded. export does not import torch.
+from featuretree.export import from_graphml, load, save, sunburst, to_frame, to_graphml, write_sunburst
 
 __version__ = "0.1.0"
 
@@ -20,8 +24,6 @@ _LAZY = {
     "TopKSAE": "sae",
     "train_ladder": "train",
     "FeatureTree": "tree", "build": "tree", "link": "tree",
-    "save": "export", "load": "export", "to_frame": "export", "to_graphml": "export", "from_graphml": "export",
-    "sunburst": "export", "write_sunburst": "export",
     "planted_hierarchy": "eval", "edge_scores": "eval",
 }
 
@@ -30,7 +32,8 @@ __all__ = [
     "collect", "edge_scores", "from_graphml", "link", "load", "load_corpus", "load_model", "planted_hierarchy",
     "save", "sunburst", "to_frame", "to_graphml", "train_ladder", "write_sunburst",
 ]
-assert set(__all__) == {"Config", "FeatureTreeError", "__version__", *_LAZY}
+assert set(__all__) == {"Config", "FeatureTreeError", "__version__", "from_graphml", "load", "save", "sunburst",
+                        "to_frame", "to_graphml", "write_sunburst", *_LAZY}
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from featuretree.activations import Activations, collect  # noqa: F401

@@ -55,13 +55,13 @@ def _config_from(args: argparse.Namespace) -> Config:
 
 def cmd_build(args: argparse.Namespace) -> int:
     """featuretree build: harvest, train the ladder, link, save the run and write its sunburst."""
-    from featuretree.export import to_frame, write_sunburst
+    from featuretree.export import to_frame
     from featuretree.tree import build
 
     cfg = _config_from(args)
     out = Path(args.out)
     tree = build(cfg, out=out, progress=not args.quiet)
-    html = write_sunburst(tree, out / "sunburst.html")
+    html = out / "sunburst.html"
     frame = to_frame(tree)
     for rung in tree.rungs:
         m = tree.saes[rung].metrics

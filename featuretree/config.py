@@ -44,7 +44,7 @@ class Config:
     corpus: str = "wordnet"
     """'wordnet' (bundled WordNet 3.0 glosses), or a path to a .txt (one text per line) or .jsonl file."""
 
-    n_tokens: int = 300_000
+    n_tokens: int = 600_000
     """Activations to harvest (padding and special tokens excluded); a tenth is held out for linking."""
 
     widths: tuple[int, ...] = (128, 512, 2048, 8192)
@@ -53,10 +53,10 @@ class Config:
     k: int = 16
     """Active features per token in every TopK dictionary (must be below the narrowest width)."""
 
-    epochs: int = 2
+    epochs: int = 3
     """Passes over the harvested training tokens; every rung sees every batch of every pass."""
 
-    batch_size: int = 4096
+    batch_size: int = 1024
     """Tokens per optimisation step."""
 
     lr: float | None = None

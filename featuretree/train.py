@@ -165,7 +165,7 @@ def evaluate(sae: TopKSAE, batches: Iterable[Tensor]) -> dict[str, float]:
     return {"fvu": float(sse / total_var), "l0": l0 / n, "dead_fraction": float((~fired).float().mean()), "n_tokens": n}
 
 
-def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: int = 2, batch_size: int = 4096,
+def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: int = 3, batch_size: int = 1024,
                  lr: float | None = None, auxk_alpha: float = 1 / 32, dead_tokens: int | None = None,
                  seed: int = 0, out: str | os.PathLike | None = None, progress: bool = True,
                  eval_acts=None) -> dict[int, TopKSAE]:

@@ -290,7 +290,8 @@ def link(saes, acts, *, min_coverage: float = 0.5, same_threshold: float = 0.9, 
 def build(config: Config | None = None, *, out=None, progress: bool = True, **overrides) -> FeatureTree:
     """The whole pipeline: load_model -> load_corpus -> collect -> train_ladder -> link (+ labels).
 
-    With `out` (a run directory) the activations, dictionaries, config and tree are written there.
+    With `out` (a run directory) the activations, dictionaries, config, tree and sunburst.html are
+    written there; rerunning with the same `out` reuses the harvested activations.
     Keyword overrides replace Config fields.
 
     Example:
@@ -322,7 +323,8 @@ def build(config: Config | None = None, *, out=None, progress: bool = True, **ov
     tree.config = cfg
     tree.graph.graph["acts"] = "acts"
     if out is not None:
-        from featuretree.export import save
+        from featuretree.export import save, write_sunburst
 
         save(tree, run)
+        write_sunburst(tree, run / "sunburst.html")
     return tree
