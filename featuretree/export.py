@@ -397,15 +397,18 @@ def sunburst(tree, *, root: str | None = None, max_depth: int | None = None, col
     labels = [_esc(g.nodes[n].get("label") or n) for n in order]
     hover = [_hover(n, g.nodes[n], parent_of[n], edge[n]) for n in order]
     shown_rungs = sorted({_rung_of(g, n) for n in order}, key=_rung_key)
+    # white borders only around sectors big enough to see: on thousands of slivers they wash the colour out
+    total = math.fsum(value[n] for n in tops if n in value) or 1.0
+    line = dict(color="white", width=[0.5 if value[n] >= 2e-3 * total else 0.0 for n in order])
     if color == "rung":
         palette = plotly.colors.qualitative.Plotly + plotly.colors.qualitative.D3
         colour_of = {r: palette[i % len(palette)] for i, r in enumerate(rungs)}
-        marker = dict(colors=[colour_of[_rung_of(g, n)] for n in order], line=dict(color="white", width=0.5))
+        marker = dict(colors=[colour_of[_rung_of(g, n)] for n in order], line=line)
         key = " ".join(f'<span style="color:{colour_of[r]}">■ {_esc(r)}</span>' for r in shown_rungs)
     else:
         covs = [float(c) if isinstance(c := edge[n].get("coverage"), (int, float)) else 1.0 for n in order]
         marker = dict(colors=covs, colorscale="Viridis", cmin=0.0, cmax=1.0, showscale=True,
-                      colorbar=dict(title=dict(text="coverage")), line=dict(color="white", width=0.5))
+                      colorbar=dict(title=dict(text="coverage")), line=line)
         key = "colour = coverage P(parent | child)"
     where = f"subtree of {_esc(root)}: " if root is not None else ""
     title = f"{where}{len(order)} features in {len(shown_rungs)} rungs"
@@ -429,7 +432,7 @@ def write_sunburst(tree, path: str | os.PathLike, **kw) -> Path:
         True
     """
     fig = sunburst(tree, **kw)
-    page = fig.to_html(include_plotlyjs=True, full_html=True)
+    page = fig.to_html(include_plotlyjs=True, full_html=True, default_height="97vh")
     title = fig.layout.title.text or ""  # already escaped, and free of markup
     # a page title, and no body margin (plotly sizes the plot to 100% of the body, so a margin scrolls)
     page = page.replace("<head>", f"<head><title>featuretree · {title}</title><style>body {{margin: 0}}</style>", 1)

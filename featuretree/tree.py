@@ -22,6 +22,7 @@ import torch
 from featuretree.config import Config, FeatureTreeError
 from featuretree.sae import TopKSAE
 from featuretree.train import _is_store, iter_batches, train_ladder
+from featuretree.utils import write_json
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +300,7 @@ def build(config: Config | None = None, *, out=None, progress: bool = True, **ov
         >>> tree.rungs  # doctest: +SKIP
         ['w32', 'w64']
     """
+    import json
     import tempfile
     from pathlib import Path
 
@@ -308,8 +310,10 @@ def build(config: Config | None = None, *, out=None, progress: bool = True, **ov
 
     cfg = Config.from_dict({**(config.to_dict() if config else {}), **overrides})
     run = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="featuretree-"))
-    acts_dir = run / "acts"
-    if (acts_dir / "meta.json").is_file():
+    acts_dir, recipe_file = run / "acts", run / "acts" / "harvest.json"
+    # the harvest depends on these fields only; a store made with the same ones is reused
+    recipe = {f: getattr(cfg, f) for f in ("model", "layer", "corpus", "n_tokens", "max_length", "seed")}
+    if (acts_dir / "meta.json").is_file() and recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe:
         acts = Activations(acts_dir)
         log.info("reusing the activation store at %s (%d tokens)", acts_dir, len(acts))
     else:
@@ -317,6 +321,7 @@ def build(config: Config | None = None, *, out=None, progress: bool = True, **ov
         corpus = load_corpus(cfg.corpus)
         acts = collect(model, cfg.layer, corpus, n_tokens=cfg.n_tokens, out=acts_dir, max_length=cfg.max_length,
                        seed=cfg.seed, progress=progress)
+        write_json(recipe_file, recipe)
     saes = train_ladder(acts, cfg.widths, cfg.k, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                         seed=cfg.seed, progress=progress)
     tree = link(saes, acts, min_coverage=cfg.min_coverage)

@@ -68,12 +68,18 @@ def test_export_and_info(run_dir, tmp_path, capsys):
     assert "w16" in out and "FVU" in out
 
 
-def test_rebuild_reuses_harvest(run_dir):
-    before = (run_dir / "acts" / "meta.json").stat().st_mtime_ns
-    assert main(["-q", "build", "--n-tokens", "700", "--widths", "16,32", "--k", "4", "--epochs", "1",
-                 "--batch-size", "128", "--out", str(run_dir / "..") + "/run"]) == 0
-    assert (run_dir / "acts" / "meta.json").stat().st_mtime_ns == before
+def test_rebuild_reuses_harvest_only_for_the_same_recipe(run_dir):
+    corpus = str(run_dir.parent / "corpus.txt")
+    meta = run_dir / "acts" / "meta.json"
+    before = meta.stat().st_mtime_ns
+    assert main(["-q", "build", "--corpus", corpus, "--n-tokens", "700", "--widths", "16,32", "--k", "4",
+                 "--epochs", "1", "--batch-size", "128", "--out", str(run_dir)]) == 0
+    assert meta.stat().st_mtime_ns == before  # same harvest recipe: the store is reused
     assert load(run_dir).rungs == ["w16", "w32"]
+    assert main(["-q", "build", "--corpus", corpus, "--layer", "2", "--n-tokens", "700", "--widths", "16,32",
+                 "--k", "4", "--epochs", "1", "--batch-size", "128", "--out", str(run_dir)]) == 0
+    assert meta.stat().st_mtime_ns != before  # another layer: harvested again
+    assert json.loads(meta.read_text())["layer"] == 2
 
 
 @pytest.mark.parametrize("argv, needle", [
