@@ -10,7 +10,7 @@ from collections import Counter  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
+from _models import tiny_gpt2 as _tiny_gpt2  # noqa: E402
 
 from featuretree.activations import Activations, collect  # noqa: E402
 from featuretree.config import FeatureTreeError  # noqa: E402
@@ -33,21 +33,7 @@ def make_texts(n=60, seed=1):
 
 
 def tiny_gpt2():
-    """A 2-layer GPT-2 and a word-level fast tokenizer (bos = eos = <|endoftext|>, no pad), built in-process."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]
-    )
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="[UNK]"
-    )
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(vocab), n_positions=64)
-    return transformers.GPT2Model(cfg), tok
+    return _tiny_gpt2(WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import time  # noqa: E402
 import nnsight  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
+from _models import tiny_gpt2 as _tiny_gpt2  # noqa: E402
 
 from featuretree.config import FeatureTreeError  # noqa: E402
 from featuretree.model import (  # noqa: E402
@@ -22,24 +22,11 @@ from featuretree.model import (  # noqa: E402
     n_layers,
 )
 
+TINY_WORDS = "the a cat dog sat on mat and ran to house big small red blue . ,".split()
+
 
 def tiny_gpt2(n_layer=2):
-    """A 2-layer GPT-2 and a word-level fast tokenizer (bos = eos = <|endoftext|>, no pad), built in-process."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    words = "the a cat dog sat on mat and ran to house big small red blue . ,".split()
-    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]
-    )
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="[UNK]"
-    )
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=len(vocab), n_positions=64)
-    return transformers.GPT2Model(cfg), tok
+    return _tiny_gpt2(TINY_WORDS, n_layer)
 
 
 @pytest.fixture(scope="module")
