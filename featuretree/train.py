@@ -168,13 +168,14 @@ def evaluate(sae: TopKSAE, batches: Iterable[Tensor]) -> dict[str, float]:
 def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: int = 3, batch_size: int = 1024,
                  lr: float | None = None, auxk_alpha: float = 1 / 32, dead_tokens: int | None = None,
                  seed: int = 0, out: str | os.PathLike | None = None, progress: bool = True,
-                 eval_acts=None) -> dict[int, TopKSAE]:
+                 eval_acts=None, shuffle: bool = True) -> dict[int, TopKSAE]:
     """Train one TopK dictionary per width from a single pass over `acts` (all rungs see every batch).
 
     `acts` is an Activations store (its train split is streamed, its held-out split evaluated) or a
     Tensor [n, d_model] (trained on, and evaluated on `eval_acts` or itself). Each returned SAE has
     `.metrics` (fvu, l0, dead_fraction, n_tokens, train_fvu); with `out` every rung is saved to
-    `out/w<width>/` and the metrics to `out/metrics.json`.
+    `out/w<width>/` and the metrics to `out/metrics.json`. `shuffle=False` streams rows in order
+    (benchmarks use it to feed identical batches to other trainers).
 
     Example:
         >>> x = torch.randn(2048, 16)
@@ -200,7 +201,7 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     total = n_train * epochs
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"train {len(widths)} rungs", disable=not progress)
     first = True
-    for x in iter_batches(acts, batch_size, split="train", epochs=epochs, seed=seed):
+    for x in iter_batches(acts, batch_size, split="train", epochs=epochs, seed=seed, shuffle=shuffle):
         _check_finite(x)
         if first:  # start b_dec at the data mean so the first steps fit directions, not the offset
             for r in rungs.values():
