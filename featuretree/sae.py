@@ -27,34 +27,114 @@ from featuretree.utils import save_tensors, write_json
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "sae_weights.safetensors"
+BF16_MIN_WIDTH = 1024  # below this the fp32 encoder matmul is cheap and selection stays exact fp32
+SELECT_MARGIN = 8  # extra bf16 candidates re-ranked in fp32
 CFG_FILE = "cfg.json"
 
 
+def sampled_dots(a: Tensor, B: Tensor, indices: Tensor) -> Tensor:
+    """(a @ B)[r, indices[r, j]] for every (r, j), without forming a @ B: a sampled matmul (SDDMM).
+
+    a (n, d), B (d, width), indices (n, m) distinct per row -> (n, m) in the order of `indices`.
+
+    Example:
+        >>> a, B, i = torch.randn(3, 4), torch.randn(4, 10), torch.tensor([[7, 1], [0, 9], [2, 3]])
+        >>> torch.allclose(sampled_dots(a, B, i), (a @ B).gather(1, i), atol=1e-5)
+        True
+    """
+    n, m = indices.shape
+    cols, order = indices.sort(dim=1)  # CSR wants sorted columns within each row
+    crow = torch.arange(0, n * m + 1, m, device=a.device)
+    S = torch.sparse_csr_tensor(crow, cols.reshape(-1), torch.zeros(n * m, dtype=a.dtype), (n, B.shape[1]),
+                                check_invariants=False)
+    dots = torch.sparse.sampled_addmm(S, a, B).values().view(n, m)  # (n, m) in sorted-column order
+    return torch.empty_like(dots).scatter_(1, order, dots)
+
+
+def csr_pattern(indices: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sparsity pattern of the (width, n) matrix with a non-zero at (indices[r, j], r): (order, crow, col).
+
+    `order` permutes the flattened (n * k) entries into feature-major CSR order; shared by the encoder's
+    and the decoder's backward, which both need a (width, n) sparse @ (n, d) product with these positions.
+
+    Example:
+        >>> order, crow, col = csr_pattern(torch.tensor([[2, 0], [2, 1]]), 3)
+        >>> crow.tolist(), col.tolist()
+        ([0, 1, 2, 4], [0, 1, 0, 1])
+    """
+    n, k = indices.shape
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    crow = torch.zeros(width + 1, dtype=torch.long, device=indices.device)
+    crow[1:] = torch.bincount(flat, minlength=width).cumsum(0)
+    col = torch.div(order, k, rounding_mode="floor")  # the token row of each entry
+    return order, crow, col
+
+
+def _scatter_matmul(pattern: tuple[Tensor, Tensor, Tensor], weights: Tensor, dense: Tensor, width: int) -> Tensor:
+    """sum over entries (r, j) of weights[r, j] * dense[r] into row indices[r, j]: (width, d) via CSR @ dense."""
+    order, crow, col = pattern
+    S = torch.sparse_csr_tensor(crow, col, weights.reshape(-1)[order], (width, dense.shape[0]), check_invariants=False)
+    return S @ dense
+
+
+def _pattern_of(indices: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    pattern = getattr(indices, "_ft_csr", None)
+    if pattern is None:
+        pattern = csr_pattern(indices, width)
+    return pattern
+
+
 class _GatheredPreacts(torch.autograd.Function):
-    """values = pre[indices] for pre = xc @ W_enc + b_enc, with a backward over the k chosen columns only."""
+    """values = pre[indices] for pre = (x - b_dec) @ W_enc + b_enc, with a backward over the k chosen columns.
+
+    Only the parameters need gradients (x is data), so the input gradient is never formed: b_dec's
+    gradient, -sum_rows grad_rows @ W_enc[:, indices].T, equals -W_enc @ grad_b_enc.
+    """
 
     @staticmethod
-    def forward(ctx, xc: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, values: Tensor) -> Tensor:
-        ctx.save_for_backward(xc, W_enc, indices)
+    def forward(ctx, xc: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, indices: Tensor,
+                values: Tensor) -> Tensor:
+        ctx.save_for_backward(xc, W_enc, indices, *_pattern_of(indices, b_enc.shape[0]))
         ctx.width = b_enc.shape[0]
         return values
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # grad: (n, k)
-        xc, W_enc, indices = ctx.saved_tensors
-        n, k = indices.shape
-        grad_xc = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            # sum_j grad[r, j] * W_enc[:, indices[r, j]]: an embedding_bag over W_enc's columns
-            grad_xc = F.embedding_bag(indices, W_enc.t().contiguous(), per_sample_weights=grad, mode="sum")  # (n, d)
+        xc, W_enc, indices, *pattern = ctx.saved_tensors
         flat_idx = indices.reshape(-1)
-        if ctx.needs_input_grad[1]:
-            rows = torch.arange(n, device=xc.device).repeat_interleave(k)
-            S = torch.sparse_coo_tensor(torch.stack([flat_idx, rows]), grad.reshape(-1), (ctx.width, n), check_invariants=False)
-            grad_W = torch.sparse.mm(S, xc).t()  # (d, width)
+        grad_W = None
+        # per-feature sum of the gradient: b_enc's gradient, and (through W_enc) b_dec's
+        grad_b = torch.zeros(ctx.width, dtype=grad.dtype, device=grad.device).index_add_(0, flat_idx, grad.reshape(-1))
+        if ctx.needs_input_grad[1]:  # (d, width): only the chosen columns are non-zero
+            grad_W = _scatter_matmul(pattern, grad, xc, ctx.width).t()
+        grad_b_dec = -(W_enc @ grad_b) if ctx.needs_input_grad[3] else None
+        return None, grad_W, grad_b, grad_b_dec, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """x_hat - b_dec = sum_j values_j * W_dec[indices_j]: an embedding_bag whose backward builds W_dec's
+    gradient from the k active rows per token with one sparse matmul (no sort-based dense backward)."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(values, indices, W_dec, *_pattern_of(indices, W_dec.shape[0]))
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")  # (n, d)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # grad: (n, d)
+        values, indices, W_dec, *pattern = ctx.saved_tensors
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:  # grad . W_dec[indices_j] for each active feature
+            # sampled (W_dec @ grad.T) on the (width, n) pattern: W_dec stays row-major, only grad is transposed
+            order, crow, col = pattern
+            S = torch.sparse_csr_tensor(crow, col, torch.zeros(col.shape[0], dtype=grad.dtype),
+                                        (W_dec.shape[0], grad.shape[0]), check_invariants=False)
+            dots = torch.sparse.sampled_addmm(S, W_dec, grad.t().contiguous()).values()  # feature-major order
+            grad_values = torch.empty_like(dots).scatter_(0, order, dots).view_as(values)  # (n, k)
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(ctx.width, dtype=grad.dtype, device=grad.device).index_add_(0, flat_idx, grad.reshape(-1))
-        return grad_xc, grad_W, grad_b, None, None
+            grad_W = _scatter_matmul(pattern, values, grad, W_dec.shape[0])  # (width, d)
+        return grad_values, None, grad_W
 
 
 class TopKSAE(nn.Module):
@@ -80,6 +160,7 @@ class TopKSAE(nn.Module):
         self.d_model, self.width, self.k = int(d_model), int(width), int(k)
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.metrics: dict[str, float] = {}
+        self.bf16_select = True  # pick the top-k with a bf16 matmul (values stay fp32); see _select_bf16
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         W_dec = torch.randn(width, d_model, generator=gen)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -110,14 +191,50 @@ class TopKSAE(nn.Module):
             (True, torch.Size([3, 2]))
         """
         x = x.to(self.W_enc.dtype)
+        k = k or self.k
         with torch.no_grad():
-            pre = self.preacts(x)  # (n, width)
-            if among is not None:
-                pre.masked_fill_(~among, float("-inf"))
-            top, indices = pre.topk(k or self.k, dim=1, sorted=False)  # (n, k)
+            xc = x - self.b_dec  # (n, d_model)
+            if self.bf16_select and self.width >= BF16_MIN_WIDTH and k + SELECT_MARGIN < self.width:
+                top, indices = self._select_bf16(xc, k, among)
+            else:
+                pre = torch.addmm(self.b_enc, xc, self.W_enc)  # (n, width)
+                if among is not None:
+                    pre.masked_fill_(~among, float("-inf"))
+                top, indices = pre.topk(k, dim=1, sorted=False)  # (n, k)
         if torch.is_grad_enabled() and self.W_enc.requires_grad:
-            top = _GatheredPreacts.apply(x - self.b_dec, self.W_enc, self.b_enc, indices, top)
+            indices._ft_csr = csr_pattern(indices, self.width)  # shared by the encoder and decoder backward
+            top = _GatheredPreacts.apply(xc, self.W_enc, self.b_enc, self.b_dec, indices, top)
         return F.relu(top), indices
+
+    def exact_preacts(self, xc: Tensor, indices: Tensor) -> Tensor:
+        """fp32 pre-activations xc @ W_enc[:, j] + b_enc[j] at the given (n, m) indices only (a sampled matmul).
+
+        `xc` is x - b_dec; `indices` must hold distinct features per row.
+
+        Example:
+            >>> sae = TopKSAE(8, 32, 2); x = torch.randn(3, 8); i = torch.tensor([[5, 1], [0, 9], [31, 2]])
+            >>> torch.allclose(sae.exact_preacts(x - sae.b_dec, i), sae.preacts(x).gather(1, i), atol=1e-5)
+            True
+        """
+        vals = sampled_dots(xc, self.W_enc, indices)  # (n, m)
+        return vals + self.b_enc[indices]
+
+    def _select_bf16(self, xc: Tensor, k: int, among: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Top-k chosen with a bf16 matmul among k + SELECT_MARGIN candidates, values recomputed in fp32.
+
+        The bf16 matmul runs several times faster than fp32 on CPUs with AMX/AVX512-BF16; its rounding
+        can only reorder features whose pre-activations nearly tie, so refining SELECT_MARGIN extra
+        candidates exactly in fp32 returns the exact fp32 top-k except in near-ties (tested).
+        """
+        pre = torch.addmm(self.b_enc.bfloat16(), xc.bfloat16(), self.W_enc.bfloat16())  # (n, width) bf16
+        if among is not None:
+            pre.masked_fill_(~among, float("-inf"))
+        cand = pre.topk(k + SELECT_MARGIN, dim=1, sorted=False).indices  # (n, k + margin)
+        vals = self.exact_preacts(xc, cand)  # (n, k + margin) fp32
+        if among is not None:
+            vals.masked_fill_(~among[cand], float("-inf"))
+        top, j = vals.topk(k, dim=1, sorted=False)  # (n, k)
+        return top, cand.gather(1, j)
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
         """Reconstruct (n, d_model) from sparse codes: sum_j values_j * W_dec[indices_j] + b_dec.
@@ -127,7 +244,11 @@ class TopKSAE(nn.Module):
             >>> sae.decode(torch.ones(1, 2), torch.tensor([[0, 1]])).shape
             torch.Size([1, 8])
         """
-        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+        values = values.to(self.W_dec.dtype)
+        if torch.is_grad_enabled() and self.W_dec.requires_grad:
+            out = _SparseDecode.apply(values, indices, self.W_dec)
+        else:
+            out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
         return out + self.b_dec  # (n, d_model)
 
     def forward(self, x: Tensor) -> Tensor:

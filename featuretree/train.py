@@ -100,7 +100,7 @@ class _Rung:
 
     def __init__(self, sae: TopKSAE, lr: float, dead_tokens: int, auxk_alpha: float) -> None:
         self.sae = sae
-        self.opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+        self.opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
         self.since_fired = torch.zeros(sae.width, dtype=torch.long)  # tokens since each feature last fired
         self.dead_tokens, self.auxk_alpha = dead_tokens, auxk_alpha
         self.k_aux = min(sae.d_model // 2, sae.width - sae.k)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Create benchmarks/.venv: torch 2.13.0 (CPU wheel) first, then the anchor eai-sparsify, then featuretree.
+#
+#     bash benchmarks/setup_env.sh
+#
+# Idempotent: rerunning reuses the venv and pip skips what is already installed. torch is installed on
+# its own first so pip takes the local CPU wheel; later installs repeat the torch pin so no resolver
+# can swap it for a newer (or CUDA) build. The script fails if torch is not 2.13.0+cpu at the end.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+venv="$here/.venv"
+py="${PYTHON:-python3}"
+torch_pin="torch==2.13.0"
+sparsify_pin="eai-sparsify==1.3.3"
+
+[ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install -q)
+"${pip[@]}" "$torch_pin"
+"${pip[@]}" "$sparsify_pin" "$torch_pin"
+"${pip[@]}" -e "$repo" "$torch_pin"
+"${pip[@]}" psutil "$torch_pin"
+
+"$venv/bin/python" - <<'PY'
+import importlib.metadata as md
+
+import torch
+
+assert torch.__version__ == "2.13.0+cpu", f"torch is {torch.__version__}, expected 2.13.0+cpu"
+import featuretree  # noqa: F401
+import sparsify  # noqa: F401
+
+print(f"benchmarks/.venv ready: torch {torch.__version__}, eai-sparsify {md.version('eai-sparsify')}, "
+      f"featuretree {md.version('featuretree')}")
+PY
