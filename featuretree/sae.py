@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,13 @@ SELECT_MARGIN = 8  # extra bf16 candidates re-ranked in fp32
 CFG_FILE = "cfg.json"
 
 
+def _csr_tensor(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """A CSR tensor without torch's once-per-process "CSR support is in beta" warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
 def sampled_dots(a: Tensor, B: Tensor, indices: Tensor) -> Tensor:
     """(a @ B)[r, indices[r, j]] for every (r, j), without forming a @ B: a sampled matmul (SDDMM).
 
@@ -45,8 +53,7 @@ def sampled_dots(a: Tensor, B: Tensor, indices: Tensor) -> Tensor:
     n, m = indices.shape
     cols, order = indices.sort(dim=1)  # CSR wants sorted columns within each row
     crow = torch.arange(0, n * m + 1, m, device=a.device)
-    S = torch.sparse_csr_tensor(crow, cols.reshape(-1), torch.zeros(n * m, dtype=a.dtype), (n, B.shape[1]),
-                                check_invariants=False)
+    S = _csr_tensor(crow, cols.reshape(-1), torch.zeros(n * m, dtype=a.dtype), (n, B.shape[1]))
     dots = torch.sparse.sampled_addmm(S, a, B).values().view(n, m)  # (n, m) in sorted-column order
     return torch.empty_like(dots).scatter_(1, order, dots)
 
@@ -74,7 +81,7 @@ def csr_pattern(indices: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
 def _scatter_matmul(pattern: tuple[Tensor, Tensor, Tensor], weights: Tensor, dense: Tensor, width: int) -> Tensor:
     """sum over entries (r, j) of weights[r, j] * dense[r] into row indices[r, j]: (width, d) via CSR @ dense."""
     order, crow, col = pattern
-    S = torch.sparse_csr_tensor(crow, col, weights.reshape(-1)[order], (width, dense.shape[0]), check_invariants=False)
+    S = _csr_tensor(crow, col, weights.reshape(-1)[order], (width, dense.shape[0]))
     return S @ dense
 
 
@@ -128,8 +135,8 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # grad . W_dec[indices_j] for each active feature
             # sampled (W_dec @ grad.T) on the (width, n) pattern: W_dec stays row-major, only grad is transposed
             order, crow, col = pattern
-            S = torch.sparse_csr_tensor(crow, col, torch.zeros(col.shape[0], dtype=grad.dtype),
-                                        (W_dec.shape[0], grad.shape[0]), check_invariants=False)
+            S = _csr_tensor(crow, col, torch.zeros(col.shape[0], dtype=grad.dtype),
+                                        (W_dec.shape[0], grad.shape[0]))
             dots = torch.sparse.sampled_addmm(S, W_dec, grad.t().contiguous()).values()  # feature-major order
             grad_values = torch.empty_like(dots).scatter_(0, order, dots).view_as(values)  # (n, k)
         if ctx.needs_input_grad[2]:
