@@ -83,9 +83,14 @@ class PeakRSS:
         self.delta_mb = self.peak_mb - self.base_mb
 
 
-def lifetime_peak_mb() -> float:
-    """ru_maxrss of this process (MB): its peak RSS since it started."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def hwm_mb() -> float:
+    """Peak RSS (VmHWM, MB) of this process since it started or since the last `PeakRSS` reset.
+
+    Not ru_maxrss: for a child started by fork + exec, that also counts the parent's pages it mapped
+    between fork and exec.
+    """
+    kb = _status_kb("VmHWM")
+    return kb / 1024 if kb is not None else float("nan")
 
 
 def harvest(n_tokens: int, cache: Path = CACHE, *, layer: int = 3, log=print):

@@ -16,11 +16,12 @@ torch_pin="torch==2.13.0"
 sparsify_pin="eai-sparsify==1.3.3"
 
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-pip=("$venv/bin/python" -m pip install -q)
-"${pip[@]}" "$torch_pin"
-"${pip[@]}" "$sparsify_pin" "$torch_pin"
-"${pip[@]}" -e "$repo" "$torch_pin"
-"${pip[@]}" psutil "$torch_pin"
+pip_install() {  # quiet; drops the warnings about this machine's empty local index folders
+    "$venv/bin/python" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+pip_install "$torch_pin"
+pip_install "$sparsify_pin" "$torch_pin"
+pip_install -e "$repo" "$torch_pin"
 
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as md

@@ -24,7 +24,7 @@ import math
 import time
 
 import torch
-from common import PeakRSS, harvest, machine_info, markdown_table, print_info, set_threads
+from common import PeakRSS, harvest, hwm_mb, machine_info, markdown_table, print_info, set_threads
 from torch import Tensor, nn
 
 AUXK_ALPHA = 1 / 32  # featuretree's default, also given to sparsify (whose TrainConfig default is 0)
@@ -53,10 +53,11 @@ def evaluate(encode, decode, x_eval: Tensor, width: int, batch: int = 8192) -> d
 
 
 class _Clock:
-    """Wall time from the end of step `warmup` to the end of the last step."""
+    """Wall time from the end of step `warmup` to the end of the last step; peak RSS when training ends."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.start, self.end, self.steps, self.tokens = warmup, None, None, 0, 0
+        self.peak_mb = float("nan")
 
     def tick(self, i: int, n: int) -> None:  # call before step i, with the size of its batch
         if i == self.warmup:
@@ -67,6 +68,7 @@ class _Clock:
 
     def stop(self) -> None:
         self.end = time.perf_counter()
+        self.peak_mb = hwm_mb()  # peak of the training phase (PeakRSS reset the high-water mark at its start)
 
     @property
     def seconds(self) -> float:
@@ -101,18 +103,20 @@ def _timed_train_stream(clock: _Clock):
         ftt.iter_batches = orig
 
 
-def run_featuretree(x_train: Tensor, x_eval: Tensor, widths, k: int, batch: int, warmup: int, **_):
+def run_featuretree(x_train: Tensor, x_eval: Tensor, widths, k: int, batch: int, warmup: int,
+                    lr_rule: str = "own", **_):
     import featuretree as ft
 
+    lr = 2e-4 / math.sqrt(widths[-1] / 2**14) if lr_rule == "sparsify" else None
     clock = _Clock(warmup)
     t0 = time.perf_counter()
     with _timed_train_stream(clock):
         saes = ft.train_ladder(x_train, tuple(widths), k=k, epochs=1, batch_size=batch, shuffle=False,
-                               progress=False, eval_acts=x_eval)
+                               progress=False, eval_acts=x_eval, lr=lr)
     total = time.perf_counter() - t0
     if clock.start is None or clock.end is None:  # train_ladder no longer streams through iter_batches
         print("warning: could not time featuretree's steps alone; timing the whole call (with eval)")
-        clock.start, clock.end, clock.tokens = t0, t0 + total, len(x_train)
+        clock.start, clock.end, clock.tokens, clock.peak_mb = t0, t0 + total, len(x_train), hwm_mb()
     sae = saes[widths[-1]]
     return clock, sae.encode, sae.decode, sae.metrics["lr"], saes
 
@@ -226,17 +230,16 @@ def speed(args, x_train: Tensor, x_eval: Tensor) -> None:
         results = {}
         for name in args.trainers:
             kw = dict(x_train=x_train, x_eval=x_eval, k=args.k, batch=args.batch, warmup=args.warmup,
-                      dead_tokens=dead_tokens, sparsify_warmup=args.sparsify_warmup)
+                      dead_tokens=dead_tokens, sparsify_warmup=args.sparsify_warmup, lr_rule=args.lr_rule)
             kw["widths" if name == "featuretree" else "width"] = (width,) if name == "featuretree" else width
             with PeakRSS() as mem:
                 clock, encode, decode, lr, model = TRAINERS[name](**kw)
-            t = time.perf_counter()
             m = evaluate(encode, decode, x_eval, width)
             results[name] = dict(tok_s=clock.tokens / clock.seconds, seconds=clock.seconds, tokens=clock.tokens,
-                                 lr=lr, peak=mem.peak_mb, delta=mem.delta_mb, eval_s=time.perf_counter() - t, **m)
+                                 lr=lr, peak=clock.peak_mb, delta=clock.peak_mb - mem.base_mb, **m)
             if name == "featuretree":  # cross-check of the shared evaluation against train_ladder's own
-                own = model[width].metrics
-                results[name]["own_fvu"] = own["fvu"]
+                results[name]["own_fvu"] = model[width].metrics["fvu"]
+                results[name]["call_peak"] = mem.peak_mb  # train_ladder's own held-out evaluation included
             print(f"  w{width} {name}: {results[name]['tok_s']:,.0f} tok/s, FVU {m['fvu']:.4f}", flush=True)
             del model, encode, decode
         ref = results.get("sparsify", {}).get("tok_s")
@@ -246,38 +249,42 @@ def speed(args, x_train: Tensor, x_eval: Tensor) -> None:
                 for name, r in results.items()]
         print(f"\n### width {width}, k {args.k}, batch {args.batch}: {results[args.trainers[0]]['tokens']:,} timed "
               f"tokens per trainer (after {args.warmup} warm-up steps), {len(x_eval):,} held-out tokens\n")
-        print(markdown_table(["trainer", "tokens/s", "vs sparsify", "FVU", "L0", "dead", "peak RSS MB",
+        print(markdown_table(["trainer", "tokens/s", "vs sparsify", "FVU", "L0", "dead", "train peak RSS MB",
                               "RSS growth MB", "lr", "timed s"], rows))
         if "featuretree" in results:
-            print(f"\n(featuretree's own held-out FVU from train_ladder: {results['featuretree']['own_fvu']:.4f})")
+            r = results["featuretree"]
+            print(f"\nfeaturetree: train_ladder's own held-out FVU {r['own_fvu']:.4f}; peak RSS of the whole "
+                  f"train_ladder call (its held-out evaluation included) {r['call_peak']:,.0f} MB")
         print(flush=True)
 
 
 def ladder(args, x_train: Tensor, x_eval: Tensor) -> None:
     widths = tuple(args.ladder_widths)
     kw = dict(x_train=x_train, x_eval=x_eval, k=args.k, batch=args.batch, warmup=args.warmup)
-    with PeakRSS() as mem:
-        clock, *_, saes = run_featuretree(widths=widths, **kw)
-    together, peak_together = clock.seconds, mem.peak_mb
-    fvu_together = {w: evaluate(s.encode, s.decode, x_eval, w)["fvu"] for w, s in saes.items()}
-    del saes
-    alone, fvu_alone, peak_alone = {}, {}, {}
-    for w in widths:
-        with PeakRSS() as mem:
-            clock, encode, decode, *_ = run_featuretree(widths=(w,), **kw)
-        alone[w], peak_alone[w] = clock.seconds, mem.peak_mb
-        fvu_alone[w] = evaluate(encode, decode, x_eval, w)["fvu"]
-        print(f"  w{w} alone: {alone[w]:.1f} s", flush=True)
+    secs: dict[str, float] = {}  # best of --repeats per run
+    fvu: dict[str, str] = {}
+    peak: dict[str, float] = {}
+    runs = {"together": widths, **{f"w{w}": (w,) for w in widths}}
+    for rep in range(args.repeats):
+        for name, ws in (runs.items() if rep % 2 == 0 else reversed(runs.items())):
+            with PeakRSS() as mem:
+                clock, *_, saes = run_featuretree(widths=ws, **kw)
+            secs[name] = min(secs.get(name, math.inf), clock.seconds)
+            peak[name] = max(peak.get(name, 0.0), mem.peak_mb)
+            fvu[name] = " / ".join(f"{evaluate(s.encode, s.decode, x_eval, w)['fvu']:.4f}" for w, s in saes.items())
+            print(f"  {name}: {clock.seconds:.1f} s", flush=True)
+            del saes
     n = clock.tokens
-    rows = [[f"w{w} alone", f"{alone[w]:.1f}", f"{n / alone[w]:,.0f}", f"{fvu_alone[w]:.4f}", f"{peak_alone[w]:,.0f}"]
+    alone = sum(secs[f"w{w}"] for w in widths)
+    rows = [[f"w{w} alone", f"{secs[f'w{w}']:.1f}", f"{n / secs[f'w{w}']:,.0f}", fvu[f"w{w}"], f"{peak[f'w{w}']:,.0f}"]
             for w in widths]
-    rows.append(["sum of rungs alone", f"{sum(alone.values()):.1f}", f"{n / sum(alone.values()):,.0f}", "", ""])
-    rows.append([f"ladder {widths} together", f"{together:.1f}", f"{n / together:,.0f}",
-                 " / ".join(f"{fvu_together[w]:.4f}" for w in widths), f"{peak_together:,.0f}"])
+    rows.append(["sum of rungs alone", f"{alone:.1f}", f"{n / alone:,.0f}", "", ""])
+    rows.append([f"ladder {widths} together", f"{secs['together']:.1f}", f"{n / secs['together']:,.0f}",
+                 fvu["together"], f"{peak['together']:,.0f}"])
     print(f"\n### ladder {widths}, k {args.k}, batch {args.batch}: {n:,} timed tokens (after {args.warmup} "
-          "warm-up steps)\n")
+          f"warm-up steps), best of {args.repeats}\n")
     print(markdown_table(["run", "timed s", "tokens/s", "held-out FVU", "peak RSS MB"], rows))
-    print(f"\nladder together / sum of rungs alone = {together / sum(alone.values()):.3f} (goal <= 1.1)\n", flush=True)
+    print(f"\nladder together / sum of rungs alone = {secs['together'] / alone:.3f} (goal <= 1.1)\n", flush=True)
 
 
 def main(argv=None) -> None:
@@ -291,8 +298,12 @@ def main(argv=None) -> None:
     p.add_argument("--trainers", nargs="+", choices=list(TRAINERS), default=["sparsify", "featuretree", "plain"])
     p.add_argument("--sparsify-warmup", type=int, default=0,
                    help="lr warm-up steps of sparsify's schedule (its default, 1000, is longer than this run)")
+    p.add_argument("--lr-rule", choices=["own", "sparsify"], default="own",
+                   help="featuretree's lr: its own default (3x sparsify's) or sparsify's 2e-4/sqrt(width/2^14), "
+                        "which plain and sparsify always use")
     p.add_argument("--ladder", action="store_true", help="time the ladder together vs its rungs alone")
     p.add_argument("--ladder-widths", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--repeats", type=int, default=2, help="--ladder: runs of each, alternating order; best counts")
     args = p.parse_args(argv)
     set_threads(args.threads)
 

@@ -41,6 +41,35 @@ def default_lr(width: int) -> float:
     return 6e-4 / math.sqrt(width / 2**14)
 
 
+def tune_malloc() -> bool:
+    """Keep freed memory in glibc's heap instead of mmap/munmap-ing it every step; True if applied.
+
+    Training allocates and frees the same large buffers every step; glibc serves blocks over 128 KiB
+    with mmap and returns them at once, so each step pays page faults again. Measured here
+    (d_model 384, k 32, batch 4096): 47k -> 50k tokens/s at width 4096, 20k -> 23k at width 16384 (the
+    same as setting MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large> before start). Process-wide,
+    so applied only when training starts; a no-op off glibc.
+
+    Example:
+        >>> isinstance(tune_malloc(), bool)
+        True
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+        ok = bool(libc.mallopt(m_trim_threshold, ctypes.c_int(2**30))) and bool(libc.mallopt(m_mmap_max, 0))
+    except (OSError, AttributeError):
+        return False
+    log.debug("glibc mallopt applied: %s", ok)
+    return ok
+
+
 def _is_store(acts) -> bool:
     return hasattr(acts, "batches") and hasattr(acts, "d_model")
 
@@ -195,6 +224,7 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
         batch_size = max(1, n_train)
     # A feature is dead after ~ a fifth of an epoch without firing (sparsify uses 10M tokens at scale).
     dead_tokens = int(dead_tokens if dead_tokens is not None else max(batch_size, min(10_000_000, n_train // 5)))
+    tune_malloc()
     torch.manual_seed(seed)
     rungs = {w: _Rung(TopKSAE(d_model, w, k, seed=seed + i), lr or default_lr(w), dead_tokens, auxk_alpha)
              for i, w in enumerate(widths)}
