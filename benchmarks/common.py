@@ -38,6 +38,28 @@ def malloc_trim() -> None:
         pass
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc malloc.h
+
+
+def set_malloc(mode: str) -> str:
+    """Give every trainer in this process the same glibc allocator policy; returns a description.
+
+    featuretree's train_ladder (since 49ba767) calls `tune_malloc()`, a process-wide mallopt that keeps
+    freed buffers in the heap; left alone, it would also speed up every trainer that runs after it.
+    "tuned": apply that same mallopt now, before any trainer (the effect of MALLOC_MMAP_MAX_=0 with a
+    large MALLOC_TRIM_THRESHOLD_). "default": glibc's defaults for all, featuretree's call disabled.
+    """
+    import featuretree.train as ftt
+
+    if mode == "tuned":
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**30)) and libc.mallopt(M_MMAP_MAX, 0)
+        return "tuned for all trainers: mallopt(M_TRIM_THRESHOLD=2**30, M_MMAP_MAX=0)" + ("" if ok else " FAILED")
+    if hasattr(ftt, "tune_malloc"):
+        ftt.tune_malloc = lambda: False  # train_ladder looks it up in its module at call time
+    return "glibc defaults for all trainers (featuretree's tune_malloc disabled)"
+
+
 def _status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -140,6 +162,7 @@ def machine_info() -> dict[str, str]:
         "torch": f"{torch.__version__}, {torch.get_num_threads()} threads",
         "featuretree commit": commit,
         "malloc env": malloc,
+        "load average (1/5/15 min) at start": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -201,6 +202,7 @@ def main(argv=None) -> None:
         speed(args)
     if args.part in ("memory", "both"):
         memory(args)
+    print("load average (1/5/15 min) at end: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     benchmarks/.venv/bin/python benchmarks/train_speed.py         # 300k tokens, widths 4096 16384, k 32
     benchmarks/.venv/bin/python benchmarks/train_speed.py --tokens 100000 --widths 4096
     benchmarks/.venv/bin/python benchmarks/train_speed.py --ladder    # ladder (512, 2048, 8192) vs rungs alone
+    benchmarks/.venv/bin/python benchmarks/train_speed.py --malloc default   # glibc defaults for every trainer
 
 Data: WordNet gloss activations of the embedded MiniLM at layer 3 (harvested once into benchmarks/.cache/).
 The store's train split, cut to whole batches, is fed in order (the same batches in the same order) to:
@@ -21,10 +22,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import time
 
 import torch
-from common import PeakRSS, harvest, hwm_mb, machine_info, markdown_table, print_info, set_threads
+from common import PeakRSS, harvest, hwm_mb, machine_info, markdown_table, print_info, set_malloc, set_threads
 from torch import Tensor, nn
 
 AUXK_ALPHA = 1 / 32  # featuretree's default, also given to sparsify (whose TrainConfig default is 0)
@@ -61,18 +63,23 @@ class _Clock:
 
     def tick(self, i: int, n: int) -> None:  # call before step i, with the size of its batch
         if i == self.warmup:
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
         if i >= self.warmup:
             self.steps += 1
             self.tokens += n
 
     def stop(self) -> None:
-        self.end = time.perf_counter()
+        self.end, self.cpu_end = time.perf_counter(), time.process_time()
         self.peak_mb = hwm_mb()  # peak of the training phase (PeakRSS reset the high-water mark at its start)
 
     @property
     def seconds(self) -> float:
         return self.end - self.start
+
+    @property
+    def cpu_per_wall(self) -> float:
+        """CPU seconds of all threads per wall second: about --threads when nothing else competes for the cores."""
+        return (self.cpu_end - self.cpu_start) / self.seconds
 
 
 # ---- (a) featuretree --------------------------------------------------------------------------------
@@ -117,6 +124,7 @@ def run_featuretree(x_train: Tensor, x_eval: Tensor, widths, k: int, batch: int,
     if clock.start is None or clock.end is None:  # train_ladder no longer streams through iter_batches
         print("warning: could not time featuretree's steps alone; timing the whole call (with eval)")
         clock.start, clock.end, clock.tokens, clock.peak_mb = t0, t0 + total, len(x_train), hwm_mb()
+        clock.cpu_start = clock.cpu_end = 0.0
     sae = saes[widths[-1]]
     return clock, sae.encode, sae.decode, sae.metrics["lr"], saes
 
@@ -236,7 +244,7 @@ def speed(args, x_train: Tensor, x_eval: Tensor) -> None:
                 clock, encode, decode, lr, model = TRAINERS[name](**kw)
             m = evaluate(encode, decode, x_eval, width)
             results[name] = dict(tok_s=clock.tokens / clock.seconds, seconds=clock.seconds, tokens=clock.tokens,
-                                 lr=lr, peak=clock.peak_mb, delta=clock.peak_mb - mem.base_mb, **m)
+                                 lr=lr, cpu=clock.cpu_per_wall, peak=clock.peak_mb, delta=clock.peak_mb - mem.base_mb, **m)
             if name == "featuretree":  # cross-check of the shared evaluation against train_ladder's own
                 results[name]["own_fvu"] = model[width].metrics["fvu"]
                 results[name]["call_peak"] = mem.peak_mb  # train_ladder's own held-out evaluation included
@@ -245,12 +253,12 @@ def speed(args, x_train: Tensor, x_eval: Tensor) -> None:
         ref = results.get("sparsify", {}).get("tok_s")
         rows = [[name, f"{r['tok_s']:,.0f}", f"{r['tok_s'] / ref:.2f}x" if ref else "-", f"{r['fvu']:.4f}",
                  f"{r['l0']:.1f}", f"{r['dead']:.1%}", f"{r['peak']:,.0f}", f"{r['delta']:+,.0f}", f"{r['lr']:.2e}",
-                 f"{r['seconds']:.1f}"]
+                 f"{r['seconds']:.1f}", f"{r['cpu']:.2f}"]
                 for name, r in results.items()]
         print(f"\n### width {width}, k {args.k}, batch {args.batch}: {results[args.trainers[0]]['tokens']:,} timed "
               f"tokens per trainer (after {args.warmup} warm-up steps), {len(x_eval):,} held-out tokens\n")
         print(markdown_table(["trainer", "tokens/s", "vs sparsify", "FVU", "L0", "dead", "train peak RSS MB",
-                              "RSS growth MB", "lr", "timed s"], rows))
+                              "RSS growth MB", "lr", "timed s", "CPU s / wall s"], rows))
         if "featuretree" in results:
             r = results["featuretree"]
             print(f"\nfeaturetree: train_ladder's own held-out FVU {r['own_fvu']:.4f}; peak RSS of the whole "
@@ -301,11 +309,14 @@ def main(argv=None) -> None:
     p.add_argument("--lr-rule", choices=["own", "sparsify"], default="own",
                    help="featuretree's lr: its own default (3x sparsify's) or sparsify's 2e-4/sqrt(width/2^14), "
                         "which plain and sparsify always use")
+    p.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                   help="glibc allocator policy, the same for every trainer (see common.set_malloc)")
     p.add_argument("--ladder", action="store_true", help="time the ladder together vs its rungs alone")
     p.add_argument("--ladder-widths", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--repeats", type=int, default=2, help="--ladder: runs of each, alternating order; best counts")
     args = p.parse_args(argv)
     set_threads(args.threads)
+    malloc = set_malloc(args.malloc)
 
     acts = harvest(args.tokens)
     x_train, x_eval = acts.load("train"), acts.load("heldout")  # doc-level split: no doc in both
@@ -314,8 +325,9 @@ def main(argv=None) -> None:
         p.error(f"{len(x_train)} training tokens give no timed step after {args.warmup} warm-up steps")
     print(f"## train_speed {'--ladder ' if args.ladder else ''}({len(x_train):,} train tokens = "
           f"{len(x_train) // args.batch} batches, {len(x_eval):,} held-out, d_model {x_train.shape[1]})\n")
-    print_info(machine_info())
+    print_info({**machine_info(), "allocator": malloc})
     (ladder if args.ladder else speed)(args, x_train, x_eval)
+    print("load average (1/5/15 min) at end: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
 
 
 if __name__ == "__main__":
