@@ -387,20 +387,27 @@ class Activations:
             order = list(order)
             carry = torch.empty(0, self.d_model)  # (< batch_size, d_model) rows left from the last buffer
             for g in range(0, len(order), buffer_shards):
-                parts = [carry]
-                for i in order[g : g + buffer_shards]:
+                group = order[g : g + buffer_shards]
+                # one preallocated buffer filled shard by shard: peak memory is the buffer plus one shard
+                cap = len(carry) + sum(self.meta["shard_sizes"][i] for i in group)
+                buf = torch.empty(cap, self.d_model)  # (rows, d_model)
+                buf[: len(carry)] = carry
+                n = len(carry)
+                for i in group:
                     cols = self._read(self._shards[i], ("acts", "doc_ids"))
                     mask = self._split_mask(cols["doc_ids"], split)
-                    parts.append(cols["acts"] if mask is None else cols["acts"][mask])
-                buf = torch.cat(parts)  # (rows, d_model)
-                del parts
-                if shuffle:
-                    buf = buf[torch.randperm(len(buf), generator=gen)]
-                n_full = len(buf) // batch_size * batch_size
+                    rows = cols["acts"] if mask is None else cols["acts"][mask]
+                    buf[n : n + len(rows)] = rows
+                    n += len(rows)
+                    del cols, rows
+                buf = buf[:n]
+                # batches gather through a permutation instead of materialising a shuffled copy
+                perm = torch.randperm(n, generator=gen) if shuffle else None
+                n_full = n // batch_size * batch_size
                 for s in range(0, n_full, batch_size):
-                    yield buf[s : s + batch_size]  # (batch_size, d_model)
-                carry = buf[n_full:].clone()
-                del buf
+                    yield buf[s : s + batch_size] if perm is None else buf[perm[s : s + batch_size]]
+                carry = (buf[n_full:] if perm is None else buf[perm[n_full:]]).clone()
+                del buf, perm
             if len(carry):
                 yield carry  # (< batch_size, d_model)
 
