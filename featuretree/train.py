@@ -160,7 +160,8 @@ class _Rung:
             fired[indices[values > 0]] = True
             self.since_fired += x.shape[0]
             self.since_fired[fired] = 0
-        self.stats["fvu"] += float(fvu.detach()) * x.shape[0]
+        self.last_fvu = float(fvu.detach())
+        self.stats["fvu"] += self.last_fvu * x.shape[0]
         self.stats["aux"] += float(aux.detach()) * x.shape[0]
         self.stats["n"] += x.shape[0]
 
@@ -197,14 +198,16 @@ def evaluate(sae: TopKSAE, batches: Iterable[Tensor]) -> dict[str, float]:
 def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: int = 3, batch_size: int = 1024,
                  lr: float | None = None, auxk_alpha: float = 1 / 32, dead_tokens: int | None = None,
                  seed: int = 0, out: str | os.PathLike | None = None, progress: bool = True,
-                 eval_acts=None, shuffle: bool = True) -> dict[int, TopKSAE]:
+                 eval_acts=None, shuffle: bool = True, callback=None) -> dict[int, TopKSAE]:
     """Train one TopK dictionary per width from a single pass over `acts` (all rungs see every batch).
 
     `acts` is an Activations store (its train split is streamed, its held-out split evaluated) or a
     Tensor [n, d_model] (trained on, and evaluated on `eval_acts` or itself). Each returned SAE has
     `.metrics` (fvu, l0, dead_fraction, n_tokens, train_fvu); with `out` every rung is saved to
     `out/w<width>/` and the metrics to `out/metrics.json`. `shuffle=False` streams rows in order
-    (benchmarks use it to feed identical batches to other trainers).
+    (benchmarks use it to feed identical batches to other trainers). `callback(step, tokens, fvu)`, if
+    given, runs after every step with the step number, the tokens seen so far and {width: batch FVU}
+    (for live logging or timing).
 
     Example:
         >>> x = torch.randn(2048, 16)
@@ -230,7 +233,7 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
              for i, w in enumerate(widths)}
     total = n_train * epochs
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"train {len(widths)} rungs", disable=not progress)
-    first = True
+    first, step, seen = True, 0, 0
     for x in iter_batches(acts, batch_size, split="train", epochs=epochs, seed=seed, shuffle=shuffle):
         _check_finite(x)
         if first:  # start b_dec at the data mean so the first steps fit directions, not the offset
@@ -241,6 +244,9 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
         for r in rungs.values():
             r.step(x, denom)
         bar.update(x.shape[0])
+        step, seen = step + 1, seen + x.shape[0]
+        if callback is not None:
+            callback(step, seen, {w: r.last_fvu for w, r in rungs.items()})
         bar.set_postfix({f"fvu{w}": f"{r.stats['fvu'] / max(r.stats['n'], 1):.3f}" for w, r in rungs.items()},
                         refresh=False)
     bar.close()

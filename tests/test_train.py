@@ -77,3 +77,13 @@ def test_bad_widths_and_nan():
     x[3, 2] = float("nan")
     with pytest.raises(FeatureTreeError, match="NaN"):
         train_ladder(x, (16,), k=4, batch_size=50, progress=False)
+
+
+def test_callback_sees_every_step():
+    x = _sparse_data(n=3000)
+    seen = []
+    train_ladder(x, (16, 32), k=2, epochs=2, batch_size=1000, progress=False,
+                 callback=lambda step, tokens, fvu: seen.append((step, tokens, sorted(fvu))))
+    assert [s for s, _, _ in seen] == list(range(1, 7))
+    assert [t for _, t, _ in seen] == [1000 * i for i in range(1, 7)]
+    assert all(w == [16, 32] for _, _, w in seen)
