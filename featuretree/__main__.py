@@ -112,6 +112,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """featuretree eval planted: parent-edge precision / recall of the linking rules on planted hierarchies."""
+    from featuretree.eval import PLANTED_CONFIGS, compare_rules
+
+    unknown = sorted(set(args.configs) - set(PLANTED_CONFIGS))
+    if unknown:
+        raise FeatureTreeError(f"unknown planted configs {unknown}; choose from {sorted(PLANTED_CONFIGS)}")
+    df = compare_rules(args.configs, args.seeds, progress=not args.quiet)
+    table = df.groupby(["config", "rule"], sort=False)[["precision", "recall", "recovered"]].agg(["mean", "min"])
+    sys.stdout.write(df.to_string(index=False) + "\n\n" + table.round(3).to_string() + "\n")
+    if args.csv:
+        from featuretree.utils import write_text
+
+        write_text(args.csv, df.to_csv(index=False))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argparse parser for all subcommands (exposed for docs and tests).
 
@@ -149,6 +166,17 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-depth", type=int, help="rings shown at once in the sunburst (click to zoom)")
     e.add_argument("--color", choices=("rung", "coverage"), default="rung", help="sector colour (default: rung)")
     e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("eval", help="measure how true linking is on planted hierarchies (precision / recall)",
+                       description="Train a ladder on activations drawn from a planted feature forest and score the "
+                                   "parent edges of three linking rules (decoder cosine only, co-activation only, "
+                                   "featuretree's combined rule) against the truth. Tables: docs/EVAL.md.")
+    v.add_argument("what", choices=("planted",), help="what to evaluate on")
+    v.add_argument("--configs", nargs="+", default=["forest-12x3x3", "wide-8x5x2", "close-children"],
+                   help="planted configurations (default: all three)")
+    v.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    v.add_argument("--csv", help="also write the per-run table as CSV")
+    v.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="summarise a saved run: per-rung FVU / L0 / dead fraction, top features",
                        description="Print per-rung metrics and the most frequent root features of a saved run.")

@@ -180,3 +180,76 @@ def edge_scores(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5
         "n_true": len(truth),
         "n_reachable": len(reachable),
     }
+
+
+def link_by_cosine(saes, acts) -> FeatureTree:
+    """Baseline: link every live feature to its argmax-decoder-cosine feature in the next narrower rung.
+
+    The cheap proxy that absorption fools (FINDINGS.md); kept to measure how much co-activation adds.
+
+    Example:
+        >>> from featuretree.train import train_ladder
+        >>> x = torch.randn(2000, 8)
+        >>> t = link_by_cosine(train_ladder(x, (8, 16), k=2, epochs=1, batch_size=500, progress=False), x)
+        >>> t.graph.number_of_edges() > 0
+        True
+    """
+    from featuretree.tree import link
+
+    tree = link(saes, acts, labels=False)
+    g = tree.graph
+    g.remove_edges_from(list(g.edges))
+    rungs = g.graph["rungs"]
+    for narrow, wide in zip(rungs, rungs[1:]):
+        Wn = torch.nn.functional.normalize(tree.saes[narrow].W_dec.detach(), dim=1)
+        Ww = torch.nn.functional.normalize(tree.saes[wide].W_dec.detach(), dim=1)
+        live_n = torch.tensor([f"{narrow}/{j}" in g for j in range(len(Wn))])
+        sim = (Ww @ Wn.T).masked_fill(~live_n, -2.0)  # (w_wide, w_narrow)
+        best = sim.argmax(1)
+        for c in range(len(Ww)):
+            if f"{wide}/{c}" in g:
+                g.add_edge(f"{narrow}/{int(best[c])}", f"{wide}/{c}", cos=float(sim[c, best[c]]), kind="split")
+    return tree
+
+
+PLANTED_CONFIGS = {
+    "forest-12x3x3": dict(gen=dict(n_roots=12, branching=3, depth=3, d_model=64), widths=(16, 64, 256), k=6),
+    "wide-8x5x2": dict(gen=dict(n_roots=8, branching=5, depth=2, d_model=48), widths=(12, 64), k=4),
+    "close-children": dict(gen=dict(n_roots=12, branching=3, depth=3, d_model=64, child_cos=0.75),
+                           widths=(16, 64, 256), k=6),
+}
+"""Planted configurations of `compare_rules` (docs/EVAL.md): generator settings, ladder widths and k."""
+
+
+def compare_rules(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), *, n_train: int = 60_000, n_eval: int = 20_000,
+                  epochs: int = 6, progress: bool = False):
+    """Parent-edge precision / recall of three linking rules on planted hierarchies, one row per run.
+
+    Rules: "cos" (argmax decoder cosine in the next narrower rung), "coverage" (co-activation across
+    rungs only), "combined" (featuretree's `link`: co-activation across rungs plus within-rung edges,
+    the most specific covering parent, cosine recorded). One ladder is trained per (config, seed).
+
+    Example:
+        >>> compare_rules(["wide-8x5x2"], seeds=[0]).groupby("rule").precision.mean()  # doctest: +SKIP
+    """
+    import pandas as pd
+
+    from featuretree.train import train_ladder
+    from featuretree.tree import link
+
+    rows = []
+    for name in configs:
+        cfg = PLANTED_CONFIGS[name]
+        for seed in seeds:
+            planted = planted_hierarchy(**cfg["gen"], n_tokens=n_train + n_eval, seed=seed)
+            train, held = planted.split(n_train)
+            saes = train_ladder(train.acts, cfg["widths"], k=cfg["k"], epochs=epochs, batch_size=512, seed=seed,
+                                progress=progress, eval_acts=held.acts)
+            trees = {"cos": link_by_cosine(saes, held.acts),
+                     "coverage": link(saes, held.acts, within_coverage=2.0),  # > 1: no within-rung edges
+                     "combined": link(saes, held.acts)}
+            for rule, tree in trees.items():
+                s = edge_scores(tree, held)
+                rows.append({"config": name, "seed": seed, "rule": rule, **s})
+                log.info("%s seed %d %-8s precision %.3f recall %.3f", name, seed, rule, s["precision"], s["recall"])
+    return pd.DataFrame(rows)

@@ -67,3 +67,16 @@ def test_edges_carry_coverage_cos_and_kind(planted_run):
         wu, wv = tree.graph.nodes[u]["width"], tree.graph.nodes[v]["width"]
         assert wu < wv or (d["within"] and wu == wv)
     assert all(tree.graph.in_degree(n) <= 1 for n in tree.graph)  # a forest: one primary parent each
+
+
+def test_compare_rules_and_eval_cli(capsys):
+    from featuretree.__main__ import main
+    from featuretree.eval import compare_rules
+
+    df = compare_rules(["wide-8x5x2"], seeds=[0])
+    by = df.set_index("rule")
+    assert by.loc["combined", "precision"] >= 0.95 and by.loc["combined", "recall"] >= 0.9
+    assert by.loc["cos", "recall"] < by.loc["combined", "recall"]
+    assert main(["-q", "eval", "planted", "--configs", "wide-8x5x2", "--seeds", "1"]) == 0
+    assert "combined" in capsys.readouterr().out
+    assert main(["-q", "eval", "planted", "--configs", "nope"]) == 2
