@@ -116,6 +116,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """featuretree eval planted: parent-edge precision / recall of the linking rules on planted hierarchies."""
     from featuretree.eval import PLANTED_CONFIGS, compare_rules
 
+    if args.what == "wordnet":
+        return _eval_wordnet(args)
     unknown = sorted(set(args.configs) - set(PLANTED_CONFIGS))
     if unknown:
         raise FeatureTreeError(f"unknown planted configs {unknown}; choose from {sorted(PLANTED_CONFIGS)}")
@@ -126,6 +128,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from featuretree.utils import write_text
 
         write_text(args.csv, df.to_csv(index=False))
+    return 0
+
+
+def _eval_wordnet(args: argparse.Namespace) -> int:
+    """Purity of a saved run's nodes against WordNet lexicographer files and topic domains."""
+    from featuretree.activations import Activations
+    from featuretree.corpus import load_corpus
+    from featuretree.eval import label_purity, purity_gain
+    from featuretree.export import load
+
+    if not args.run:
+        raise FeatureTreeError("featuretree eval wordnet needs a run directory built on the WordNet corpus: "
+                               "featuretree eval wordnet runs/default")
+    tree = load(args.run)
+    acts = Activations(Path(args.run) / tree.graph.graph.get("acts", "acts"))
+    labels = load_corpus("wordnet").labels
+    out = []
+    for column in ("lexname", "domains"):
+        pur = label_purity(tree, acts, labels, column=column)
+        gain = purity_gain(tree, pur)
+        out.append(f"{column}: mean purity per rung (nodes firing on >= 20 held-out tokens)")
+        for rung, grp in pur.groupby("rung", sort=False):
+            out.append(f"  {rung:<10} nodes {len(grp):5d}  mean {grp.purity.mean():.3f}  max {grp.purity.max():.3f}")
+        out.append(f"  child purer than parent on {gain['child_purer']:.1%} of {gain['n_edges']} edges "
+                   f"(mean gain {gain['mean_gain']:+.3f})")
+        for lab, grp in pur[pur.purity >= 0.5].groupby("top"):
+            best = grp.sort_values("purity", ascending=False).iloc[0]
+            out.append(f"  {lab:<24} {len(grp):4d} nodes >= 0.5 pure; best {best.node} "
+                       f"{best.purity:.2f}: {tree.graph.nodes[best.node].get('label', '')}")
+    sys.stdout.write("\n".join(out) + "\n")
     return 0
 
 
@@ -168,10 +200,14 @@ def make_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("eval", help="measure how true linking is on planted hierarchies (precision / recall)",
-                       description="Train a ladder on activations drawn from a planted feature forest and score the "
-                                   "parent edges of three linking rules (decoder cosine only, co-activation only, "
-                                   "featuretree's combined rule) against the truth. Tables: docs/EVAL.md.")
-    v.add_argument("what", choices=("planted",), help="what to evaluate on")
+                       description="planted: train a ladder on activations drawn from a planted feature forest and "
+                                   "score the parent edges of three linking rules (decoder cosine only, co-activation "
+                                   "only, featuretree's combined rule) against the truth. wordnet RUN: how pure each "
+                                   "node's firing tokens are in WordNet lexicographer files and topic domains, per "
+                                   "rung and from parent to child. Tables: docs/EVAL.md.")
+    v.add_argument("what", choices=("planted", "wordnet"),
+                   help="planted: linking rules on planted hierarchies; wordnet: purity of a WordNet run's nodes")
+    v.add_argument("run", nargs="?", help="(wordnet) a run directory built on the WordNet corpus")
     v.add_argument("--configs", nargs="+", default=["forest-12x3x3", "wide-8x5x2", "close-children"],
                    help="planted configurations (default: all three)")
     v.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")

@@ -1,0 +1,60 @@
+"""WordNet purity: label_purity agrees with a direct count over firing tokens; the CLI prints it."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import featuretree as ft
+from featuretree.eval import label_purity, purity_gain
+
+
+@pytest.fixture(scope="module")
+def wordnet_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wn")
+    tree = ft.build(ft.Config(n_tokens=5000, widths=(16, 64), k=4, epochs=2, batch_size=512), out=out,
+                    progress=False)
+    return out, tree, ft.Activations(out / "acts"), ft.load_corpus("wordnet").labels
+
+
+def _direct(tree, acts, labels, node, column):
+    rung, j = node.rsplit("/", 1)
+    sae, j = tree.saes[rung], int(j)
+    x = acts.load("heldout")
+    codes = sae.dense_codes(x)[:, j]  # (n,)
+    on = codes[codes > 0]
+    q90 = torch.quantile(on.double(), 0.9).item()  # same firing rule as link: >= 0.25 x 90th percentile
+    fires = (codes >= 0.25 * q90) & (codes > 0)
+    docs = acts.tokens("heldout")["doc_id"].to_numpy()[fires.numpy()]
+    counts = Counter()
+    for d in docs:
+        v = labels.at[d, column]
+        counts.update(v if isinstance(v, list) else [v])
+    lab, c = counts.most_common(1)[0]
+    return lab, c / len(docs), len(docs)
+
+
+@pytest.mark.parametrize("column", ["lexname", "domains"])
+def test_purity_matches_a_direct_count(wordnet_run, column):
+    _, tree, acts, labels = wordnet_run
+    pur = label_purity(tree, acts, labels, column=column, min_tokens=5)
+    assert len(pur) > 10 and ((pur.purity >= 0) & (pur.purity <= 1)).all()
+    assert (pur.top.isna() == (pur.purity == 0)).all()
+    labelled = pur[pur.purity > 0]
+    for node in labelled.sort_values("n_fire").node.iloc[:: max(1, len(labelled) // 6)]:
+        lab, share, n = _direct(tree, acts, labels, node, column)
+        assert pur.at[node, "n_fire"] == n
+        assert np.isclose(pur.at[node, "purity"], share, atol=1e-6), (node, pur.loc[node].to_dict(), lab, share)
+    gain = purity_gain(tree, pur)
+    assert gain["n_edges"] > 0 and 0 <= gain["child_purer"] <= 1
+
+
+def test_eval_wordnet_cli(wordnet_run, capsys):
+    from featuretree.__main__ import main
+
+    out, *_ = wordnet_run
+    assert main(["-q", "eval", "wordnet", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "lexname" in text and "domains" in text and "child purer than parent" in text
+    assert main(["-q", "eval", "wordnet"]) == 2
