@@ -17,8 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from featuretree.train import iter_batches
-from featuretree.tree import FeatureTree, drop_weak, encode_all, firing_matrix
+from featuretree.tree import FeatureTree, fire
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +141,8 @@ def match_features(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 
     """
     out: dict[str, int] = {}
     for rung, sae in tree.saes.items():
-        v, i = encode_all(sae, iter_batches(planted.acts, 8192, shuffle=False))
-        v = drop_weak(v, i, sae.width, tree.graph.graph.get("fire_rel", 0.25))
-        jac = jaccard(firing_matrix(v, i, sae.width), planted.active)  # (width, n_true)
+        _, _, F = fire(sae, planted.acts, tree.graph.graph.get("fire_rel", 0.25))
+        jac = jaccard(F, planted.active)  # (width, n_true)
         best = jac.argmax(1)
         for j in range(sae.width):
             nid = f"{rung}/{j}"
@@ -282,8 +280,7 @@ def label_purity(tree: FeatureTree, acts, labels, *, column: str = "lexname", mi
     rows = []
     fire_rel = tree.graph.graph.get("fire_rel", 0.25)
     for rung, sae in tree.saes.items():
-        v, i = encode_all(sae, iter_batches(x, 8192, shuffle=False))
-        F = firing_matrix(drop_weak(v, i, sae.width, fire_rel), i, sae.width)  # (n, width)
+        _, _, F = fire(sae, x, fire_rel)  # (n, width)
         n_fire = np.asarray(F.sum(0)).ravel()
         counts = (F.T @ L).toarray()  # (width, n_labels)
         top = counts.argmax(1)

@@ -150,6 +150,21 @@ def firing_matrix(values: np.ndarray, indices: np.ndarray, width: int) -> sp.csr
     return m
 
 
+def fire(sae: TopKSAE, x: torch.Tensor, fire_rel: float = 0.25) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
+    """Encode `x` and apply the firing rule: (values with weak ones zeroed, indices, firing matrix (n, width)).
+
+    The one definition of "feature j fires on token i" used by linking, labels and evaluation.
+
+    Example:
+        >>> v, i, F = fire(TopKSAE(8, 32, 2), torch.randn(5, 8))
+        >>> F.shape
+        (5, 32)
+    """
+    v, i = encode_all(sae, iter_batches(x, 8192, shuffle=False))
+    v = drop_weak(v, i, sae.width, fire_rel)
+    return v, i, firing_matrix(v, i, sae.width)
+
+
 def coverage_matrix(child: sp.csr_matrix, parent: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
     """coverage[c, p] = P(p fires | c fires) as a sparse (w_child, w_parent) matrix, plus both firing counts.
 
@@ -247,9 +262,8 @@ def link(saes, acts, *, min_coverage: float = 0.5, same_threshold: float = 0.9, 
     g = nx.DiGraph(rungs=rungs, n_tokens=int(n), min_coverage=min_coverage, fire_rel=fire_rel)
     for r in rungs:
         sae = saes[r]
-        v, i = encode_all(sae, iter_batches(x_eval, 8192, shuffle=False))
-        codes[r] = (drop_weak(v, i, sae.width, fire_rel), i)
-        fires[r] = firing_matrix(*codes[r], sae.width)
+        v, i, fires[r] = fire(sae, x_eval, fire_rel)
+        codes[r] = (v, i)
         counts = np.asarray(fires[r].sum(0)).ravel()
         for j in np.flatnonzero(counts):
             g.add_node(node_id(r, j), rung=r, width=sae.width, index=int(j), freq=float(counts[j] / n),
