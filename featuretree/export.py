@@ -25,7 +25,7 @@ import networkx as nx
 import pandas as pd
 
 from featuretree.config import Config, FeatureTreeError
-from featuretree.utils import atomic_path, write_json, write_text
+from featuretree.utils import atomic_path, rung_key, write_json, write_text
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -46,12 +46,6 @@ def _graph(tree) -> nx.DiGraph:
     return tree if isinstance(tree, nx.Graph) else tree.graph
 
 
-def _rung_key(rung: str) -> tuple:
-    # the same order as FeatureTree.rungs: base rungs by width, then refined rungs ("w512/7/r64")
-    last = rung.rsplit("/", 1)[-1]
-    return rung.count("/"), int(last[1:]) if last[1:].isdigit() else 0, rung
-
-
 def _rung_of(g: nx.DiGraph, n: str) -> str:
     return str(g.nodes[n].get("rung") or str(n).rsplit("/", 1)[0])
 
@@ -59,7 +53,7 @@ def _rung_of(g: nx.DiGraph, n: str) -> str:
 def _rungs(tree) -> list[str]:
     g = _graph(tree)
     names = {_rung_of(g, n) for n in g} | set(getattr(tree, "saes", None) or {}) | set(g.graph.get("rungs") or [])
-    return sorted(names, key=_rung_key)
+    return sorted(names, key=rung_key)
 
 
 def _parent(g: nx.DiGraph, n: str) -> str | None:
@@ -111,7 +105,7 @@ def save(tree: FeatureTree, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    rungs = sorted(tree.saes, key=_rung_key)
+    rungs = sorted(tree.saes, key=rung_key)
     for rung in rungs:
         tree.saes[rung].save(path / SAES_DIR / _check_rung_name(rung))
     write_json(path / CONFIG_FILE, tree.config.to_dict() if tree.config is not None else {})
@@ -165,7 +159,7 @@ def load(path: str | os.PathLike) -> FeatureTree:
         rungs = [_check_rung_name(r) for r in data["saes"]]
     else:  # a tree.json from another tool: take every saved dictionary under saes/
         root = path / SAES_DIR
-        rungs = sorted((p.parent.relative_to(root).as_posix() for p in root.rglob("cfg.json")), key=_rung_key)
+        rungs = sorted((p.parent.relative_to(root).as_posix() for p in root.rglob("cfg.json")), key=rung_key)
     saes = {}
     for rung in rungs:
         try:
@@ -396,7 +390,7 @@ def sunburst(tree, *, root: str | None = None, max_depth: int | None = None, col
     edge = {n: g.edges[parent_of[n], n] if parent_of[n] is not None else {} for n in order}
     labels = [_esc(g.nodes[n].get("label") or n) for n in order]
     hover = [_hover(n, g.nodes[n], parent_of[n], edge[n]) for n in order]
-    shown_rungs = sorted({_rung_of(g, n) for n in order}, key=_rung_key)
+    shown_rungs = sorted({_rung_of(g, n) for n in order}, key=rung_key)
     # white borders only around sectors big enough to see: on thousands of slivers they wash the colour out
     total = math.fsum(value[n] for n in tops if n in value) or 1.0
     line = dict(color="white", width=[0.5 if value[n] >= 2e-3 * total else 0.0 for n in order])

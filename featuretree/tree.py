@@ -22,7 +22,7 @@ import torch
 from featuretree.config import Config, FeatureTreeError
 from featuretree.sae import TopKSAE
 from featuretree.train import _is_store, iter_batches, train_ladder
-from featuretree.utils import write_json
+from featuretree.utils import rung_key, write_json
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class FeatureTree:
             >>> FeatureTree(nx.DiGraph(), {"w8": None, "w2": None}).rungs
             ['w2', 'w8']
         """
-        return sorted(self.saes, key=lambda r: (r.count("/"), _rung_width(r), r))
+        return sorted(self.saes, key=rung_key)
 
     def roots(self) -> list[str]:
         """Nodes with no parent in the graph (the top of each tree and any novel features).
@@ -75,11 +75,6 @@ class FeatureTree:
         if node_id not in self.graph:
             raise FeatureTreeError(f"unknown node {node_id!r}: ids look like 'w1024/311'; list them with ft.to_frame(tree)")
         return self.graph.nodes[node_id]
-
-
-def _rung_width(rung: str) -> int:
-    last = rung.rsplit("/", 1)[-1]
-    return int(last[1:]) if last[1:].isdigit() else 0
 
 
 def node_id(rung: str, index: int) -> str:

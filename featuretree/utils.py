@@ -1,4 +1,4 @@
-"""Tiny shared helpers: atomic file writes (temp file + fsync + rename) and safetensors saving."""
+"""Tiny shared helpers: atomic file writes (temp file + fsync + rename), safetensors saving, rung order."""
 
 from __future__ import annotations
 
@@ -85,3 +85,14 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=metadata)
+
+
+def rung_key(rung: str) -> tuple:
+    """Sort key for rung names: ladder rungs by width, then refined rungs ("w512/7/r64") after them.
+
+    Example:
+        >>> sorted(["w512", "w128/3/r64", "w128"], key=rung_key)
+        ['w128', 'w512', 'w128/3/r64']
+    """
+    last = rung.rsplit("/", 1)[-1]
+    return rung.count("/"), int(last[1:]) if last[1:].isdigit() else 0, rung
