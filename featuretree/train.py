@@ -109,9 +109,7 @@ def n_rows(acts, split: str = "train") -> int:
         >>> n_rows(torch.zeros(7, 3))
         7
     """
-    if _is_store(acts):
-        return acts.n_rows(split) if hasattr(acts, "n_rows") else len(acts)
-    return int(acts.shape[0])
+    return acts.n_rows(split) if _is_store(acts) else int(acts.shape[0])
 
 
 def d_model_of(acts) -> int:
@@ -166,7 +164,6 @@ class _Rung:
         self.stats["n"] += x.shape[0]
 
 
-@torch.no_grad()
 def evaluate(sae: TopKSAE, batches: Iterable[Tensor]) -> dict[str, float]:
     """FVU, mean L0 and dead fraction (features that never fire) of `sae` over `batches`.
 
@@ -175,24 +172,39 @@ def evaluate(sae: TopKSAE, batches: Iterable[Tensor]) -> dict[str, float]:
         >>> sorted(m)
         ['dead_fraction', 'fvu', 'l0', 'n_tokens']
     """
-    sse = torch.zeros((), dtype=torch.float64)
+    return evaluate_many([sae], batches)[0]
+
+
+@torch.no_grad()
+def evaluate_many(saes: list[TopKSAE], batches: Iterable[Tensor]) -> list[dict[str, float]]:
+    """`evaluate` for several dictionaries in one pass over `batches` (the data is read once).
+
+    Example:
+        >>> a, b = evaluate_many([TopKSAE(8, 32, 2), TopKSAE(8, 64, 2)], [torch.randn(64, 8)])
+        >>> a["n_tokens"] == b["n_tokens"] == 64
+        True
+    """
+    sse = [torch.zeros((), dtype=torch.float64) for _ in saes]
+    l0 = [0 for _ in saes]
+    fired = [torch.zeros(sae.width, dtype=torch.bool) for sae in saes]
     sx = sxx = None
-    n, l0 = 0, 0
-    fired = torch.zeros(sae.width, dtype=torch.bool)
+    n = 0
     for x in batches:
         x = x.float()
-        values, indices = sae.encode(x)
-        sse += (x - sae.decode(values, indices)).double().pow(2).sum()
+        for j, sae in enumerate(saes):
+            values, indices = sae.encode(x)
+            sse[j] += (x - sae.decode(values, indices)).double().pow(2).sum()
+            active = values > 0
+            l0[j] += int(active.sum())
+            fired[j][indices[active]] = True
         sx = x.double().sum(0) if sx is None else sx + x.double().sum(0)
         sxx = x.double().pow(2).sum() if sxx is None else sxx + x.double().pow(2).sum()
-        active = values > 0
-        l0 += int(active.sum())
-        fired[indices[active]] = True
         n += x.shape[0]
     if n == 0:
         raise FeatureTreeError("no tokens to evaluate on: collect more tokens (held-out docs are a tenth of them)")
     total_var = sxx - sx.pow(2).sum() / n
-    return {"fvu": float(sse / total_var), "l0": l0 / n, "dead_fraction": float((~fired).float().mean()), "n_tokens": n}
+    return [{"fvu": float(e / total_var), "l0": c / n, "dead_fraction": float((~f).float().mean()), "n_tokens": n}
+            for e, c, f in zip(sse, l0, fired)]
 
 
 def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: int = 3, batch_size: int = 1024,
@@ -253,16 +265,19 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     if first:
         raise FeatureTreeError("the activation stream is empty: collect more tokens before training")
 
+    for r in rungs.values():
+        r.sae.eval()
+        r.sae.requires_grad_(False)
+    # every rung is evaluated in one read of the held-out stream
+    if eval_acts is None and _is_store(acts) and n_rows(acts, "heldout") > 0:
+        ev = iter_batches(acts, 8192, split="heldout", shuffle=False)
+    else:
+        ev = iter_batches(eval_acts if eval_acts is not None else acts, 8192, shuffle=False)
+    held_out = evaluate_many([r.sae for r in rungs.values()], ev)
     saes: dict[int, TopKSAE] = {}
-    for w, r in rungs.items():
+    for (w, r), m in zip(rungs.items(), held_out):
         sae = r.sae
-        sae.eval()
-        sae.requires_grad_(False)
-        if eval_acts is None and _is_store(acts) and n_rows(acts, "heldout") > 0:
-            ev = iter_batches(acts, 8192, split="heldout", shuffle=False)
-        else:
-            ev = iter_batches(eval_acts if eval_acts is not None else acts, 8192, shuffle=False)
-        sae.metrics = {**evaluate(sae, ev), "train_fvu": r.stats["fvu"] / max(r.stats["n"], 1),
+        sae.metrics = {**m, "train_fvu": r.stats["fvu"] / max(r.stats["n"], 1),
                        "train_tokens": r.stats["n"], "lr": r.opt.param_groups[0]["lr"]}
         sae.metadata.update({"featuretree_rung": f"w{w}", "k": k})
         log.info("rung w%d: FVU %.4f  L0 %.1f  dead %.1f%%", w, sae.metrics["fvu"], sae.metrics["l0"],
