@@ -53,6 +53,14 @@ def _config_from(args: argparse.Namespace) -> Config:
     return Config.from_dict({**Config().to_dict(), **given})
 
 
+def _rung_line(tree, frame, rung: str) -> str:
+    """One rung's held-out metrics and node counts, e.g. 'w512  FVU 0.273  L0 16.0  dead 0.0%  live 512  linked 500'."""
+    m, sub = tree.saes[rung].metrics, frame[frame.rung == rung]
+    nan = float("nan")
+    return (f"{rung:<10} FVU {m.get('fvu', nan):.3f}  L0 {m.get('l0', nan):.1f}  "
+            f"dead {100 * m.get('dead_fraction', nan):.1f}%  live {len(sub)}  linked {int(sub.parent.notna().sum())}")
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     """featuretree build: harvest, train the ladder, link, save the run and write its sunburst."""
     from featuretree.export import to_frame
@@ -64,15 +72,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     html = out / "sunburst.html"
     frame = to_frame(tree)
     for rung in tree.rungs:
-        m = tree.saes[rung].metrics
-        log.info("%-8s FVU %.3f  L0 %.1f  dead %.1f%%  nodes %d", rung, m.get("fvu", float("nan")),
-                 m.get("l0", float("nan")), 100 * m.get("dead_fraction", float("nan")), int((frame.rung == rung).sum()))
+        log.info("%s", _rung_line(tree, frame, rung))
     sys.stdout.write(f"wrote {out}/ ({len(frame)} features, {tree.graph.number_of_edges()} edges); open {html}\n")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """featuretree export: write a saved run as sunburst HTML, GraphML, CSV or node-link JSON."""
+    """featuretree export: write a saved run as sunburst HTML, GraphML and/or CSV."""
     from featuretree.export import load, to_frame, to_graphml, write_sunburst
 
     tree = load(args.run)
@@ -99,12 +105,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     tree = load(args.run)
     frame = to_frame(tree)
     lines = [f"run {args.run}: {len(frame)} features in {len(tree.rungs)} rungs, {tree.graph.number_of_edges()} edges"]
-    for rung in tree.rungs:
-        m = tree.saes[rung].metrics
-        sub = frame[frame.rung == rung]
-        lines.append(f"  {rung:<10} FVU {m.get('fvu', float('nan')):.3f}  L0 {m.get('l0', float('nan')):.1f}  "
-                     f"dead {100 * m.get('dead_fraction', float('nan')):.1f}%  live {len(sub)}  "
-                     f"linked {int(sub.parent.notna().sum())}")
+    lines += [f"  {_rung_line(tree, frame, rung)}" for rung in tree.rungs]
     top = frame[frame.depth == 0].sort_values("freq", ascending=False).head(args.top)
     lines.append(f"top {len(top)} root features by firing rate:")
     lines += [f"  {r.node:<12} {100 * r.freq:5.1f}%  {r.label}" for r in top.itertuples()]
