@@ -25,12 +25,14 @@ _LAZY = {
     "train_ladder": "train",
     "FeatureTree": "tree", "build": "tree", "link": "tree",
     "planted_hierarchy": "eval", "edge_scores": "eval",
+    "label_tree": "label", "CausalLMLabeler": "label",
 }
 
 __all__ = [
-    "Activations", "Config", "Corpus", "FeatureTree", "FeatureTreeError", "TopKSAE", "__version__", "build",
-    "collect", "edge_scores", "from_graphml", "link", "load", "load_corpus", "load_model", "planted_hierarchy",
-    "save", "sunburst", "to_frame", "to_graphml", "train_ladder", "write_sunburst",
+    "Activations", "CausalLMLabeler", "Config", "Corpus", "FeatureTree", "FeatureTreeError", "TopKSAE",
+    "__version__", "build", "collect", "edge_scores", "from_graphml", "label_tree", "link", "load", "load_corpus",
+    "load_model", "planted_hierarchy", "save", "sunburst", "to_frame", "to_graphml", "train_ladder",
+    "write_sunburst",
 ]
 assert set(__all__) == {"Config", "FeatureTreeError", "__version__", "from_graphml", "load", "save", "sunburst",
                         "to_frame", "to_graphml", "write_sunburst", *_LAZY}
@@ -40,6 +42,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from featuretree.corpus import Corpus, load_corpus  # noqa: F401
     from featuretree.eval import edge_scores, planted_hierarchy  # noqa: F401
     from featuretree.export import from_graphml, load, save, sunburst, to_frame, to_graphml, write_sunburst  # noqa: F401
+    from featuretree.label import CausalLMLabeler, label_tree  # noqa: F401
     from featuretree.model import load_model  # noqa: F401
     from featuretree.sae import TopKSAE  # noqa: F401
     from featuretree.train import train_ladder  # noqa: F401

@@ -20,7 +20,7 @@ from featuretree.config import Config, FeatureTreeError, field_docs
 log = logging.getLogger("featuretree")
 
 _CLI_FIELDS = ("model", "layer", "corpus", "n_tokens", "widths", "k", "epochs", "batch_size", "lr", "min_coverage",
-               "max_length", "seed")
+               "within_coverage", "same_threshold", "fire_rel", "max_length", "seed")
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -115,15 +115,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """featuretree eval planted: parent-edge precision / recall of the linking rules on planted hierarchies."""
-    from featuretree.eval import PLANTED_CONFIGS, compare_rules
+    from featuretree.eval import compare_rules
 
     if args.what == "wordnet":
         return _eval_wordnet(args)
-    unknown = sorted(set(args.configs) - set(PLANTED_CONFIGS))
-    if unknown:
-        raise FeatureTreeError(f"unknown planted configs {unknown}; choose from {sorted(PLANTED_CONFIGS)}")
-    df = compare_rules(args.configs, args.seeds, progress=not args.quiet)
-    table = df.groupby(["config", "rule"], sort=False)[["precision", "recall", "recovered"]].agg(["mean", "min"])
+    if args.sweep:
+        from featuretree.eval import sweep_thresholds
+
+        df = sweep_thresholds(args.configs, args.seeds, progress=not args.quiet)
+        keys = ["threshold", "value"]
+    else:
+        df = compare_rules(args.configs, args.seeds, progress=not args.quiet)
+        keys = ["config", "rule"]
+    table = df.groupby(keys, sort=False)[["precision", "recall", "recovered"]].agg(["mean", "min"])
     sys.stdout.write(df.to_string(index=False) + "\n\n" + table.round(3).to_string() + "\n")
     if args.csv:
         from featuretree.utils import write_text
@@ -213,6 +217,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="planted configurations (default: all three)")
     v.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
     v.add_argument("--csv", help="also write the per-run table as CSV")
+    v.add_argument("--sweep", action="store_true",
+                   help="(planted) vary each linking threshold around its default and score every setting")
     v.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="summarise a saved run: per-rung FVU / L0 / dead fraction, top features",

@@ -63,7 +63,20 @@ class Config:
     """Adam learning rate; None scales it with width as 6e-4 / sqrt(width / 2**14) (3x sparsify's rule)."""
 
     min_coverage: float = 0.5
-    """A feature gets a parent only if that parent fires on at least this fraction of its firing tokens."""
+    """A feature gets a parent only if that parent fires on at least this fraction of its firing tokens
+    (P(parent | child)); features no narrower feature covers are "novel". Chosen by `featuretree eval planted
+    --sweep` (docs/EVAL.md): recall falls above 0.6 and precision does not rise below 0.4."""
+
+    within_coverage: float = 0.9
+    """Within one rung, p becomes c's parent when P(p | c) >= this and P(c | p) < this (the eval-HSAEs
+    rule): a child the rung already resolves beside its parent. A value > 1 turns within-rung edges off."""
+
+    same_threshold: float = 0.9
+    """An edge is kind "same" (the feature did not split) when both P(p | c) and P(c | p) reach this."""
+
+    fire_rel: float = 0.25
+    """A feature "fires" on a token when its activation is at least this times its 90th-percentile
+    activation: TopK fills k slots on every token and the weakest are noise that blurs co-activation."""
 
     max_length: int = 128
     """Tokenizer truncation length for each text during harvest."""
@@ -93,8 +106,11 @@ class Config:
                 raise FeatureTreeError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.lr is not None and not self.lr > 0:
             raise FeatureTreeError(f"lr={self.lr} must be positive (or None for the width-scaled default)")
-        if not 0.0 <= self.min_coverage <= 1.0:
-            raise FeatureTreeError(f"min_coverage={self.min_coverage} must lie in [0, 1]")
+        for name in ("min_coverage", "same_threshold", "fire_rel"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise FeatureTreeError(f"{name}={getattr(self, name)} must lie in [0, 1]")
+        if not self.within_coverage > 0.0:
+            raise FeatureTreeError(f"within_coverage={self.within_coverage} must be positive (> 1 turns it off)")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict.

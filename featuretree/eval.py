@@ -17,6 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from featuretree.config import FeatureTreeError
 from featuretree.tree import FeatureTree, fire
 
 log = logging.getLogger(__name__)
@@ -232,10 +233,27 @@ def compare_rules(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), *, n_train: i
     """
     import pandas as pd
 
-    from featuretree.train import train_ladder
     from featuretree.tree import link
 
     rows = []
+    for name, seed, saes, held in _planted_ladders(configs, seeds, n_train, n_eval, epochs, progress):
+        trees = {"cos": link_by_cosine(saes, held.acts),
+                 "coverage": link(saes, held.acts, within_coverage=2.0),  # > 1: no within-rung edges
+                 "combined": link(saes, held.acts)}
+        for rule, tree in trees.items():
+            s = edge_scores(tree, held)
+            rows.append({"config": name, "seed": seed, "rule": rule, **s})
+            log.info("%s seed %d %-8s precision %.3f recall %.3f", name, seed, rule, s["precision"], s["recall"])
+    return pd.DataFrame(rows)
+
+
+def _planted_ladders(configs, seeds, n_train: int, n_eval: int, epochs: int, progress: bool):
+    """(config name, seed, ladder, held-out Planted) for every planted configuration and seed."""
+    from featuretree.train import train_ladder
+
+    unknown = sorted(set(configs) - set(PLANTED_CONFIGS))
+    if unknown:
+        raise FeatureTreeError(f"unknown planted configs {unknown}; choose from {sorted(PLANTED_CONFIGS)}")
     for name in configs:
         cfg = PLANTED_CONFIGS[name]
         for seed in seeds:
@@ -243,13 +261,47 @@ def compare_rules(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), *, n_train: i
             train, held = planted.split(n_train)
             saes = train_ladder(train.acts, cfg["widths"], k=cfg["k"], epochs=epochs, batch_size=512, seed=seed,
                                 progress=progress, eval_acts=held.acts)
-            trees = {"cos": link_by_cosine(saes, held.acts),
-                     "coverage": link(saes, held.acts, within_coverage=2.0),  # > 1: no within-rung edges
-                     "combined": link(saes, held.acts)}
-            for rule, tree in trees.items():
-                s = edge_scores(tree, held)
-                rows.append({"config": name, "seed": seed, "rule": rule, **s})
-                log.info("%s seed %d %-8s precision %.3f recall %.3f", name, seed, rule, s["precision"], s["recall"])
+            yield name, seed, saes, held
+
+
+SWEEP_GRID = {
+    "min_coverage": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+    "within_coverage": (0.8, 0.85, 0.9, 0.95, 2.0),
+    "fire_rel": (0.0, 0.1, 0.25, 0.4, 0.6),
+}
+"""Values `sweep_thresholds` tries for each linking threshold (2.0 for within_coverage = no within-rung edges)."""
+
+
+def sweep_thresholds(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), grid=None, *, n_train: int = 60_000,
+                     n_eval: int = 20_000, epochs: int = 6, progress: bool = False):
+    """Precision / recall of `link` as each threshold moves around its Config default, one row per run.
+
+    One ladder per (config, seed); for each threshold in `grid` ({name: values}, default SWEEP_GRID) and
+    each value, `link` runs with that value and every other threshold at its Config default. Rows carry
+    config, seed, threshold, value, is_default and the `edge_scores` metrics; docs/EVAL.md picks the
+    defaults from the means.
+
+    Example:
+        >>> sweep_thresholds(["wide-8x5x2"], seeds=[0], grid={"min_coverage": (0.4, 0.5)})  # doctest: +SKIP
+    """
+    import pandas as pd
+
+    from featuretree.config import Config
+    from featuretree.tree import link
+
+    grid = dict(grid or SWEEP_GRID)
+    bad = sorted(set(grid) - {"min_coverage", "within_coverage", "same_threshold", "fire_rel"})
+    if bad:
+        raise FeatureTreeError(f"cannot sweep {bad}: choose from min_coverage, within_coverage, same_threshold, fire_rel")
+    rows = []
+    for name, seed, saes, held in _planted_ladders(configs, seeds, n_train, n_eval, epochs, progress):
+        for threshold, values in grid.items():
+            for value in values:
+                s = edge_scores(link(saes, held.acts, labels=False, **{threshold: value}), held)
+                rows.append({"config": name, "seed": seed, "threshold": threshold, "value": value,
+                             "is_default": value == getattr(Config, threshold), **s})
+                log.info("%s seed %d %s=%s precision %.3f recall %.3f", name, seed, threshold, value,
+                         s["precision"], s["recall"])
     return pd.DataFrame(rows)
 
 

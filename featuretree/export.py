@@ -52,16 +52,25 @@ def _rung_of(g: nx.DiGraph, n: str) -> str:
 
 def _rungs(tree) -> list[str]:
     g = _graph(tree)
-    names = {_rung_of(g, n) for n in g} | set(getattr(tree, "saes", None) or {}) | set(g.graph.get("rungs") or [])
+    names = {_rung_of(g, n) for n in g if not g.nodes[n].get("virtual")}
+    names |= set(getattr(tree, "saes", None) or {}) | set(g.graph.get("rungs") or [])
     return sorted(names, key=rung_key)
 
 
-def _parent(g: nx.DiGraph, n: str) -> str | None:
+def _tree_edge(g: nx.DiGraph, n: str) -> tuple[str | None, dict]:
+    """The edge into `n` from its primary parent, the virtual root included: (parent or None, edge data)."""
     # the graph keeps one tree edge per child; if a hand-made graph has several, the best-covering wins
     preds = list(g.predecessors(n))
-    if len(preds) <= 1:
-        return preds[0] if preds else None
-    return max(preds, key=lambda p: g.edges[p, n].get("coverage") or 0.0)
+    if not preds:
+        return None, {}
+    p = preds[0] if len(preds) == 1 else max(preds, key=lambda q: g.edges[q, n].get("coverage") or 0.0)
+    return p, g.edges[p, n]
+
+
+def _parent(g: nx.DiGraph, n: str) -> str | None:
+    """The primary parent feature of `n`; None under the virtual root."""
+    p, _ = _tree_edge(g, n)
+    return None if p is None or g.nodes[p].get("virtual") else p
 
 
 def _plain(v: Any) -> Any:
@@ -202,13 +211,14 @@ def to_frame(tree, *, edges: bool = False) -> pd.DataFrame:
             depth[c] = base + 1 + i
     rows = []
     for n, d in g.nodes(data=True):
-        p = parent[n]
-        e = g.edges[p, n] if p is not None else {}
+        if d.get("virtual"):
+            continue
+        p, e = parent[n], _tree_edge(g, n)[1]  # under the virtual root: parent None, kind "top" / "novel"
         rows.append({"node": n, "rung": _rung_of(g, n), "width": d.get("width"), "index": d.get("index"),
                      "freq": d.get("freq"), "label": d.get("label", n), "parent": p, "coverage": e.get("coverage"),
                      "cos": e.get("cos"), "kind": e.get("kind"), "depth": depth[n], "n_children": g.out_degree(n),
                      "top_tokens": list(d.get("top_tokens") or []), "top_contexts": list(d.get("top_contexts") or [])})
-    df = pd.DataFrame(rows, columns=_FRAME_COLUMNS, index=list(g.nodes))
+    df = pd.DataFrame(rows, columns=_FRAME_COLUMNS, index=[r["node"] for r in rows])
     for col in ("parent", "kind"):  # keep None for roots (pandas 3 would turn a str column's None into NaN)
         df[col] = pd.Series([r[col] for r in rows], index=df.index, dtype=object)
     return df
@@ -353,18 +363,21 @@ def sunburst(tree, *, root: str | None = None, max_depth: int | None = None, col
     g = _graph(tree)
     rungs = _rungs(tree)
     novel = {n for n, d in g.nodes(data=True) if d.get("novel")}
-    if root is not None:
-        if root not in g:
-            raise FeatureTreeError(f"unknown node {root!r}: ids look like 'w1024/311'; list them with ft.to_frame(tree)")
-        tops = [root]
-    else:
-        tops = [n for n in g if g.in_degree(n) == 0 and n not in novel and rungs and _rung_of(g, n) == rungs[0]]
+    if root is not None and root not in g:
+        raise FeatureTreeError(f"unknown node {root!r}: ids look like 'w1024/311'; list them with ft.to_frame(tree)")
+    virtual = {n for n, d in g.nodes(data=True) if d.get("virtual")}
     children: dict[str, list[str]] = {}
     parent_of: dict[str, str | None] = {}
     for n in g:
+        if n in virtual:
+            continue
         p = parent_of[n] = _parent(g, n)
         if p is not None and n not in novel:
             children.setdefault(p, []).append(n)
+    if root is not None and root not in virtual:
+        tops = [root]
+    else:
+        tops = [n for n, p in parent_of.items() if p is None and n not in novel and rungs and _rung_of(g, n) == rungs[0]]
     order, seen, stack = [], set(), list(reversed(tops))
     while stack:  # preorder: every parent before its descendants
         n = stack.pop()
@@ -377,10 +390,10 @@ def sunburst(tree, *, root: str | None = None, max_depth: int | None = None, col
     for n in reversed(order):  # bottom-up; fsum so plotly's own summation cannot exceed the parent
         kids = math.fsum(value[c] for c in children.get(n, []) if c in value)
         value[n] = max(float(g.nodes[n].get("freq") or 0.0), kids)
-    left_out = g.number_of_nodes() - len(order)
-    if root is None:
+    n_features = g.number_of_nodes() - len(virtual)
+    if root is None or root in virtual:
         log.info("sunburst: %d of %d features shown; %d left out (novel, or not under a %s root)",
-                 len(order), g.number_of_nodes(), left_out, rungs[0] if rungs else "?")
+                 len(order), n_features, n_features - len(order), rungs[0] if rungs else "?")
     else:
         log.info("sunburst of %s: %d features in its subtree", root, len(order))
 

@@ -1,14 +1,19 @@
-"""Model-free labels: each feature's top tokens, top contexts (firing token marked) and distinctive words.
+"""Labels: each feature's top tokens, top contexts (firing token marked), distinctive words, and a pluggable labeler.
 
 Top tokens are ranked by summed activation over held-out tokens; contexts are the strongest firings,
-shown as the surrounding text with the firing token in «guillemets»; distinctive words are TF-IDF terms
-of a feature's contexts against all features' contexts (scikit-learn), which names what sets it apart.
+shown as the surrounding text with the firing token in «guillemets»; distinctive words are TF-IDF terms of
+a feature's contexts against its parent's and its siblings' contexts (scikit-learn), i.e. what the split
+added. `label_tree(tree, labeler)` rewrites labels with any callable, e.g. `CausalLMLabeler`, which asks a
+local Hugging Face causal LM for a one-line name from those contexts (offline: any model on disk).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -52,36 +57,61 @@ def feature_table(values: np.ndarray, indices: np.ndarray) -> pd.DataFrame:
                          "value": values.reshape(-1)[on]})
 
 
-def distinctive_words(docs: dict[str, str], n_words: int = 4) -> dict[str, list[str]]:
-    """TF-IDF top words of each document against the others (one document per feature).
+_WORD = r"(?u)\b[a-zA-Z][a-zA-Z-]{2,}\b"
+
+
+def family_words(docs: dict[str, str], parent: dict[str, Any], n_words: int = 4) -> dict[str, list[str]]:
+    """Distinctive words of each feature against its parent and siblings (TF-IDF within each family).
+
+    `docs` maps node -> the text of its contexts; `parent` maps node -> its parent (None or a virtual root
+    for top-level features, whose family is then all top-level features). Within a family (the parent's
+    children, plus the parent's own document when it has one) IDF is computed over those documents only,
+    and the parent's TF-IDF vector is subtracted from each child's: the words left are what the child has
+    that its parent and siblings do not.
 
     Example:
-        >>> d = distinctive_words({"a": "dog dog cat", "b": "cat cat fish fish", "c": "cat"}, 1)
-        >>> d["a"], d["b"]
-        (['dog'], ['fish'])
+        >>> docs = {"p": "animal animal dog cat", "a": "dog dog bark animal", "b": "cat cat purr animal"}
+        >>> w = family_words(docs, {"a": "p", "b": "p", "p": None}, n_words=2)
+        >>> w["a"], w["b"]  # "dog" is in the parent too, so "bark" sets "a" apart more
+        (['bark', 'dog'], ['purr', 'cat'])
     """
-    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.feature_extraction.text import CountVectorizer
 
+    out: dict[str, list[str]] = {k: [] for k in docs}
     keys = [k for k, v in docs.items() if v.strip()]
-    if len(keys) < 2:
-        return {k: [] for k in docs}
-    vec = TfidfVectorizer(stop_words="english", token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z-]{2,}\b", sublinear_tf=True,
-                          max_df=0.5)
+    if not keys:
+        return out
     try:
-        m = vec.fit_transform([docs[k] for k in keys]).tocsr()
-    except ValueError:  # every word was a stop word or too common
-        return {k: [] for k in docs}
-    vocab = np.asarray(vec.get_feature_names_out())
-    out = {k: [] for k in docs}
-    for r, key in enumerate(keys):
-        row = m.getrow(r)
-        top = np.argsort(-row.data, kind="stable")[:n_words]
-        out[key] = vocab[row.indices[top]].tolist()
+        X = CountVectorizer(stop_words="english", token_pattern=_WORD).fit(docs[k] for k in keys)
+    except ValueError:  # every word was a stop word
+        return out
+    vocab = np.asarray(X.get_feature_names_out())
+    M = X.transform(docs[k] for k in keys).tocsr().astype(np.float32)
+    M.data = 1.0 + np.log(M.data)  # sublinear tf
+    row = {k: i for i, k in enumerate(keys)}
+    families: dict[Any, list[str]] = defaultdict(list)
+    for k in keys:
+        families[parent.get(k)].append(k)
+    for p, kids in families.items():
+        rows = [row[c] for c in kids] + ([row[p]] if p in row else [])
+        sub = M[rows]
+        cols = np.unique(sub.indices)
+        if cols.size == 0:
+            continue
+        D = sub[:, cols].toarray()  # (family, words in the family)
+        idf = np.log((1 + len(rows)) / (1 + (D > 0).sum(0))) + 1
+        T = D * idf
+        T /= np.maximum(np.linalg.norm(T, axis=1, keepdims=True), 1e-12)
+        base = T[-1] if p in row else 0.0
+        for i, c in enumerate(kids):
+            score = T[i] - base
+            top = np.argsort(-score, kind="stable")[:n_words]
+            out[c] = vocab[cols[top[score[top] > 0]]].tolist()
     return out
 
 
 def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int = 5, n_tokens: int = 5) -> None:
-    """Fill each node's `top_tokens`, `top_contexts`, `words` and `label` from held-out firings (in place).
+    """Fill each node's `top_tokens`, `top_contexts`, `words` (vs parent and siblings) and `label` (in place).
 
     `codes` maps rung -> (values (n, k), indices (n, k)) for the rows of `tokens` (columns token_id,
     doc_id, start, end); `acts` supplies `texts()` and `token_strings()`.
@@ -93,6 +123,7 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
     texts = acts.texts()
     token_ids = tokens["token_id"].to_numpy()
     doc_ids, starts, ends = (tokens[c].to_numpy() for c in ("doc_id", "start", "end"))
+    all_docs: dict[str, str] = {}
     for rung, (values, indices) in codes.items():
         ft = feature_table(values, indices)
         if ft.empty:
@@ -114,7 +145,7 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
             ctxs = [context(texts.get(int(doc_ids[r]), ""), int(starts[r]), int(ends[r])) for r in rows]
             ctx_of[int(f)] = [c for c in ctxs if c][:n_contexts]
             words_docs[f"{rung}/{int(f)}"] = " ".join(ctxs).replace("«", " ").replace("»", " ")
-        words = distinctive_words(words_docs)
+        all_docs.update(words_docs)
         for f in tokens_of:
             nid = f"{rung}/{int(f)}"
             if nid not in g:
@@ -122,9 +153,21 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
             node = g.nodes[nid]
             node["top_tokens"] = tokens_of[f]
             node["top_contexts"] = ctx_of.get(int(f), [])
-            node["words"] = words.get(nid, [])
-            node["label"] = make_label(tokens_of[f], node["words"])
-    log.info("labelled %d nodes", g.number_of_nodes())
+    # distinctive words against the parent and siblings (top-level features: against each other)
+    parent = {n: _primary_parent(g, n) for n in all_docs if n in g}
+    words = family_words(all_docs, parent)
+    for nid in parent:
+        node = g.nodes[nid]
+        node["words"] = words.get(nid, [])
+        node["label"] = make_label(node.get("top_tokens") or [], node["words"])
+    log.info("labelled %d nodes", len(parent))
+
+
+def _primary_parent(g, n: str):
+    preds = list(g.predecessors(n))
+    if len(preds) > 1:
+        preds.sort(key=lambda p: -(g.edges[p, n].get("coverage") or 0.0))
+    return preds[0] if preds else None
 
 
 def make_label(top_tokens: list[str], words: list[str], n: int = 3) -> str:
@@ -137,3 +180,156 @@ def make_label(top_tokens: list[str], words: list[str], n: int = 3) -> str:
     toks = list(dict.fromkeys(t for t in top_tokens if t))[:n]
     extra = [w for w in words if w not in {t.lower() for t in toks}][:2]
     return " · ".join(toks) + (" | " + ", ".join(extra) if extra else "")
+
+
+# ---- pluggable labelers ------------------------------------------------------------------------------
+Labeler = Callable[[dict], str]
+"""A labeler takes a node's facts (node, rung, freq, label, top_tokens, top_contexts, words, parent_label)
+and returns a one-line label."""
+
+
+def node_facts(tree, node: str) -> dict:
+    """What a labeler sees about `node`: its id, rung, freq, current label, top tokens and contexts,
+    distinctive words, and its parent's label (None under the root).
+
+    Example:
+        >>> import networkx as nx
+        >>> from featuretree.tree import FeatureTree
+        >>> g = nx.DiGraph(); g.add_node("w2/0", label="animals"); g.add_node("w8/1", label="dogs", freq=0.1)
+        >>> g.add_edge("w2/0", "w8/1")
+        >>> node_facts(FeatureTree(g), "w8/1")["parent_label"]
+        'animals'
+    """
+    g = tree.graph
+    d = tree.node(node) if hasattr(tree, "node") else g.nodes[node]
+    p = _primary_parent(g, node)
+    real_parent = p is not None and not g.nodes[p].get("virtual")
+    return {"node": node, "rung": d.get("rung"), "freq": d.get("freq"), "label": d.get("label", node),
+            "top_tokens": list(d.get("top_tokens") or []), "top_contexts": list(d.get("top_contexts") or []),
+            "words": list(d.get("words") or []), "parent_label": g.nodes[p].get("label") if real_parent else None}
+
+
+def label_tree(tree, labeler: Labeler, *, nodes: Iterable[str] | None = None, min_freq: float = 0.0,
+               progress: bool = True) -> int:
+    """Relabel nodes with `labeler(node_facts(tree, n))`; the model-free label stays in `auto_label`.
+
+    Parents are labelled before their children (so a labeler can use `parent_label`). `nodes` limits the
+    work (default: every feature firing at >= `min_freq`). Returns the number of nodes relabelled. A
+    labeler answer that is empty keeps the old label.
+
+    Example:
+        >>> import networkx as nx
+        >>> from featuretree.tree import FeatureTree
+        >>> g = nx.DiGraph(); g.add_node("w2/0", label="dog · dogs", top_tokens=["dog"], freq=0.2)
+        >>> tree = FeatureTree(g)
+        >>> label_tree(tree, lambda f: f"about {f['top_tokens'][0]}s", progress=False)
+        1
+        >>> tree.graph.nodes["w2/0"]["label"], tree.graph.nodes["w2/0"]["auto_label"]
+        ('about dogs', 'dog · dogs')
+    """
+    import networkx as nx
+    from tqdm.auto import tqdm
+
+    g = tree.graph
+    if nodes is None:
+        order = [n for n in nx.topological_sort(g) if not g.nodes[n].get("virtual")
+                 and float(g.nodes[n].get("freq") or 0.0) >= min_freq]
+    else:
+        wanted = list(dict.fromkeys(nodes))
+        missing = [n for n in wanted if n not in g]
+        if missing:
+            raise ValueError(f"unknown nodes {missing[:5]}: ids look like 'w1024/311'; list them with ft.to_frame(tree)")
+        rank = {n: i for i, n in enumerate(nx.topological_sort(g))}
+        order = sorted(wanted, key=rank.__getitem__)
+    done = 0
+    for n in tqdm(order, desc="label", unit="node", disable=not progress):
+        text = " ".join(str(labeler(node_facts(tree, n)) or "").split())
+        if text:
+            d = g.nodes[n]
+            d.setdefault("auto_label", d.get("label", n))
+            d["label"] = text
+            done += 1
+    log.info("labeler relabelled %d of %d nodes", done, len(order))
+    return done
+
+
+DEFAULT_PROMPT = """Below are text snippets where one feature of a language model fires, on the word in «guillemets».
+{parent}Most frequent firing words: {tokens}.
+Words typical of these snippets: {words}.
+Snippets:
+{contexts}
+A short name (a few words) for what this feature detects:"""
+
+
+def labeler_prompt(facts: dict, template: str = DEFAULT_PROMPT, n_contexts: int = 5) -> str:
+    """Fill a prompt template ({parent}, {tokens}, {words}, {contexts}) from a node's facts.
+
+    Example:
+        >>> p = labeler_prompt({"top_tokens": ["dog"], "words": ["bark"], "top_contexts": ["a «dog» barked"],
+        ...                     "parent_label": "animals"})
+        >>> "'animals'" in p and "- a «dog» barked" in p
+        True
+    """
+    parent = f"It is a more specific version of the feature '{facts['parent_label']}'.\n" \
+        if facts.get("parent_label") else ""
+    contexts = "\n".join(f"- {c}" for c in facts.get("top_contexts", [])[:n_contexts]) or "- (none)"
+    return template.format(parent=parent, tokens=", ".join(facts.get("top_tokens", [])[:5]) or "(none)",
+                           words=", ".join(facts.get("words", [])) or "(none)", contexts=contexts)
+
+
+class CausalLMLabeler:
+    """A labeler that asks a local Hugging Face causal LM for a one-line name, from a node's facts.
+
+    Greedy decoding (deterministic), `max_new_tokens` tokens, the first line of the answer. Works offline
+    with any causal LM on disk (`from_pretrained(path)` never touches the network) or an already-loaded
+    model + tokenizer. `prompt` is a str.format template with {parent}, {tokens}, {words}, {contexts}.
+
+    Example:
+        >>> labeler = CausalLMLabeler.from_pretrained("/models/qwen2.5-0.5b-instruct")  # doctest: +SKIP
+        >>> ft.label_tree(tree, labeler, min_freq=0.01)  # doctest: +SKIP
+    """
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int = 12, n_contexts: int = 5,
+                 prompt: str = DEFAULT_PROMPT) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.n_contexts, self.prompt = int(max_new_tokens), int(n_contexts), prompt
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+        if not callable(getattr(model, "generate", None)):
+            raise ValueError(f"{type(model).__name__} cannot generate text: load it with "
+                             "transformers.AutoModelForCausalLM (a causal LM head), not AutoModel")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs) -> CausalLMLabeler:
+        """Load a causal LM and its tokenizer from a local directory or the local HF cache (offline).
+
+        Example:
+            >>> CausalLMLabeler.from_pretrained("/models/gpt2")  # doctest: +SKIP
+        """
+        import transformers
+
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+            model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True)
+        except OSError as e:
+            raise ValueError(f"cannot load a causal LM from {name_or_path!r} offline ({e}); pass a local "
+                             "directory holding config.json, weights and tokenizer files") from None
+        model.eval()
+        return cls(model, tok, **kwargs)
+
+    def prompt_for(self, facts: dict) -> str:
+        """The text the model continues: `labeler_prompt` with this labeler's template."""
+        return labeler_prompt(facts, self.prompt, self.n_contexts)
+
+    def __call__(self, facts: dict) -> str:
+        import torch
+
+        enc = self.tokenizer(self.prompt_for(facts), return_tensors="pt")
+        device = next(self.model.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items()}
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with torch.no_grad():
+            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
+        new = out[0, enc["input_ids"].shape[1]:]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return next((line.strip() for line in text.splitlines() if line.strip()), "")

@@ -4,8 +4,10 @@ For a child feature c (wide rung) and a candidate parent p (a narrower rung), on
     coverage(c, p) = P(p fires | c fires) = |fires(c) & fires(p)| / |fires(c)|
 The primary parent is the one with the highest coverage (decoder cosine breaks ties); a child whose best
 coverage in the rung just above is below `min_coverage` is tried against the rungs further up, and is
-left unlinked ("novel") if none covers it. Decoder cosine is recorded but never decides alone: a child
-that absorbed its parent has a decoder row as close to the parent as to itself (../FINDINGS).
+left without a feature parent ("novel") if none covers it. Decoder cosine is recorded but never decides
+alone: a child that absorbed its parent has a decoder row as close to the parent as to itself (../FINDINGS).
+A virtual node ROOT ("root", virtual=True) is the parent of the narrowest rung's features (edge kind "top")
+and of every novel feature (edge kind "novel"), so the graph is one tree.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from featuretree.train import _is_store, iter_batches, train_ladder
 from featuretree.utils import rung_key, write_json
 
 log = logging.getLogger(__name__)
+
+ROOT = "root"  # the virtual node above the narrowest rung and the novel features
 
 
 @dataclass
@@ -55,14 +59,28 @@ class FeatureTree:
         return sorted(self.saes, key=rung_key)
 
     def roots(self) -> list[str]:
-        """Nodes with no parent in the graph (the top of each tree and any novel features).
+        """The top-level features: the virtual root's "top" children (graphs without a virtual root: the
+        parentless nodes). Novel features are listed by `novel_features`.
 
         Example:
             >>> g = nx.DiGraph([("w2/0", "w8/1")])
             >>> FeatureTree(g).roots()
             ['w2/0']
         """
-        return [n for n in self.graph.nodes if self.graph.in_degree(n) == 0]
+        g = self.graph
+        if ROOT in g and g.nodes[ROOT].get("virtual"):
+            return [n for n in g.successors(ROOT) if g.edges[ROOT, n].get("kind") == "top"]
+        return [n for n in g.nodes if g.in_degree(n) == 0]
+
+    def novel_features(self) -> list[str]:
+        """Features no narrower feature covers (they hang under the virtual root with edge kind "novel").
+
+        Example:
+            >>> g = nx.DiGraph(); g.add_node("w8/3", novel=True); g.add_node("w2/0")
+            >>> FeatureTree(g).novel_features()
+            ['w8/3']
+        """
+        return [n for n, d in self.graph.nodes(data=True) if d.get("novel")]
 
     def node(self, node_id: str) -> dict:
         """Attributes of one node; an unknown id is an error that says how to find valid ones.
@@ -213,8 +231,8 @@ def _candidates(above: list[str], r: str, fires: dict, min_coverage: float,
     return out
 
 
-def link(saes, acts, *, min_coverage: float = 0.5, same_threshold: float = 0.9, within_coverage: float = 0.9,
-         fire_rel: float = 0.25,
+def link(saes, acts, *, min_coverage: float = Config.min_coverage, same_threshold: float = Config.same_threshold,
+         within_coverage: float = Config.within_coverage, fire_rel: float = Config.fire_rel,
          max_tokens: int = 200_000, n_contexts: int = 5, labels: bool = True) -> FeatureTree:
     """Build a FeatureTree from a ladder of dictionaries and the activations to measure co-firing on.
 
@@ -288,6 +306,7 @@ def link(saes, acts, *, min_coverage: float = 0.5, same_threshold: float = 0.9, 
             n_novel += len(novel)
     if n_novel:
         log.info("%d features have no parent covering them >= %.2f (marked novel)", n_novel, min_coverage)
+    add_virtual_root(g, rungs[0])
 
     tree = FeatureTree(g, dict(saes), None)
     if labels and _is_store(acts):
@@ -295,6 +314,28 @@ def link(saes, acts, *, min_coverage: float = 0.5, same_threshold: float = 0.9, 
 
         annotate(tree, codes, acts.tokens(split, max_tokens=max_tokens), acts, n_contexts=n_contexts)
     return tree
+
+
+def add_virtual_root(g: nx.DiGraph, top_rung: str) -> None:
+    """Hang every parentless feature under the virtual node ROOT: kind "top" for `top_rung`'s features,
+    "novel" (and node flag novel=True) for the others. Edge coverage is 1 (the root "fires" everywhere),
+    reverse is the feature's firing rate, cos 0.
+
+    Example:
+        >>> g = nx.DiGraph(); g.add_node("w2/0", rung="w2", freq=0.5); g.add_node("w8/1", rung="w8", freq=0.1)
+        >>> add_virtual_root(g, "w2")
+        >>> g.edges[ROOT, "w2/0"]["kind"], g.edges[ROOT, "w8/1"]["kind"], g.nodes["w8/1"]["novel"]
+        ('top', 'novel', True)
+    """
+    tops = [n for n in g if g.in_degree(n) == 0 and n != ROOT]
+    g.add_node(ROOT, rung=ROOT, width=0, index=-1, freq=1.0, label="(all tokens)", virtual=True, top_tokens=[],
+               top_contexts=[])
+    for n in tops:
+        d = g.nodes[n]
+        kind = "top" if d.get("rung") == top_rung else "novel"
+        if kind == "novel":
+            d["novel"] = True
+        g.add_edge(ROOT, n, coverage=1.0, reverse=float(d.get("freq") or 0.0), cos=0.0, kind=kind, within=False)
 
 
 def build(config: Config | None = None, *, out=None, progress: bool = True, **overrides) -> FeatureTree:
@@ -333,7 +374,8 @@ def build(config: Config | None = None, *, out=None, progress: bool = True, **ov
         write_json(recipe_file, recipe)
     saes = train_ladder(acts, cfg.widths, cfg.k, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                         seed=cfg.seed, progress=progress)
-    tree = link(saes, acts, min_coverage=cfg.min_coverage)
+    tree = link(saes, acts, min_coverage=cfg.min_coverage, same_threshold=cfg.same_threshold,
+                within_coverage=cfg.within_coverage, fire_rel=cfg.fire_rel)
     tree.config = cfg
     tree.graph.graph["acts"] = "acts"
     if out is not None:

@@ -4,9 +4,10 @@ the planted parent edges."""
 
 import logging
 
+import networkx as nx
 import pytest
 
-from featuretree import edge_scores, link, planted_hierarchy, train_ladder
+from featuretree import FeatureTreeError, edge_scores, link, planted_hierarchy, train_ladder
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,21 @@ def test_decoder_cosine_alone_links_worse(planted_run):
 
 
 def test_edges_carry_coverage_cos_and_kind(planted_run):
+    from featuretree.tree import ROOT
+
     _, _, _, tree = planted_run
-    for u, v, d in tree.graph.edges(data=True):
+    g = tree.graph
+    for u, v, d in g.edges(data=True):
+        if u == ROOT:  # the virtual root holds the narrowest rung ("top") and the features nothing covers
+            assert d["kind"] == ("top" if g.nodes[v]["rung"] == tree.rungs[0] else "novel")
+            assert bool(g.nodes[v].get("novel")) == (d["kind"] == "novel")
+            continue
         assert 0.5 <= d["coverage"] <= 1.0 and -1.0 <= d["cos"] <= 1.0 and d["kind"] in {"same", "split"}
-        wu, wv = tree.graph.nodes[u]["width"], tree.graph.nodes[v]["width"]
+        wu, wv = g.nodes[u]["width"], g.nodes[v]["width"]
         assert wu < wv or (d["within"] and wu == wv)
-    assert all(tree.graph.in_degree(n) <= 1 for n in tree.graph)  # a forest: one primary parent each
+    assert g.in_degree(ROOT) == 0 and all(g.in_degree(n) == 1 for n in g if n != ROOT)  # one primary parent each
+    assert nx.is_arborescence(g)  # one tree under the virtual root
+    assert set(tree.roots()) == {n for n in g if g.nodes[n].get("rung") == tree.rungs[0]}
 
 
 def test_compare_rules_and_eval_cli(capsys):
@@ -80,3 +90,20 @@ def test_compare_rules_and_eval_cli(capsys):
     assert main(["-q", "eval", "planted", "--configs", "wide-8x5x2", "--seeds", "1"]) == 0
     assert "combined" in capsys.readouterr().out
     assert main(["-q", "eval", "planted", "--configs", "nope"]) == 2
+
+
+def test_threshold_sweep_scores_each_setting_like_a_direct_link():
+    from featuretree.eval import _planted_ladders, sweep_thresholds
+
+    grid = {"min_coverage": (0.5, 0.97), "within_coverage": (2.0,)}
+    df = sweep_thresholds(["wide-8x5x2"], seeds=[0], grid=grid)
+    by = df.set_index(["threshold", "value"])
+    default = by.loc[("min_coverage", 0.5)]
+    assert bool(default.is_default) and not bool(by.loc[("within_coverage", 2.0)].is_default)
+    assert default.precision >= 0.95 and default.recall >= 0.9
+    (_, _, saes, held), = _planted_ladders(["wide-8x5x2"], [0], 60_000, 20_000, 6, False)  # the same ladder
+    for (threshold, value), row in by.iterrows():
+        direct = edge_scores(link(saes, held.acts, labels=False, **{threshold: value}), held)
+        assert (row.precision, row.recall) == (direct["precision"], direct["recall"])
+    with pytest.raises(FeatureTreeError, match="cannot sweep"):
+        sweep_thresholds(["wide-8x5x2"], seeds=[0], grid={"k": (1,)})

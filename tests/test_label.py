@@ -1,0 +1,85 @@
+"""Labels: distinctive words name what a child adds to its parent; pluggable labelers, incl. a local causal LM."""
+
+import networkx as nx
+import pytest
+
+from featuretree import CausalLMLabeler, label_tree
+from featuretree.label import family_words, labeler_prompt, node_facts
+from featuretree.tree import ROOT, FeatureTree, add_virtual_root
+
+
+def _family_tree():
+    g = nx.DiGraph()
+    for n, rung, freq, label in [("w2/0", "w2", 0.4, "animal"), ("w2/1", "w2", 0.3, "plant"),
+                                 ("w8/0", "w8", 0.1, "dog"), ("w8/1", "w8", 0.1, "cat"), ("w8/2", "w8", 0.05, "odd")]:
+        g.add_node(n, rung=rung, freq=freq, label=label, top_tokens=[label], top_contexts=[f"a «{label}» here"])
+    g.add_edge("w2/0", "w8/0", coverage=0.9)
+    g.add_edge("w2/0", "w8/1", coverage=0.9)
+    add_virtual_root(g, "w2")  # w8/2 has no parent: novel
+    return FeatureTree(g)
+
+
+def test_family_words_name_what_the_child_adds():
+    docs = {
+        "w2/0": "animal species animal mammal pet animal species",
+        "w8/0": "dog bark animal species dog puppy kennel",
+        "w8/1": "cat purr animal species cat kitten litter",
+        "w2/1": "plant leaf flower species root plant",
+    }
+    parent = {"w2/0": ROOT, "w2/1": ROOT, "w8/0": "w2/0", "w8/1": "w2/0"}
+    w = family_words(docs, parent, n_words=3)
+    assert set(w["w8/0"]) <= {"dog", "bark", "puppy", "kennel"} and "dog" in w["w8/0"]
+    assert set(w["w8/1"]) <= {"cat", "purr", "kitten", "litter"} and "cat" in w["w8/1"]
+    assert not {"animal", "species"} & set(w["w8/0"] + w["w8/1"])  # shared with the parent: not distinctive
+    assert "plant" in w["w2/1"] and "animal" in w["w2/0"]  # top level: against each other
+
+
+def test_label_tree_with_a_callable_labels_parents_first():
+    tree = _family_tree()
+    seen = []
+
+    def labeler(f):
+        seen.append(f["node"])
+        return f"{f['parent_label'] or 'top'} > {f['top_tokens'][0]}"
+
+    assert label_tree(tree, labeler, progress=False) == 5
+    g = tree.graph
+    assert g.nodes["w8/0"]["label"] == "top > animal > dog"
+    assert g.nodes["w8/0"]["auto_label"] == "dog" and g.nodes["w8/2"]["label"] == "top > odd"
+    assert seen.index("w2/0") < seen.index("w8/0")
+    assert ROOT not in seen
+    with pytest.raises(ValueError, match="unknown nodes"):
+        label_tree(tree, labeler, nodes=["w9/9"], progress=False)
+
+
+def test_causal_lm_labeler_with_a_tiny_in_process_model():
+    from _models import tiny_gpt2_lm
+
+    words = ("a short name few words for what this feature detects below are text snippets where one of "
+             "language model fires on the word in most frequent firing typical these it is more specific "
+             "version dog cat animal here none canine").split()
+    model, tok = tiny_gpt2_lm(words, says="canine")
+    labeler = CausalLMLabeler(model, tok, max_new_tokens=3)
+    tree = _family_tree()
+    facts = node_facts(tree, "w8/0")
+    assert facts["parent_label"] == "animal" and facts["top_contexts"] == ["a «dog» here"]
+    prompt = labeler.prompt_for(facts)
+    assert "'animal'" in prompt and "- a «dog» here" in prompt and prompt == labeler_prompt(facts)
+    assert labeler(facts) == "canine canine canine"  # the model's greedy continuation, one line
+    label_tree(tree, labeler, nodes=["w8/0", "w2/0"], progress=False)
+    assert tree.graph.nodes["w8/0"]["label"] == "canine canine canine"
+    assert tree.graph.nodes["w8/0"]["auto_label"] == "dog" and tree.graph.nodes["w8/1"]["label"] == "cat"
+    with pytest.raises(ValueError, match="cannot generate"):
+        CausalLMLabeler(object(), tok)
+
+
+def test_causal_lm_labeler_from_a_local_directory(tmp_path):
+    from _models import tiny_gpt2_lm
+
+    model, tok = tiny_gpt2_lm("dog cat animal".split(), says="cat")
+    model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    labeler = CausalLMLabeler.from_pretrained(str(tmp_path / "lm"), max_new_tokens=3)
+    assert labeler(node_facts(_family_tree(), "w8/1")) == "cat cat cat"
+    with pytest.raises(ValueError, match="offline"):
+        CausalLMLabeler.from_pretrained(str(tmp_path / "missing"))
