@@ -20,7 +20,7 @@ from featuretree.config import Config, FeatureTreeError, field_docs
 log = logging.getLogger("featuretree")
 
 _CLI_FIELDS = ("model", "layer", "corpus", "n_tokens", "widths", "k", "epochs", "batch_size", "lr", "min_coverage",
-               "within_coverage", "same_threshold", "fire_rel", "max_length", "seed")
+               "within_coverage", "same_threshold", "fire_rel", "nested", "max_length", "seed")
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -41,6 +41,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         kw: dict = {"default": None, "help": f"{docs.get(name, '')} (default: {shown})"}
         if name == "widths":
             kw["type"] = _widths
+        elif "bool" in str(types[name]):
+            kw["action"] = "store_true"
         elif "float" in str(types[name]):
             kw["type"] = float
         elif "int" in str(types[name]):
@@ -125,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         df = sweep_thresholds(args.configs, args.seeds, progress=not args.quiet)
         keys = ["threshold", "value"]
     else:
-        df = compare_rules(args.configs, args.seeds, progress=not args.quiet)
+        df = compare_rules(args.configs, args.seeds, progress=not args.quiet, nested=args.nested)
         keys = ["config", "rule"]
     table = df.groupby(keys, sort=False)[["precision", "recall", "recovered"]].agg(["mean", "min"])
     sys.stdout.write(df.to_string(index=False) + "\n\n" + table.round(3).to_string() + "\n")
@@ -217,6 +219,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="planted configurations (default: all three)")
     v.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
     v.add_argument("--csv", help="also write the per-run table as CSV")
+    v.add_argument("--nested", action="store_true",
+                   help="(planted) also score a nested (Matryoshka) ladder linked by the combined rule")
     v.add_argument("--sweep", action="store_true",
                    help="(planted) vary each linking threshold around its default and score every setting")
     v.set_defaults(func=cmd_eval)

@@ -62,6 +62,10 @@ class Config:
     lr: float | None = None
     """Adam learning rate; None scales it with width as 6e-4 / sqrt(width / 2**14) (3x sparsify's rule)."""
 
+    nested: bool = False
+    """Train one Matryoshka dictionary whose prefixes are the rungs, instead of one dictionary per width
+    (docs/EVAL.md compares the trees)."""
+
     min_coverage: float = 0.5
     """A feature gets a parent only if that parent fires on at least this fraction of its firing tokens
     (P(parent | child)); features no narrower feature covers are "novel". Chosen by `featuretree eval planted

@@ -221,18 +221,20 @@ PLANTED_CONFIGS = {
 
 
 def compare_rules(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), *, n_train: int = 60_000, n_eval: int = 20_000,
-                  epochs: int = 6, progress: bool = False):
+                  epochs: int = 6, progress: bool = False, nested: bool = False):
     """Parent-edge precision / recall of three linking rules on planted hierarchies, one row per run.
 
     Rules: "cos" (argmax decoder cosine in the next narrower rung), "coverage" (co-activation across
     rungs only), "combined" (featuretree's `link`: co-activation across rungs plus within-rung edges,
-    the most specific covering parent, cosine recorded). One ladder is trained per (config, seed).
+    the most specific covering parent, cosine recorded). One ladder is trained per (config, seed); with
+    `nested`, also a nested (Matryoshka) ladder of the same widths, linked by the combined rule ("nested").
 
     Example:
         >>> compare_rules(["wide-8x5x2"], seeds=[0]).groupby("rule").precision.mean()  # doctest: +SKIP
     """
     import pandas as pd
 
+    from featuretree.train import train_ladder
     from featuretree.tree import link
 
     rows = []
@@ -240,6 +242,12 @@ def compare_rules(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), *, n_train: i
         trees = {"cos": link_by_cosine(saes, held.acts),
                  "coverage": link(saes, held.acts, within_coverage=2.0),  # > 1: no within-rung edges
                  "combined": link(saes, held.acts)}
+        if nested:
+            cfg = PLANTED_CONFIGS[name]
+            train = planted_hierarchy(**cfg["gen"], n_tokens=n_train + n_eval, seed=seed).split(n_train)[0]
+            nest = train_ladder(train.acts, cfg["widths"], k=cfg["k"], epochs=epochs, batch_size=512, seed=seed,
+                                progress=progress, eval_acts=held.acts, nested=True)
+            trees["nested"] = link(nest, held.acts)
         for rule, tree in trees.items():
             s = edge_scores(tree, held)
             rows.append({"config": name, "seed": seed, "rule": rule, **s})

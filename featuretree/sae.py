@@ -233,6 +233,27 @@ class TopKSAE(nn.Module):
         return torch.zeros(x.shape[0], self.width, dtype=values.dtype).scatter_(1, indices, values)
 
     @torch.no_grad()
+    def prefix(self, width: int) -> TopKSAE:
+        """A dictionary of this one's first `width` features (same k): a rung of a nested (Matryoshka) ladder.
+
+        Example:
+            >>> sae = TopKSAE(8, 32, 2)
+            >>> small = sae.prefix(16)
+            >>> small.width, torch.equal(small.W_dec, sae.W_dec[:16])
+            (16, True)
+        """
+        if not self.k < width <= self.width:
+            raise FeatureTreeError(f"prefix width {width} must be above k={self.k} and at most {self.width}")
+        out = TopKSAE(self.d_model, width, self.k, seed=None, metadata=dict(self.metadata))
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            full = getattr(self, name)
+            part = full[:, :width] if name == "W_enc" else full[:width] if name != "b_dec" else full
+            getattr(out, name).copy_(part)
+        out.int8_select = self.int8_select
+        out.requires_grad_(self.W_dec.requires_grad)
+        return out
+
+    @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale every decoder row to unit norm (call after each optimiser step).
 

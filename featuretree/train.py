@@ -125,8 +125,10 @@ def d_model_of(acts) -> int:
 class _Rung:
     """One dictionary's optimiser state and dead-feature clock (internal to train_ladder)."""
 
-    def __init__(self, sae: TopKSAE, lr: float, dead_tokens: int, auxk_alpha: float) -> None:
+    def __init__(self, sae: TopKSAE, lr: float, dead_tokens: int, auxk_alpha: float,
+                 prefixes: tuple[int, ...] = ()) -> None:
         self.sae = sae
+        self.prefixes = prefixes  # nested (Matryoshka) training: also reconstruct from each prefix of features
         self.opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
         self.since_fired = torch.zeros(sae.width, dtype=torch.long)  # tokens since each feature last fired
         self.dead_tokens, self.auxk_alpha = dead_tokens, auxk_alpha
@@ -140,6 +142,10 @@ class _Rung:
         err = x - x_hat
         fvu = err.pow(2).sum() / denom
         loss = fvu
+        if self.prefixes:  # Matryoshka: the first w features alone must reconstruct x too, for every prefix w
+            partial = [(x - sae.decode(values * (indices < w), indices)).pow(2).sum() / denom
+                       for w in self.prefixes if w < sae.width]
+            loss = (fvu + sum(partial)) / (1 + len(partial))
         dead = self.since_fired > self.dead_tokens  # (width,)
         aux = torch.zeros(())
         if self.auxk_alpha > 0 and bool(dead.any()):
@@ -162,6 +168,13 @@ class _Rung:
         self.stats["fvu"] += self.last_fvu * x.shape[0]
         self.stats["aux"] += float(aux.detach()) * x.shape[0]
         self.stats["n"] += x.shape[0]
+
+
+class _Prefix:
+    """A prefix of a nested dictionary, shaped like a trained _Rung for train_ladder's bookkeeping."""
+
+    def __init__(self, sae: TopKSAE, whole: _Rung) -> None:
+        self.sae, self.stats, self.opt = sae, whole.stats, whole.opt
 
 
 def evaluate(sae: TopKSAE, batches: Iterable[Tensor]) -> dict[str, float]:
@@ -210,7 +223,7 @@ def evaluate_many(saes: list[TopKSAE], batches: Iterable[Tensor]) -> list[dict[s
 def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: int = 3, batch_size: int = 1024,
                  lr: float | None = None, auxk_alpha: float = 1 / 32, dead_tokens: int | None = None,
                  seed: int = 0, out: str | os.PathLike | None = None, progress: bool = True,
-                 eval_acts=None, shuffle: bool = True, callback=None) -> dict[int, TopKSAE]:
+                 eval_acts=None, shuffle: bool = True, callback=None, nested: bool = False) -> dict[int, TopKSAE]:
     """Train one TopK dictionary per width from a single pass over `acts` (all rungs see every batch).
 
     `acts` is an Activations store (its train split is streamed, its held-out split evaluated) or a
@@ -219,7 +232,9 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     `out/w<width>/` and the metrics to `out/metrics.json`. `shuffle=False` streams rows in order
     (benchmarks use it to feed identical batches to other trainers). `callback(step, tokens, fvu)`, if
     given, runs after every step with the step number, the tokens seen so far and {width: batch FVU}
-    (for live logging or timing).
+    (for live logging or timing). `nested=True` trains ONE dictionary of the widest width whose first w
+    features must also reconstruct the input alone, for every width w (a Matryoshka SAE); the rungs returned
+    are its prefixes (`TopKSAE.prefix`), so a narrow rung's features are literally a wide rung's first ones.
 
     Example:
         >>> x = torch.randn(2048, 16)
@@ -241,8 +256,12 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     dead_tokens = int(dead_tokens if dead_tokens is not None else max(batch_size, min(10_000_000, n_train // 5)))
     tune_malloc()
     torch.manual_seed(seed)
-    rungs = {w: _Rung(TopKSAE(d_model, w, k, seed=seed + i), lr or default_lr(w), dead_tokens, auxk_alpha)
-             for i, w in enumerate(widths)}
+    if nested:
+        rungs = {widths[-1]: _Rung(TopKSAE(d_model, widths[-1], k, seed=seed), lr or default_lr(widths[-1]),
+                                   dead_tokens, auxk_alpha, prefixes=widths)}
+    else:
+        rungs = {w: _Rung(TopKSAE(d_model, w, k, seed=seed + i), lr or default_lr(w), dead_tokens, auxk_alpha)
+                 for i, w in enumerate(widths)}
     total = n_train * epochs
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"train {len(widths)} rungs", disable=not progress)
     first, step, seen = True, 0, 0
@@ -268,6 +287,9 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     for r in rungs.values():
         r.sae.eval()
         r.sae.requires_grad_(False)
+    if nested:  # one rung per prefix, sharing the nested dictionary's optimiser statistics
+        (whole,) = rungs.values()
+        rungs = {w: _Prefix(whole.sae.prefix(w), whole) for w in widths}
     # every rung is evaluated in one read of the held-out stream
     if eval_acts is None and _is_store(acts) and n_rows(acts, "heldout") > 0:
         ev = iter_batches(acts, 8192, split="heldout", shuffle=False)

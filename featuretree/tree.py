@@ -373,7 +373,7 @@ def build(config: Config | None = None, *, out=None, progress: bool = True, **ov
                        seed=cfg.seed, progress=progress)
         write_json(recipe_file, recipe)
     saes = train_ladder(acts, cfg.widths, cfg.k, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                        seed=cfg.seed, progress=progress)
+                        seed=cfg.seed, progress=progress, nested=cfg.nested)
     tree = link(saes, acts, min_coverage=cfg.min_coverage, same_threshold=cfg.same_threshold,
                 within_coverage=cfg.within_coverage, fire_rel=cfg.fire_rel)
     tree.config = cfg

@@ -87,3 +87,16 @@ def test_callback_sees_every_step():
     assert [s for s, _, _ in seen] == list(range(1, 7))
     assert [t for _, t, _ in seen] == [1000 * i for i in range(1, 7)]
     assert all(w == [16, 32] for _, _, w in seen)
+
+
+def test_nested_ladder_prefixes_share_features_and_each_reconstructs():
+    """nested=True: every rung is a prefix of one dictionary, and each prefix alone reconstructs the input."""
+    torch.manual_seed(0)
+    x = torch.randn(6000, 16) @ torch.randn(16, 16)
+    saes = train_ladder(x, (8, 32, 64), k=3, epochs=3, batch_size=256, progress=False, nested=True)
+    assert sorted(saes) == [8, 32, 64]
+    assert torch.equal(saes[8].W_dec, saes[64].W_dec[:8]) and torch.equal(saes[32].W_enc, saes[64].W_enc[:, :32])
+    flat = train_ladder(x, (8, 64), k=3, epochs=3, batch_size=256, progress=False)
+    assert saes[8].metrics["fvu"] < 0.7  # the 8-feature prefix alone is a working SAE (untrained: FVU > 1)
+    assert saes[64].metrics["fvu"] < flat[64].metrics["fvu"] + 0.05  # nesting costs the wide rung little
+    assert saes[8].metrics["fvu"] > saes[32].metrics["fvu"] > saes[64].metrics["fvu"]
