@@ -155,6 +155,10 @@ def machine_info() -> dict[str, str]:
     except OSError:
         commit = "unknown"
     malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "none"
+    from featuretree import native
+
+    flags = native.cpu_flags()
+    isa = ", ".join(f for f in ("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags) or "none of them"
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "cpu": f"{cpu}, nproc {os.cpu_count()}",
@@ -162,6 +166,9 @@ def machine_info() -> dict[str, str]:
         "torch": f"{torch.__version__}, {torch.get_num_threads()} threads",
         "featuretree commit": commit,
         "malloc env": malloc,
+        "cpu matmul extensions (avx512_vnni, avx512_bf16, amx_bf16, amx_int8)": isa,
+        "featuretree kernels": ("compiled" if native.available() else "unavailable (torch ops)")
+        + f", int8 ranking {'on' if native.fast_int8_matmul() else 'off'}",
         "load average (1/5/15 min) at start": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
 

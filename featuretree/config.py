@@ -68,8 +68,8 @@ class Config:
 
     min_coverage: float = 0.5
     """A feature gets a parent only if that parent fires on at least this fraction of its firing tokens
-    (P(parent | child)); features no narrower feature covers are "novel". Chosen by `featuretree eval planted
-    --sweep` (docs/EVAL.md): recall falls above 0.6 and precision does not rise below 0.4."""
+    (P(parent | child)); features no narrower feature covers are "novel". docs/EVAL.md: flat on planted
+    hierarchies (`featuretree eval planted --sweep`); on WordNet higher values turn real children novel."""
 
     within_coverage: float = 0.9
     """Within one rung, p becomes c's parent when P(p | c) >= this and P(c | p) < this (the eval-HSAEs

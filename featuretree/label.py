@@ -60,34 +60,48 @@ def feature_table(values: np.ndarray, indices: np.ndarray) -> pd.DataFrame:
 _WORD = r"(?u)\b[a-zA-Z][a-zA-Z-]{2,}\b"
 
 
-def family_words(docs: dict[str, str], parent: dict[str, Any], n_words: int = 4) -> dict[str, list[str]]:
+def family_words(docs: dict[str, list[str]], parent: dict[str, Any], n_words: int = 4,
+                 min_contexts: int = 2) -> dict[str, list[str]]:
     """Distinctive words of each feature against its parent and siblings (TF-IDF within each family).
 
-    `docs` maps node -> the text of its contexts; `parent` maps node -> its parent (None or a virtual root
-    for top-level features, whose family is then all top-level features). Within a family (the parent's
-    children, plus the parent's own document when it has one) IDF is computed over those documents only,
-    and the parent's TF-IDF vector is subtracted from each child's: the words left are what the child has
-    that its parent and siblings do not.
+    `docs` maps node -> its contexts (a list of strings); `parent` maps node -> its parent (None or a
+    virtual root for top-level features, whose family is then all top-level features). A word's weight in
+    a node is the number of its contexts that contain it (words in fewer than `min_contexts` contexts are
+    ignored when the node has 2 * min_contexts or more: a word seen once is an accident of one sentence),
+    sublinear. Within a family (the parent's children, plus the parent's own contexts when it has them) IDF
+    is computed over those nodes only, and the parent's TF-IDF vector is subtracted from each child's: the
+    words left are what the child has that its parent and siblings do not.
 
     Example:
-        >>> docs = {"p": "animal animal dog cat", "a": "dog dog bark animal", "b": "cat cat purr animal"}
-        >>> w = family_words(docs, {"a": "p", "b": "p", "p": None}, n_words=2)
+        >>> docs = {"p": ["animal dog", "animal cat", "animal"], "a": ["dog bark", "dog bark animal"],
+        ...         "b": ["cat purr", "cat purr animal"]}
+        >>> w = family_words(docs, {"a": "p", "b": "p", "p": None}, n_words=2, min_contexts=1)
         >>> w["a"], w["b"]  # "dog" is in the parent too, so "bark" sets "a" apart more
         (['bark', 'dog'], ['purr', 'cat'])
     """
+    import scipy.sparse as sp
     from sklearn.feature_extraction.text import CountVectorizer
 
     out: dict[str, list[str]] = {k: [] for k in docs}
-    keys = [k for k, v in docs.items() if v.strip()]
+    keys = [k for k, v in docs.items() if any(c.strip() for c in v)]
     if not keys:
         return out
+    contexts = [c for k in keys for c in docs[k]]
+    owner = np.repeat(np.arange(len(keys)), [len(docs[k]) for k in keys])
     try:
-        X = CountVectorizer(stop_words="english", token_pattern=_WORD).fit(docs[k] for k in keys)
+        vec = CountVectorizer(stop_words="english", token_pattern=_WORD, binary=True)
+        X = vec.fit_transform(contexts)  # (contexts, words) 0/1
     except ValueError:  # every word was a stop word
         return out
-    vocab = np.asarray(X.get_feature_names_out())
-    M = X.transform(docs[k] for k in keys).tocsr().astype(np.float32)
-    M.data = 1.0 + np.log(M.data)  # sublinear tf
+    vocab = np.asarray(vec.get_feature_names_out())
+    owners = sp.csr_matrix((np.ones(len(owner), dtype=np.float32), (owner, np.arange(len(owner)))),
+                           shape=(len(keys), len(contexts)))
+    M = (owners @ X).tocsr().astype(np.float32)  # (nodes, words): contexts containing the word
+    n_ctx = np.array([len(docs[k]) for k in keys])
+    rare = (M.data < min_contexts) & (np.repeat(n_ctx, np.diff(M.indptr)) >= 2 * min_contexts)
+    M.data[rare] = 0
+    M.eliminate_zeros()
+    M.data = 1.0 + np.log(M.data)  # sublinear
     row = {k: i for i, k in enumerate(keys)}
     families: dict[Any, list[str]] = defaultdict(list)
     for k in keys:
@@ -123,7 +137,7 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
     texts = acts.texts()
     token_ids = tokens["token_id"].to_numpy()
     doc_ids, starts, ends = (tokens[c].to_numpy() for c in ("doc_id", "start", "end"))
-    all_docs: dict[str, str] = {}
+    all_docs: dict[str, list[str]] = {}
     for rung, (values, indices) in codes.items():
         ft = feature_table(values, indices)
         if ft.empty:
@@ -139,12 +153,12 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
         ft = ft.sort_values(["feature", "value"], ascending=[True, False], kind="stable")
         best = ft.groupby("feature", sort=False).head(40)
         ctx_of: dict[int, list[str]] = {}
-        words_docs: dict[str, str] = {}
+        words_docs: dict[str, list[str]] = {}
         for f, grp in best.groupby("feature", sort=False):
             rows = grp["row"].to_numpy()
             ctxs = [context(texts.get(int(doc_ids[r]), ""), int(starts[r]), int(ends[r])) for r in rows]
             ctx_of[int(f)] = [c for c in ctxs if c][:n_contexts]
-            words_docs[f"{rung}/{int(f)}"] = " ".join(ctxs).replace("«", " ").replace("»", " ")
+            words_docs[f"{rung}/{int(f)}"] = [c.replace("«", " ").replace("»", " ") for c in ctxs]
         all_docs.update(words_docs)
         for f in tokens_of:
             nid = f"{rung}/{int(f)}"

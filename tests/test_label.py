@@ -21,17 +21,17 @@ def _family_tree():
 
 def test_family_words_name_what_the_child_adds():
     docs = {
-        "w2/0": "animal species animal mammal pet animal species",
-        "w8/0": "dog bark animal species dog puppy kennel",
-        "w8/1": "cat purr animal species cat kitten litter",
-        "w2/1": "plant leaf flower species root plant",
+        "w2/0": ["an animal species", "a mammal kept as a pet animal", "animal species", "a wild animal"],
+        "w8/0": ["the dog barked", "a dog puppy in the kennel", "animal species dog", "a dog zebra"],
+        "w8/1": ["the cat purr loudly", "a cat kitten", "animal species cat litter", "cat purr"],
+        "w2/1": ["a plant leaf", "the flower of a plant", "plant root", "species of plant"],
     }
     parent = {"w2/0": ROOT, "w2/1": ROOT, "w8/0": "w2/0", "w8/1": "w2/0"}
     w = family_words(docs, parent, n_words=3)
-    assert set(w["w8/0"]) <= {"dog", "bark", "puppy", "kennel"} and "dog" in w["w8/0"]
-    assert set(w["w8/1"]) <= {"cat", "purr", "kitten", "litter"} and "cat" in w["w8/1"]
+    assert w["w8/0"][0] == "dog" and w["w8/1"][:2] == ["cat", "purr"]
     assert not {"animal", "species"} & set(w["w8/0"] + w["w8/1"])  # shared with the parent: not distinctive
-    assert "plant" in w["w2/1"] and "animal" in w["w2/0"]  # top level: against each other
+    assert "zebra" not in w["w8/0"] and "kennel" not in w["w8/0"]  # in one context only: an accident
+    assert w["w2/1"][0] == "plant" and w["w2/0"][0] == "animal"  # top level: against each other
 
 
 def test_label_tree_with_a_callable_labels_parents_first():
