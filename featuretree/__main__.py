@@ -121,6 +121,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.what == "wordnet":
         return _eval_wordnet(args)
+    if args.configs is None:
+        from featuretree.eval import PLANTED_CONFIGS
+
+        args.configs = list(PLANTED_CONFIGS)
     if args.sweep:
         from featuretree.eval import sweep_thresholds
 
@@ -215,8 +219,8 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("what", choices=("planted", "wordnet"),
                    help="planted: linking rules on planted hierarchies; wordnet: purity of a WordNet run's nodes")
     v.add_argument("run", nargs="?", help="(wordnet) a run directory built on the WordNet corpus")
-    v.add_argument("--configs", nargs="+", default=["forest-12x3x3", "wide-8x5x2", "close-children"],
-                   help="planted configurations (default: all three)")
+    v.add_argument("--configs", nargs="+", default=None,
+                   help="planted configurations (default: all of featuretree.eval.PLANTED_CONFIGS)")
     v.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
     v.add_argument("--csv", help="also write the per-run table as CSV")
     v.add_argument("--nested", action="store_true",

@@ -2,7 +2,8 @@
 
 Planted forest: `n_roots` root directions; each node has `branching` children down to `depth` levels,
 whose directions sit at cosine `child_cos` to their parent's. A token fires each root with probability
-`p_root`; a firing node fires exactly one of its children with probability `p_child`. Every firing
+`p_root`; a firing node fires exactly one of its children with probability `p_child` (per level if a
+sequence), and with `p_sibling` a second sibling too (correlated siblings). Every firing
 feature adds coefficient * direction, so a parent's direction is present whenever a child fires: the
 hard case where a child latent can absorb its parent. Learned latents are matched to true features by
 their firing sets (Jaccard), which is reliable where decoder directions are ambiguous (FINDINGS.md).
@@ -62,10 +63,14 @@ class Planted:
 
 
 def planted_hierarchy(n_roots: int = 12, branching: int = 3, depth: int = 3, *, d_model: int = 64,
-                      n_tokens: int = 100_000, p_root: float | None = None, p_child: float = 0.8,
+                      n_tokens: int = 100_000, p_root: float | None = None, p_child=0.8,
                       child_cos: float = 0.55, coef: tuple[float, float] = (0.5, 1.5), noise: float = 0.01,
-                      seed: int = 0) -> Planted:
+                      p_sibling: float = 0.0, seed: int = 0) -> Planted:
     """Sample activations from a planted forest of features (see the module docstring).
+
+    `p_child` is one probability for every level or a sequence with one per level below the roots (level 1
+    first). `p_sibling` > 0 makes siblings correlated: where a child fires, one other sibling also fires
+    with that probability (the co-firing that provokes hedging and absorption in narrow dictionaries).
 
     Example:
         >>> p = planted_hierarchy(n_roots=4, branching=2, depth=2, d_model=16, n_tokens=1000)
@@ -96,6 +101,10 @@ def planted_hierarchy(n_roots: int = 12, branching: int = 3, depth: int = 3, *, 
     children = {i: np.flatnonzero(parent_a == i) for i in range(n_feat)}
     p_root = p_root if p_root is not None else min(0.5, 2.0 / n_roots)
 
+    p_level = [float(p_child)] * depth if np.isscalar(p_child) else [float(v) for v in p_child]
+    if len(p_level) < depth - 1 or not all(0 <= v <= 1 for v in p_level) or not 0 <= p_sibling <= 1:
+        raise FeatureTreeError(f"p_child={p_child} needs one probability in [0, 1] per level below the roots "
+                               f"({depth - 1}), and p_sibling={p_sibling} must lie in [0, 1]")
     rows, cols = [], []
     for r in range(n_roots):
         on = np.flatnonzero(rng.random(n_tokens) < p_root)
@@ -106,10 +115,15 @@ def planted_hierarchy(n_roots: int = 12, branching: int = 3, depth: int = 3, *, 
             cols.append(np.full(len(toks), f))
             kids = children[f]
             if len(kids) and len(toks):
-                go = toks[rng.random(len(toks)) < p_child]
+                go = toks[rng.random(len(toks)) < p_level[level[f]]]
                 pick = kids[rng.integers(0, len(kids), len(go))]
+                if p_sibling > 0 and len(kids) > 1:  # a second, different sibling on some of those tokens
+                    both = rng.random(len(go)) < p_sibling
+                    other = kids[(np.searchsorted(kids, pick[both]) + rng.integers(1, len(kids), both.sum()))
+                                 % len(kids)]
+                    go, pick = np.concatenate([go, go[both]]), np.concatenate([pick, other])
                 for kid in kids:
-                    stack.append((kid, go[pick == kid]))
+                    stack.append((kid, np.unique(go[pick == kid])))
     rows_a, cols_a = np.concatenate(rows), np.concatenate(cols)
     active = sp.csr_matrix((np.ones(len(rows_a), dtype=bool), (rows_a, cols_a)), shape=(n_tokens, n_feat))
     coefs = sp.csr_matrix((rng.uniform(*coef, len(rows_a)), (rows_a, cols_a)), shape=(n_tokens, n_feat))
@@ -216,6 +230,8 @@ PLANTED_CONFIGS = {
     "wide-8x5x2": dict(gen=dict(n_roots=8, branching=5, depth=2, d_model=48), widths=(12, 64), k=4),
     "close-children": dict(gen=dict(n_roots=12, branching=3, depth=3, d_model=64, child_cos=0.75),
                            widths=(16, 64, 256), k=6),
+    "correlated-siblings": dict(gen=dict(n_roots=12, branching=3, depth=3, d_model=64, p_child=(0.8, 0.6),
+                                         p_sibling=0.3), widths=(16, 64, 256), k=6),
 }
 """Planted configurations of `compare_rules` (docs/EVAL.md): generator settings, ladder widths and k."""
 

@@ -107,3 +107,22 @@ def test_threshold_sweep_scores_each_setting_like_a_direct_link():
         assert (row.precision, row.recall) == (direct["precision"], direct["recall"])
     with pytest.raises(FeatureTreeError, match="cannot sweep"):
         sweep_thresholds(["wide-8x5x2"], seeds=[0], grid={"k": (1,)})
+
+
+def test_generator_per_level_probabilities_and_correlated_siblings():
+    p = planted_hierarchy(n_roots=4, branching=3, depth=3, d_model=16, n_tokens=40_000, p_root=0.25,
+                          p_child=(0.9, 0.4), p_sibling=0.5, seed=1)
+    A = p.active.tocsc()
+    for f in range(len(p.parent)):
+        kids = [c for c in range(len(p.parent)) if p.parent[c] == f]
+        if not kids:
+            continue
+        on_parent = A[:, f].toarray().ravel()
+        on_kids = (A[:, kids].toarray() > 0)
+        assert not (on_kids.any(1) & ~on_parent).any()  # children fire only with their parent
+        rate = on_kids.any(1)[on_parent].mean()
+        assert abs(rate - (0.9 if p.level[f] == 0 else 0.4)) < 0.03  # the level's p_child
+        two = (on_kids.sum(1) >= 2)[on_kids.any(1)].mean()
+        assert abs(two - 0.5) < 0.05  # p_sibling: a second sibling co-fires half the time
+    with pytest.raises(FeatureTreeError, match="per level"):
+        planted_hierarchy(depth=3, p_child=(0.5,), n_tokens=10)
