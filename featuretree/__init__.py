@@ -26,11 +26,12 @@ _LAZY = {
     "FeatureTree": "tree", "build": "tree", "link": "tree",
     "planted_hierarchy": "eval", "edge_scores": "eval",
     "label_tree": "label", "CausalLMLabeler": "label",
+    "find": "refine",
 }
 
 __all__ = [
     "Activations", "CausalLMLabeler", "Config", "Corpus", "FeatureTree", "FeatureTreeError", "TopKSAE",
-    "__version__", "build", "collect", "edge_scores", "from_graphml", "label_tree", "link", "load", "load_corpus",
+    "__version__", "build", "collect", "edge_scores", "find", "from_graphml", "label_tree", "link", "load", "load_corpus",
     "load_model", "planted_hierarchy", "save", "sunburst", "to_frame", "to_graphml", "train_ladder",
     "write_sunburst",
 ]
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from featuretree.export import from_graphml, load, save, sunburst, to_frame, to_graphml, write_sunburst  # noqa: F401
     from featuretree.label import CausalLMLabeler, label_tree  # noqa: F401
     from featuretree.model import load_model  # noqa: F401
+    from featuretree.refine import find  # noqa: F401
     from featuretree.sae import TopKSAE  # noqa: F401
     from featuretree.train import train_ladder  # noqa: F401
     from featuretree.tree import FeatureTree, build, link  # noqa: F401

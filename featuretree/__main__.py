@@ -100,6 +100,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_find(args: argparse.Namespace) -> int:
+    """featuretree find: the nodes of a saved run that answer a query, best first."""
+    from featuretree.export import load
+    from featuretree.refine import find
+
+    tree = load(args.run)
+    query = args.query[0] if len(args.query) == 1 else args.query  # one phrase: looked up in the corpus
+    hits = find(tree, query, negatives=args.negative or None, top=args.top)
+    cols = ["node", "score", "query_rate", "freq", "label"]
+    sys.stdout.write(hits[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """featuretree info: per-rung metrics and the widest-reaching nodes of a saved run."""
     from featuretree.export import load, to_frame
@@ -228,6 +241,15 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("--sweep", action="store_true",
                    help="(planted) vary each linking threshold around its default and score every setting")
     v.set_defaults(func=cmd_eval)
+
+    f = sub.add_parser("find", help="rank a saved run's nodes by how much more they fire on a query",
+                       description="Score every node by its firing rate on the query's tokens over its usual "
+                                   "rate (plus query words in its label); print the best.")
+    f.add_argument("run", help="run directory written by `featuretree build`")
+    f.add_argument("query", nargs="+", help="a word or phrase; several arguments are several example texts")
+    f.add_argument("--negative", action="append", help="a text the feature should not fire on (repeatable)")
+    f.add_argument("--top", type=int, default=20, help="nodes to print (default: 20)")
+    f.set_defaults(func=cmd_find)
 
     i = sub.add_parser("info", help="summarise a saved run: per-rung FVU / L0 / dead fraction, top features",
                        description="Print per-rung metrics and the most frequent root features of a saved run.")

@@ -109,3 +109,15 @@ def test_help_is_useful(capsys):
     for flag in ("--model", "--layer", "--corpus", "--widths", "--k", "--n-tokens", "--out"):
         assert flag in out
     assert main([]) == 2
+
+
+def test_find_cli_ranks_nodes_and_looks_phrases_up_in_the_corpus(run_dir, capsys):
+    from featuretree.refine import find
+
+    assert main(["-q", "find", str(run_dir), "cat", "--top", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:3] == ["node", "score", "query_rate"] and len(lines) == 6
+    hits = find(load(run_dir), "cat", top=None)
+    assert hits.iloc[0].query_rate > hits.iloc[0].freq  # the best node fires more on "cat" than usual
+    assert lines[1].split()[0] == hits.iloc[0].node
+    assert main(["-q", "find", "/no/such/run", "cat"]) == 2

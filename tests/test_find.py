@@ -1,0 +1,64 @@
+"""find: the node it ranks first really is specific to the query in the corpus; negatives and labels move scores."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from _models import tiny_gpt2
+
+from featuretree import FeatureTreeError, collect, link, load_model, train_ladder
+from featuretree.refine import find, query_rates
+from featuretree.tree import fire
+
+WORDS = ("the a cat dog bird tree river mountain house small large red runs jumps sings grows of in on with "
+         "photosynthesis chlorophyll enzyme violin symphony anthrax bacterium infection geology basalt").split()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(400)]
+    model = load_model(tiny_gpt2(WORDS, n_layer=1))
+    acts = collect(model, 0, texts, n_tokens=12_000, out=tmp_path_factory.mktemp("acts"), progress=False)
+    torch.manual_seed(0)
+    saes = train_ladder(acts, (16, 48), k=2, epochs=8, batch_size=256, progress=False)
+    return model, acts, link(saes, acts)
+
+
+def test_best_hit_fires_on_the_query_word_in_the_corpus(run):
+    model, acts, tree = run
+    hits = find(tree, "anthrax", model=model, layer=0)
+    assert list(hits.score) == sorted(hits.score, reverse=True)
+    best = hits.iloc[0]
+    assert best.query_rate > 0 and best.score > 1.0
+    # truth from the corpus, not from find: the best node fires far more on "anthrax" tokens than elsewhere
+    rung, j = best.node.rsplit("/", 1)
+    x = acts.load("heldout")
+    toks = acts.tokens("heldout")
+    _, _, F = fire(tree.saes[rung], x, tree.graph.graph["fire_rel"])
+    on = np.asarray(F[:, int(j)].todense()).ravel() > 0
+    is_q = np.array(acts.token_strings(toks["token_id"].tolist())) == "anthrax"
+    assert on[is_q].mean() > 5 * max(on[~is_q].mean(), 1e-3)
+
+
+def test_negatives_and_label_matches_move_scores(run):
+    model, _, tree = run
+    plain = find(tree, "anthrax", model=model, layer=0, top=None, label_weight=0.0).set_index("node")
+    neg = find(tree, "anthrax", negatives=["anthrax anthrax"], model=model, layer=0, top=None,
+               label_weight=0.0).set_index("node")
+    best = plain.index[0]
+    assert neg.loc[best, "score"] < plain.loc[best, "score"]  # it fires on the negatives too
+    labelled = find(tree, "anthrax", model=model, layer=0, top=None, label_weight=2.0).set_index("node")
+    diff = labelled.score - plain.score.reindex(labelled.index)
+    assert np.allclose(diff, 2.0 * labelled.label_hits)
+    rates = query_rates(tree, ["anthrax"], model=model, layer=0)
+    assert rates["_n_tokens"] == 1.0 and rates[best] == 1.0
+
+
+def test_find_errors(run):
+    model, _, tree = run
+    with pytest.raises(FeatureTreeError, match="query is empty"):
+        find(tree, "  ", model=model, layer=0)
+    with pytest.raises(FeatureTreeError, match="no config"):
+        find(tree, "anthrax")
