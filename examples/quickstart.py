@@ -35,7 +35,7 @@ def main(argv=None):
     print(frame.groupby("rung")[["freq"]].count().rename(columns={"freq": "live features"}))
     for rung, sae in saes.items():
         print(f"w{rung}: FVU {sae.metrics['fvu']:.3f}  L0 {sae.metrics['l0']:.1f}  dead {sae.metrics['dead_fraction']:.1%}")
-    root = frame[frame.depth == 0].sort_values("freq", ascending=False).iloc[0]
+    root = frame[(frame.depth == 0) & (frame.kind != "novel")].sort_values("freq", ascending=False).iloc[0]
     print(f"most frequent root {root.node} ({root.freq:.1%}): {root.label}")
     for child in sorted(tree.graph.successors(root.node), key=lambda n: -tree.graph.nodes[n]["freq"])[:5]:
         d, e = tree.graph.nodes[child], tree.graph.edges[root.node, child]

@@ -121,7 +121,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     frame = to_frame(tree)
     lines = [f"run {args.run}: {len(frame)} features in {len(tree.rungs)} rungs, {tree.graph.number_of_edges()} edges"]
     lines += [f"  {_rung_line(tree, frame, rung)}" for rung in tree.rungs]
-    top = frame[frame.depth == 0].sort_values("freq", ascending=False).head(args.top)
+    top = frame[(frame.depth == 0) & (frame.kind != "novel")].sort_values("freq", ascending=False).head(args.top)
     lines.append(f"top {len(top)} root features by firing rate:")
     lines += [f"  {r.node:<12} {100 * r.freq:5.1f}%  {r.label}" for r in top.itertuples()]
     sys.stdout.write("\n".join(lines) + "\n")
