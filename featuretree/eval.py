@@ -254,13 +254,12 @@ def compare_rules(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), *, n_train: i
     from featuretree.tree import link
 
     rows = []
-    for name, seed, saes, held in _planted_ladders(configs, seeds, n_train, n_eval, epochs, progress):
+    for name, seed, saes, train, held in _planted_ladders(configs, seeds, n_train, n_eval, epochs, progress):
         trees = {"cos": link_by_cosine(saes, held.acts),
                  "coverage": link(saes, held.acts, within_coverage=2.0),  # > 1: no within-rung edges
                  "combined": link(saes, held.acts)}
         if nested:
             cfg = PLANTED_CONFIGS[name]
-            train = planted_hierarchy(**cfg["gen"], n_tokens=n_train + n_eval, seed=seed).split(n_train)[0]
             nest = train_ladder(train.acts, cfg["widths"], k=cfg["k"], epochs=epochs, batch_size=512, seed=seed,
                                 progress=progress, eval_acts=held.acts, nested=True)
             trees["nested"] = link(nest, held.acts)
@@ -272,7 +271,7 @@ def compare_rules(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), *, n_train: i
 
 
 def _planted_ladders(configs, seeds, n_train: int, n_eval: int, epochs: int, progress: bool):
-    """(config name, seed, ladder, held-out Planted) for every planted configuration and seed."""
+    """(config name, seed, ladder, training Planted, held-out Planted) for every planted configuration and seed."""
     from featuretree.train import train_ladder
 
     unknown = sorted(set(configs) - set(PLANTED_CONFIGS))
@@ -285,7 +284,7 @@ def _planted_ladders(configs, seeds, n_train: int, n_eval: int, epochs: int, pro
             train, held = planted.split(n_train)
             saes = train_ladder(train.acts, cfg["widths"], k=cfg["k"], epochs=epochs, batch_size=512, seed=seed,
                                 progress=progress, eval_acts=held.acts)
-            yield name, seed, saes, held
+            yield name, seed, saes, train, held
 
 
 SWEEP_GRID = {
@@ -318,7 +317,7 @@ def sweep_thresholds(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), grid=None,
     if bad:
         raise FeatureTreeError(f"cannot sweep {bad}: choose from min_coverage, within_coverage, same_threshold, fire_rel")
     rows = []
-    for name, seed, saes, held in _planted_ladders(configs, seeds, n_train, n_eval, epochs, progress):
+    for name, seed, saes, _, held in _planted_ladders(configs, seeds, n_train, n_eval, epochs, progress):
         for threshold, values in grid.items():
             for value in values:
                 s = edge_scores(link(saes, held.acts, labels=False, **{threshold: value}), held)

@@ -25,7 +25,7 @@ import networkx as nx
 import pandas as pd
 
 from featuretree.config import Config, FeatureTreeError
-from featuretree.utils import atomic_path, rung_key, write_json, write_text
+from featuretree.utils import atomic_path, rung_key, tree_edge, write_json, write_text
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -57,19 +57,9 @@ def _rungs(tree) -> list[str]:
     return sorted(names, key=rung_key)
 
 
-def _tree_edge(g: nx.DiGraph, n: str) -> tuple[str | None, dict]:
-    """The edge into `n` from its primary parent, the virtual root included: (parent or None, edge data)."""
-    # the graph keeps one tree edge per child; if a hand-made graph has several, the best-covering wins
-    preds = list(g.predecessors(n))
-    if not preds:
-        return None, {}
-    p = preds[0] if len(preds) == 1 else max(preds, key=lambda q: g.edges[q, n].get("coverage") or 0.0)
-    return p, g.edges[p, n]
-
-
 def _parent(g: nx.DiGraph, n: str) -> str | None:
     """The primary parent feature of `n`; None under the virtual root."""
-    p, _ = _tree_edge(g, n)
+    p, _ = tree_edge(g, n)
     return None if p is None or g.nodes[p].get("virtual") else p
 
 
@@ -213,7 +203,7 @@ def to_frame(tree, *, edges: bool = False) -> pd.DataFrame:
     for n, d in g.nodes(data=True):
         if d.get("virtual"):
             continue
-        p, e = parent[n], _tree_edge(g, n)[1]  # under the virtual root: parent None, kind "top" / "novel"
+        p, e = parent[n], tree_edge(g, n)[1]  # under the virtual root: parent None, kind "top" / "novel"
         rows.append({"node": n, "rung": _rung_of(g, n), "width": d.get("width"), "index": d.get("index"),
                      "freq": d.get("freq"), "label": d.get("label", n), "parent": p, "coverage": e.get("coverage"),
                      "cos": e.get("cos"), "kind": e.get("kind"), "depth": depth[n], "n_children": g.out_degree(n),

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from featuretree.utils import tree_edge
+
 log = logging.getLogger(__name__)
 
 _WS = re.compile(r"\s+")
@@ -168,20 +170,13 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
             node["top_tokens"] = tokens_of[f]
             node["top_contexts"] = ctx_of.get(int(f), [])
     # distinctive words against the parent and siblings (top-level features: against each other)
-    parent = {n: _primary_parent(g, n) for n in all_docs if n in g}
+    parent = {n: tree_edge(g, n)[0] for n in all_docs if n in g}
     words = family_words(all_docs, parent)
     for nid in parent:
         node = g.nodes[nid]
         node["words"] = words.get(nid, [])
         node["label"] = make_label(node.get("top_tokens") or [], node["words"])
     log.info("labelled %d nodes", len(parent))
-
-
-def _primary_parent(g, n: str):
-    preds = list(g.predecessors(n))
-    if len(preds) > 1:
-        preds.sort(key=lambda p: -(g.edges[p, n].get("coverage") or 0.0))
-    return preds[0] if preds else None
 
 
 def make_label(top_tokens: list[str], words: list[str], n: int = 3) -> str:
@@ -216,7 +211,7 @@ def node_facts(tree, node: str) -> dict:
     """
     g = tree.graph
     d = tree.node(node) if hasattr(tree, "node") else g.nodes[node]
-    p = _primary_parent(g, node)
+    p, _ = tree_edge(g, node)
     real_parent = p is not None and not g.nodes[p].get("virtual")
     return {"node": node, "rung": d.get("rung"), "freq": d.get("freq"), "label": d.get("label", node),
             "top_tokens": list(d.get("top_tokens") or []), "top_contexts": list(d.get("top_contexts") or []),

@@ -42,6 +42,15 @@ def _is_content(token: str) -> bool:
     return any(c.isalnum() for c in t) and t not in ENGLISH_STOP_WORDS
 
 
+def _model_of(tree, model):
+    """`model` (anything load_model takes), else the tree's own model, loaded and nnsight-wrapped."""
+    from featuretree.model import load_model
+
+    if model is None and tree.config is None:
+        raise FeatureTreeError("this tree has no config to say which model made it: pass model=... and layer=...")
+    return load_model(model if model is not None else tree.config.model)
+
+
 def query_rates(tree, texts: list[str], *, model=None, layer: int | None = None,
                 span: re.Pattern | None = None) -> dict[str, float]:
     """Share of the texts' content tokens on which each node fires: {node id: rate}, for every rung.
@@ -54,14 +63,11 @@ def query_rates(tree, texts: list[str], *, model=None, layer: int | None = None,
         1.0
     """
     from featuretree.activations import collect
-    from featuretree.model import load_model
     from featuretree.tree import fire
 
     cfg = tree.config
-    if model is None and cfg is None:
-        raise FeatureTreeError("this tree has no config to say which model made it: pass model=... and layer=...")
+    model = _model_of(tree, model)
     layer = layer if layer is not None else cfg.layer
-    model = load_model(model if model is not None else cfg.model)
     quiet = logging.getLogger("featuretree.activations")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "the corpus has only N tokens" is the point here, not a problem
@@ -126,6 +132,7 @@ def find(tree, query, *, negatives=None, model=None, layer: int | None = None, l
         'w2048/272'
     """
     texts = _texts(query, "query")
+    model = _model_of(tree, model)  # loaded once for the query and the negatives
     words = set(_WORD.findall(" ".join(texts).lower()))  # label matches use the query's own words
     span = None
     if isinstance(query, str) and tree.config is not None and n_contexts > 0:

@@ -174,19 +174,6 @@ class TopKSAE(nn.Module):
             top = _GatheredPreacts.apply(xc, self.W_enc, self.b_enc, self.b_dec, indices, top)
         return F.relu(top), indices
 
-    def exact_preacts(self, xc: Tensor, indices: Tensor) -> Tensor:
-        """fp32 pre-activations xc @ W_enc[:, j] + b_enc[j] at the given (n, m) indices only (a sampled matmul).
-
-        `xc` is x - b_dec; `indices` must hold distinct features per row.
-
-        Example:
-            >>> sae = TopKSAE(8, 32, 2); x = torch.randn(3, 8); i = torch.tensor([[5, 1], [0, 9], [31, 2]])
-            >>> torch.allclose(sae.exact_preacts(x - sae.b_dec, i), sae.preacts(x).gather(1, i), atol=1e-5)
-            True
-        """
-        vals = dots(xc, self.W_enc.t(), indices)  # (n, m)
-        return vals + self.b_enc[indices]
-
     def _select_int8(self, xc: Tensor, k: int, among: Tensor | None) -> tuple[Tensor, Tensor]:
         """Top-k ranked by an int8 matmul among k + INT8_MARGIN candidates, then chosen exactly in fp32.
 
@@ -245,10 +232,10 @@ class TopKSAE(nn.Module):
         if not self.k < width <= self.width:
             raise FeatureTreeError(f"prefix width {width} must be above k={self.k} and at most {self.width}")
         out = TopKSAE(self.d_model, width, self.k, seed=None, metadata=dict(self.metadata))
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            full = getattr(self, name)
-            part = full[:, :width] if name == "W_enc" else full[:width] if name != "b_dec" else full
-            getattr(out, name).copy_(part)
+        out.W_enc.copy_(self.W_enc[:, :width])
+        out.b_enc.copy_(self.b_enc[:width])
+        out.W_dec.copy_(self.W_dec[:width])
+        out.b_dec.copy_(self.b_dec)
         out.int8_select = self.int8_select
         out.requires_grad_(self.W_dec.requires_grad)
         return out

@@ -1,4 +1,4 @@
-"""Tiny shared helpers: atomic file writes (temp file + fsync + rename), safetensors saving, rung order."""
+"""Tiny shared helpers: atomic file writes (temp file + fsync + rename), safetensors saving, rung order, tree edge."""
 
 from __future__ import annotations
 
@@ -96,3 +96,22 @@ def rung_key(rung: str) -> tuple:
     """
     last = rung.rsplit("/", 1)[-1]
     return rung.count("/"), int(last[1:]) if last[1:].isdigit() else 0, rung
+
+
+def tree_edge(g, n: str) -> tuple[str | None, dict]:
+    """The edge into node `n` of graph `g` from its primary parent (the virtual root included): (parent, data).
+
+    The graph keeps one tree edge per child; if a hand-made graph has several, the best-covering wins.
+    (None, {}) for a node without a parent.
+
+    Example:
+        >>> import networkx as nx
+        >>> g = nx.DiGraph(); g.add_edge("a", "c", coverage=0.6); g.add_edge("b", "c", coverage=0.9)
+        >>> tree_edge(g, "c")
+        ('b', {'coverage': 0.9})
+    """
+    preds = list(g.predecessors(n))
+    if not preds:
+        return None, {}
+    p = preds[0] if len(preds) == 1 else max(preds, key=lambda q: g.edges[q, n].get("coverage") or 0.0)
+    return p, g.edges[p, n]

@@ -101,7 +101,7 @@ def test_threshold_sweep_scores_each_setting_like_a_direct_link():
     default = by.loc[("min_coverage", 0.5)]
     assert bool(default.is_default) and not bool(by.loc[("within_coverage", 2.0)].is_default)
     assert default.precision >= 0.95 and default.recall >= 0.9
-    (_, _, saes, held), = _planted_ladders(["wide-8x5x2"], [0], 60_000, 20_000, 6, False)  # the same ladder
+    (_, _, saes, _, held), = _planted_ladders(["wide-8x5x2"], [0], 60_000, 20_000, 6, False)  # the same ladder
     for (threshold, value), row in by.iterrows():
         direct = edge_scores(link(saes, held.acts, labels=False, **{threshold: value}), held)
         assert (row.precision, row.recall) == (direct["precision"], direct["recall"])
