@@ -13,7 +13,22 @@ from featuretree.config import Config, FeatureTreeError
 
 # Imported eagerly, not lazily: nnsight patches a `save` method onto every object, modules included,
 # which would shadow a lazy `featuretree.save` once nnsight is loaded. export does not import torch.
-from featuretree.export import from_graphml, load, save, sunburst, to_frame, to_graphml, write_sunburst
+from featuretree.export import (
+    from_graphml,
+    icicle,
+    load,
+    save,
+    sunburst,
+    to_frame,
+    to_graphml,
+    write_explorer,
+    write_sunburst,
+)
+
+# Eager too: the modules `refine` and `find` share their names with their functions, and importing a
+# submodule sets the package attribute, which would shadow a lazy function. Neither imports torch at import.
+from featuretree.find import find
+from featuretree.refine import refine, search
 
 __version__ = "0.1.0"
 
@@ -26,26 +41,34 @@ _LAZY = {
     "FeatureTree": "tree", "build": "tree", "link": "tree",
     "planted_hierarchy": "eval", "edge_scores": "eval",
     "label_tree": "label", "CausalLMLabeler": "label",
-    "find": "refine",
+    "match": "compare", "novel": "compare",
 }
 
 __all__ = [
     "Activations", "CausalLMLabeler", "Config", "Corpus", "FeatureTree", "FeatureTreeError", "TopKSAE",
-    "__version__", "build", "collect", "edge_scores", "find", "from_graphml", "label_tree", "link", "load", "load_corpus",
-    "load_model", "planted_hierarchy", "save", "sunburst", "to_frame", "to_graphml", "train_ladder",
-    "write_sunburst",
+    "__version__", "build", "collect", "edge_scores", "find", "from_graphml", "icicle", "label_tree", "link",
+    "load", "load_corpus", "load_model", "match", "novel", "planted_hierarchy", "refine", "save", "search",
+    "sunburst", "to_frame", "to_graphml", "train_ladder", "write_explorer", "write_sunburst",
 ]
-assert set(__all__) == {"Config", "FeatureTreeError", "__version__", "from_graphml", "load", "save", "sunburst",
-                        "to_frame", "to_graphml", "write_sunburst", *_LAZY}
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from featuretree.activations import Activations, collect  # noqa: F401
+    from featuretree.compare import match, novel  # noqa: F401
     from featuretree.corpus import Corpus, load_corpus  # noqa: F401
     from featuretree.eval import edge_scores, planted_hierarchy  # noqa: F401
-    from featuretree.export import from_graphml, load, save, sunburst, to_frame, to_graphml, write_sunburst  # noqa: F401
+    from featuretree.export import (  # noqa: F401  # noqa: F401
+        from_graphml,
+        icicle,
+        load,
+        save,
+        sunburst,
+        to_frame,
+        to_graphml,
+        write_explorer,
+        write_sunburst,
+    )
     from featuretree.label import CausalLMLabeler, label_tree  # noqa: F401
     from featuretree.model import load_model  # noqa: F401
-    from featuretree.refine import find  # noqa: F401
     from featuretree.sae import TopKSAE  # noqa: F401
     from featuretree.train import train_ladder  # noqa: F401
     from featuretree.tree import FeatureTree, build, link  # noqa: F401

@@ -103,13 +103,59 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_find(args: argparse.Namespace) -> int:
     """featuretree find: the nodes of a saved run that answer a query, best first."""
     from featuretree.export import load
-    from featuretree.refine import find
+    from featuretree.find import find
 
     tree = load(args.run)
     query = args.query[0] if len(args.query) == 1 else args.query  # one phrase: looked up in the corpus
     hits = find(tree, query, negatives=args.negative or None, top=args.top)
     cols = ["node", "score", "query_rate", "freq", "label"]
     sys.stdout.write(hits[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n")
+    return 0
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    """featuretree match: which features two saved runs share, by activation correlation on RUN_A's tokens."""
+    from featuretree.activations import Activations
+    from featuretree.compare import match
+    from featuretree.export import load
+
+    tree_a, tree_b = load(args.run_a), load(args.run_b)
+    store = Path(args.run_a) / (tree_a.graph.graph.get("acts") or "acts")
+    if not (store / "meta.json").is_file():
+        raise FeatureTreeError(f"{args.run_a} has no activation store at {store}: match compares the runs on "
+                               "RUN_A's held-out tokens; run it on a directory written by `featuretree build`")
+    acts = Activations(store)
+    key = [(t.config.model, t.config.layer) if t.config is not None else None for t in (tree_a, tree_b)]
+    if key[0] is not None and key[1] is not None and key[0] != key[1]:  # other model or layer: run both on RUN_A's texts
+        docs = acts.texts()
+        held = [t for d, t in sorted(docs.items()) if acts.heldout_every and d % acts.heldout_every == 0]
+        m = match(tree_a, tree_b, texts=held or list(docs.values()), rung_a=args.rung_a, rung_b=args.rung_b,
+                  threshold=args.threshold, max_tokens=args.max_tokens)
+    else:
+        m = match(tree_a, tree_b, acts, rung_a=args.rung_a, rung_b=args.rung_b, threshold=args.threshold,
+                  max_tokens=args.max_tokens)
+    lines = [m.summary()]
+    if len(m.pairs):
+        cols = ["a", "b", "corr", "cos", "label_a", "label_b"]
+        lines.append(m.pairs[cols].head(args.top).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_novel(args: argparse.Namespace) -> int:
+    """featuretree novel: the nodes of a saved run whose firing on new texts departs most from the corpus."""
+    from featuretree.compare import novel
+    from featuretree.export import load
+
+    path = Path(args.textfile)
+    if not path.is_file():
+        raise FeatureTreeError(f"no text file at {path}: give a file with one text per line")
+    texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+    if not texts:
+        raise FeatureTreeError(f"{path} has no text: write one text per line")
+    df = novel(load(args.run), texts, top=args.top)
+    cols = ["node", "log_ratio", "direction", "rate", "freq", "label"]
+    sys.stdout.write(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n")
     return 0
 
 
@@ -256,6 +302,29 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("run", help="run directory written by `featuretree build`")
     i.add_argument("--top", type=int, default=10, help="root features to list (default: 10)")
     i.set_defaults(func=cmd_info)
+
+    m = sub.add_parser("match", help="which features two runs share (activation correlation, one-to-one)",
+                       description="Correlate the activations of one rung of each run on RUN_A's held-out tokens "
+                                   "(or, when the runs used different models or layers, on RUN_A's held-out texts "
+                                   "aligned by character spans), pair features one-to-one and print the shared "
+                                   "fraction and the best pairs.")
+    m.add_argument("run_a", metavar="RUN_A", help="run directory whose activation store (RUN_A/acts) is used")
+    m.add_argument("run_b", metavar="RUN_B", help="the other run directory")
+    m.add_argument("--rung-a", help="rung of RUN_A, e.g. w512 (default: the widest)")
+    m.add_argument("--rung-b", help="rung of RUN_B, e.g. w2048 (default: the widest)")
+    m.add_argument("--threshold", type=float, default=0.7, help="correlation at which a pair is shared (default: 0.7)")
+    m.add_argument("--max-tokens", type=int, default=100_000, help="tokens compared at most (default: 100000)")
+    m.add_argument("--top", type=int, default=20, help="pairs to print (default: 20)")
+    m.set_defaults(func=cmd_match)
+
+    n = sub.add_parser("novel", help="nodes whose firing on new texts departs most from the corpus",
+                       description="Run the texts of TEXTFILE (one per line) through the run's model and rank "
+                                   "nodes by log((rate + eps) / (freq + eps)): features firing far more than in "
+                                   "the corpus first.")
+    n.add_argument("run", help="run directory written by `featuretree build`")
+    n.add_argument("textfile", metavar="TEXTFILE", help="a text file, one text per line")
+    n.add_argument("--top", type=int, default=20, help="nodes to print (default: 20)")
+    n.set_defaults(func=cmd_novel)
     return p
 
 

@@ -154,9 +154,13 @@ def match_features(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 
         >>> match_features(tree, planted)["w64/3"]  # doctest: +SKIP
         17
     """
+    from featuretree.refine import fire_rungs, gate_of
+
     out: dict[str, int] = {}
+    refined = fire_rungs(tree, planted.acts, [r for r in tree.saes if gate_of(tree, r) is not None])
     for rung, sae in tree.saes.items():
-        _, _, F = fire(sae, planted.acts, tree.graph.graph.get("fire_rel", 0.25))
+        # ladder rungs measure their thresholds on these tokens; refined rungs fire only under their gate
+        F = refined[rung] if rung in refined else fire(sae, planted.acts, tree.graph.graph.get("fire_rel", 0.25))[2]
         jac = jaccard(F, planted.active)  # (width, n_true)
         best = jac.argmax(1)
         for j in range(sae.width):

@@ -1,22 +1,17 @@
-"""Export a FeatureTree: save/load a run directory, a pandas table, GraphML, and a plotly sunburst.
+"""Export a FeatureTree: save/load a run directory, a pandas table, GraphML, and the plotly figures.
 
 On disk a tree is `config.json`, `tree.json` (networkx node-link JSON) and `saes/<rung>/` (SAELens
-layout); every file is written atomically and nothing else in the directory is touched. The sunburst
-is the tree drawn as rings, one per rung of the ladder (narrowest innermost), with sector sizes
-    value(node) = max(freq(node), sum(value(child)))
-so plotly's branchvalues="total" rule (a parent is at least the sum of its children) always holds.
+layout); every file is written atomically and nothing else in the directory is touched. The figures
+(sunburst, icicle, write_sunburst, write_explorer) live in featuretree.explore and are re-exported here.
 torch, the tree module and plotly are imported inside the functions that need them, so tables and
 GraphML work on a bare nx.DiGraph and importing this module never pulls in training code.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import logging
-import math
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,11 +20,19 @@ import networkx as nx
 import pandas as pd
 
 from featuretree.config import Config, FeatureTreeError
-from featuretree.utils import atomic_path, rung_key, tree_edge, write_json, write_text
+from featuretree.explore import icicle, sunburst, write_explorer, write_sunburst  # noqa: F401 (re-exported)
+from featuretree.utils import (
+    atomic_path,
+    graph_of,
+    rung_key,
+    rung_of,
+    store_path,
+    tree_edge,
+    tree_parent,
+    write_json,
+)
 
 if TYPE_CHECKING:
-    import plotly.graph_objects as go
-
     from featuretree.tree import FeatureTree
 
 log = logging.getLogger(__name__)
@@ -41,28 +44,7 @@ _FRAME_COLUMNS = ["node", "rung", "width", "index", "freq", "label", "parent", "
 _EDGE_COLUMNS = ["parent", "child", "coverage", "reverse", "cos", "kind"]
 
 
-# ---- helpers over a plain graph ----------------------------------------------------------------------
-def _graph(tree) -> nx.DiGraph:
-    return tree if isinstance(tree, nx.Graph) else tree.graph
-
-
-def _rung_of(g: nx.DiGraph, n: str) -> str:
-    return str(g.nodes[n].get("rung") or str(n).rsplit("/", 1)[0])
-
-
-def _rungs(tree) -> list[str]:
-    g = _graph(tree)
-    names = {_rung_of(g, n) for n in g if not g.nodes[n].get("virtual")}
-    names |= set(getattr(tree, "saes", None) or {}) | set(g.graph.get("rungs") or [])
-    return sorted(names, key=rung_key)
-
-
-def _parent(g: nx.DiGraph, n: str) -> str | None:
-    """The primary parent feature of `n`; None under the virtual root."""
-    p, _ = tree_edge(g, n)
-    return None if p is None or g.nodes[p].get("virtual") else p
-
-
+# ---- helpers -----------------------------------------------------------------------------------------
 def _plain(v: Any) -> Any:
     """A JSON-safe copy: numpy/torch scalars and arrays -> Python, tuples/sets -> lists, Paths -> str."""
     if v is None or isinstance(v, (bool, int, float, str)):
@@ -109,10 +91,14 @@ def save(tree: FeatureTree, path: str | os.PathLike) -> Path:
         tree.saes[rung].save(path / SAES_DIR / _check_rung_name(rung))
     write_json(path / CONFIG_FILE, tree.config.to_dict() if tree.config is not None else {})
     data = _plain(nx.node_link_data(tree.graph, edges="edges"))
+    store = store_path(tree)
+    if store is not None and store.is_dir():  # saved elsewhere than its run: point back at the run's store
+        tree.graph.graph["acts"] = data["graph"]["acts"] = os.path.relpath(store, path)  # tree.path moves below
     data["saes"] = rungs  # which saes/ subdirectories belong to this tree (stale ones may linger)
     write_json(path / TREE_FILE, data)
     log.info("saved %d nodes, %d edges and %d dictionaries to %s", tree.graph.number_of_nodes(),
              tree.graph.number_of_edges(), len(rungs), path)
+    tree.path = path
     return path
 
 
@@ -166,7 +152,7 @@ def load(path: str | os.PathLike) -> FeatureTree:
         except FeatureTreeError as e:
             raise FeatureTreeError(f"rung {rung!r} listed in {path / TREE_FILE} cannot be loaded: {e}") from e
     log.info("loaded %d nodes and %d dictionaries from %s", graph.number_of_nodes(), len(saes), path)
-    return FeatureTree(graph, saes, config)
+    return FeatureTree(graph, saes, config, path)
 
 
 # ---- tables ------------------------------------------------------------------------------------------
@@ -185,11 +171,11 @@ def to_frame(tree, *, edges: bool = False) -> pd.DataFrame:
         >>> to_frame(g, edges=True).child.tolist()
         ['w8/1']
     """
-    g = _graph(tree)
+    g = graph_of(tree)
     if edges:
         rows = [{"parent": p, "child": c, **{k: d.get(k) for k in _EDGE_COLUMNS[2:]}} for p, c, d in g.edges(data=True)]
         return pd.DataFrame(rows, columns=_EDGE_COLUMNS)
-    parent = {n: _parent(g, n) for n in g}
+    parent = {n: tree_parent(g, n) for n in g}
     depth: dict[str, int] = {}
     for n in g:
         chain, m = [], n
@@ -204,7 +190,7 @@ def to_frame(tree, *, edges: bool = False) -> pd.DataFrame:
         if d.get("virtual"):
             continue
         p, e = parent[n], tree_edge(g, n)[1]  # under the virtual root: parent None, kind "top" / "novel"
-        rows.append({"node": n, "rung": _rung_of(g, n), "width": d.get("width"), "index": d.get("index"),
+        rows.append({"node": n, "rung": rung_of(g, n), "width": d.get("width"), "index": d.get("index"),
                      "freq": d.get("freq"), "label": d.get("label", n), "parent": p, "coverage": e.get("coverage"),
                      "cos": e.get("cos"), "kind": e.get("kind"), "depth": depth[n], "n_children": g.out_degree(n),
                      "top_tokens": list(d.get("top_tokens") or []), "top_contexts": list(d.get("top_contexts") or [])})
@@ -243,7 +229,7 @@ def to_graphml(tree, path: str | os.PathLike) -> Path:
         >>> from_graphml(p).nodes["w2/0"]["top_tokens"]
         ['dog', 'cat']
     """
-    g = _graph(tree)
+    g = graph_of(tree)
     nodes = {n: _plain(d) for n, d in g.nodes(data=True)}
     edges = {(p, c): _plain(d) for p, c, d in g.edges(data=True)}
     graph = _plain(g.graph)
@@ -294,145 +280,3 @@ def from_graphml(path: str | os.PathLike) -> nx.DiGraph:
     for _, _, d in g.edges(data=True):
         decode(d, enc.get("edge", []))
     return g
-
-
-# ---- sunburst ----------------------------------------------------------------------------------------
-_MARK = re.compile(r"«([^«»]*)»")
-
-
-def _esc(text: Any, limit: int | None = None) -> str:
-    s = str(text)
-    if limit is not None and len(s) > limit:
-        s = s[: limit - 1] + "…"
-    return html.escape(s)
-
-
-def _hover(n: str, d: dict, p: str | None, e: dict) -> str:
-    lines = [f"<b>{_esc(n)}</b>  {_esc(d.get('label') or n, 120)}",
-             f"width {_esc(d.get('width', '?'))} · fires on {100 * float(d.get('freq') or 0):.3g}% of tokens"]
-    if p is not None:
-        cov, cos = e.get("coverage"), e.get("cos")
-        lines.append(f"parent {_esc(p)}: coverage {_fmt(cov)} · cos {_fmt(cos)}")
-    for c in list(d.get("top_contexts") or [])[:3]:
-        # escape first, then bold the «firing token»: corpus text can never inject markup
-        lines.append("• " + _MARK.sub(r"<b>«\1»</b>", _esc(c, 120)))
-    return "<br>".join(lines)
-
-
-def _fmt(x: Any) -> str:
-    return f"{float(x):.2f}" if isinstance(x, (int, float)) else "?"
-
-
-def sunburst(tree, *, root: str | None = None, max_depth: int | None = None, color: str = "rung") -> go.Figure:
-    """A plotly sunburst of the tree: ring 1 = the narrowest rung, ring 2 = the next, and so on.
-
-    Without `root` it starts from the parentless features of the narrowest rung (novel features and
-    anything not under them are left out, and counted in the log); with `root` (a node id) that node is
-    the center and only its subtree is drawn. Sector size is the firing frequency, made valid for
-    branchvalues="total" as value = max(freq, sum of children's values). `max_depth` rings are shown at
-    once (click a sector to zoom in). `color` is "rung" (one colour per rung) or "coverage" (P(parent
-    fires | child fires), continuous; roots are drawn at 1). All corpus text is HTML-escaped.
-    `fig.write_html(path)` inlines plotly.js (include_plotlyjs=True, the default), so the file is
-    self-contained (~5 MB) and opens offline; `write_sunburst` does that atomically.
-
-    Example:
-        >>> import networkx as nx
-        >>> g = nx.DiGraph(); g.add_node("w2/0", rung="w2", freq=0.5, label="animals")
-        >>> g.add_node("w8/1", rung="w8", freq=0.3, label="dogs"); g.add_edge("w2/0", "w8/1")
-        >>> fig = sunburst(g)
-        >>> list(fig.data[0].ids), list(fig.data[0].parents), list(fig.data[0].values)
-        (['w2/0', 'w8/1'], ['', 'w2/0'], [0.5, 0.3])
-    """
-    import plotly.colors
-    import plotly.graph_objects as go
-
-    if color not in ("rung", "coverage"):
-        raise FeatureTreeError(f"color={color!r} is not supported: use color='rung' or color='coverage'")
-    if max_depth is not None and int(max_depth) < 1:
-        raise FeatureTreeError(f"max_depth={max_depth} must be at least 1 (or None for every ring)")
-    g = _graph(tree)
-    rungs = _rungs(tree)
-    novel = {n for n, d in g.nodes(data=True) if d.get("novel")}
-    if root is not None and root not in g:
-        raise FeatureTreeError(f"unknown node {root!r}: ids look like 'w1024/311'; list them with ft.to_frame(tree)")
-    virtual = {n for n, d in g.nodes(data=True) if d.get("virtual")}
-    children: dict[str, list[str]] = {}
-    parent_of: dict[str, str | None] = {}
-    for n in g:
-        if n in virtual:
-            continue
-        p = parent_of[n] = _parent(g, n)
-        if p is not None and n not in novel:
-            children.setdefault(p, []).append(n)
-    if root is not None and root not in virtual:
-        tops = [root]
-    else:
-        tops = [n for n, p in parent_of.items() if p is None and n not in novel and rungs and _rung_of(g, n) == rungs[0]]
-    order, seen, stack = [], set(), list(reversed(tops))
-    while stack:  # preorder: every parent before its descendants
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        order.append(n)
-        stack.extend(reversed(children.get(n, [])))
-    value: dict[str, float] = {}
-    for n in reversed(order):  # bottom-up; fsum so plotly's own summation cannot exceed the parent
-        kids = math.fsum(value[c] for c in children.get(n, []) if c in value)
-        value[n] = max(float(g.nodes[n].get("freq") or 0.0), kids)
-    n_features = g.number_of_nodes() - len(virtual)
-    if root is None or root in virtual:
-        log.info("sunburst: %d of %d features shown; %d left out (novel, or not under a %s root)",
-                 len(order), n_features, n_features - len(order), rungs[0] if rungs else "?")
-    else:
-        log.info("sunburst of %s: %d features in its subtree", root, len(order))
-
-    top_set = set(tops)
-    parents = ["" if n in top_set else parent_of[n] for n in order]
-    # hover and colour use the real parent edge, also for a `root` drawn as the center
-    edge = {n: g.edges[parent_of[n], n] if parent_of[n] is not None else {} for n in order}
-    labels = [_esc(g.nodes[n].get("label") or n) for n in order]
-    hover = [_hover(n, g.nodes[n], parent_of[n], edge[n]) for n in order]
-    shown_rungs = sorted({_rung_of(g, n) for n in order}, key=rung_key)
-    # white borders only around sectors big enough to see: on thousands of slivers they wash the colour out
-    total = math.fsum(value[n] for n in tops if n in value) or 1.0
-    line = dict(color="white", width=[0.5 if value[n] >= 2e-3 * total else 0.0 for n in order])
-    if color == "rung":
-        palette = plotly.colors.qualitative.Plotly + plotly.colors.qualitative.D3
-        colour_of = {r: palette[i % len(palette)] for i, r in enumerate(rungs)}
-        marker = dict(colors=[colour_of[_rung_of(g, n)] for n in order], line=line)
-        key = " ".join(f'<span style="color:{colour_of[r]}">■ {_esc(r)}</span>' for r in shown_rungs)
-    else:
-        covs = [float(c) if isinstance(c := edge[n].get("coverage"), (int, float)) else 1.0 for n in order]
-        marker = dict(colors=covs, colorscale="Viridis", cmin=0.0, cmax=1.0, showscale=True,
-                      colorbar=dict(title=dict(text="coverage")), line=line)
-        key = "colour = coverage P(parent | child)"
-    where = f"subtree of {_esc(root)}: " if root is not None else ""
-    title = f"{where}{len(order)} features in {len(shown_rungs)} rungs"
-    fig = go.Figure(go.Sunburst(
-        ids=order, parents=parents, labels=labels, values=[value[n] for n in order], branchvalues="total",
-        hovertext=hover, hoverinfo="text", textinfo="label", marker=marker, insidetextorientation="radial",
-        leaf=dict(opacity=1.0),  # plotly fades leaves by default, which would blur the one-colour-per-rung key
-        maxdepth=int(max_depth) if max_depth is not None else -1))
-    fig.update_layout(title=dict(text=title, subtitle=dict(text=key), x=0.5), margin=dict(t=70, l=10, r=10, b=10))
-    return fig
-
-
-def write_sunburst(tree, path: str | os.PathLike, **kw) -> Path:
-    """Write `sunburst(tree, **kw)` as one self-contained HTML file (plotly.js inlined), atomically.
-
-    Example:
-        >>> import tempfile, pathlib, networkx as nx
-        >>> g = nx.DiGraph(); g.add_node("w2/0", rung="w2", freq=0.5)
-        >>> p = write_sunburst(g, pathlib.Path(tempfile.mkdtemp()) / "sunburst.html")
-        >>> p.stat().st_size > 1_000_000
-        True
-    """
-    fig = sunburst(tree, **kw)
-    page = fig.to_html(include_plotlyjs=True, full_html=True, default_height="97vh")
-    title = fig.layout.title.text or ""  # already escaped, and free of markup
-    # a page title, and no body margin (plotly sizes the plot to 100% of the body, so a margin scrolls)
-    page = page.replace("<head>", f"<head><title>featuretree · {title}</title><style>body {{margin: 0}}</style>", 1)
-    write_text(path, page)
-    log.info("wrote sunburst to %s (%.1f MB)", path, Path(path).stat().st_size / 1e6)
-    return Path(path)

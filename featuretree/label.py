@@ -126,11 +126,13 @@ def family_words(docs: dict[str, list[str]], parent: dict[str, Any], n_words: in
     return out
 
 
-def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int = 5, n_tokens: int = 5) -> None:
+def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int = 5, n_tokens: int = 5,
+             parent_docs: dict[str, list[str]] | None = None) -> None:
     """Fill each node's `top_tokens`, `top_contexts`, `words` (vs parent and siblings) and `label` (in place).
 
     `codes` maps rung -> (values (n, k), indices (n, k)) for the rows of `tokens` (columns token_id,
-    doc_id, start, end); `acts` supplies `texts()` and `token_strings()`.
+    doc_id, start, end); `acts` supplies `texts()` and `token_strings()`. `parent_docs` ({node: contexts})
+    adds the contexts of parents that are not being labelled, so children are told apart from them too.
 
     Example:
         >>> annotate(tree, codes, acts.tokens("heldout"), acts)  # doctest: +SKIP
@@ -171,7 +173,7 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
             node["top_contexts"] = ctx_of.get(int(f), [])
     # distinctive words against the parent and siblings (top-level features: against each other)
     parent = {n: tree_edge(g, n)[0] for n in all_docs if n in g}
-    words = family_words(all_docs, parent)
+    words = family_words({**(parent_docs or {}), **all_docs}, parent)
     for nid in parent:
         node = g.nodes[nid]
         node["words"] = words.get(nid, [])

@@ -1,45 +1,180 @@
-"""find: which nodes of a tree answer a query (a phrase or example texts), by how much more they fire on it.
+"""Depth-first refinement: train a small dictionary only where one feature fires, hang its features below it.
 
-    score(node) = log((rate_query + eps) / (freq + eps)) - max(0, log((rate_neg + eps) / (freq + eps)))
-                  + label_weight * (query words found in the node's label, top tokens or distinctive words)
-
-`rate_query` is the share of the query's tokens on which the node fires (the same firing rule as `link`),
-`freq` its firing rate on the run's held-out tokens (the baseline), `rate_neg` the share on the negative
-examples; eps = 1 / (number of query tokens) keeps a node that never fires on the query from scoring.
+refine(tree, node): scan the run's activation store, then stream more of the corpus through the model,
+keeping the tokens where `node` fires (its *region*); train a local TopK dictionary of `width` features on
+the region alone; link its features to `node` by the ladder's rules; recurse into children that still have
+`min_tokens` tokens. A local feature only exists inside its parent's region, so firing is gated:
+    fires(node/r64/i, token) = fires(node, token) and local feature i fires on it (value >= its fire_at)
+hence coverage P(node | child) = 1, `reverse` = P(child | node) is the child's share of the region, and its
+corpus-wide `freq` = freq(node) x reverse. search(tree, query) walks down from the top, each step taking the
+child that answers the query best (`find`'s score), and refines a leaf when it runs out of children.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import random
 import re
 import tempfile
-from typing import Any
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from featuretree.config import FeatureTreeError
+from featuretree.utils import rung_key, store_path
+
+if TYPE_CHECKING:  # imported inside the functions: `import featuretree` imports this module and must stay light
+    import scipy.sparse as sp
+    import torch
 
 log = logging.getLogger(__name__)
 
-_WORD = re.compile(r"[a-z][a-z-]{2,}")
+_TOKEN_COLUMNS = ["token_id", "doc_id", "start", "end"]
 
 
-def _texts(query: Any, what: str) -> list[str]:
-    texts = [query] if isinstance(query, str) else list(query or [])
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    if what == "query" and not texts:
-        raise FeatureTreeError("the query is empty: give a word or phrase, or a list of example texts")
-    return texts
+# ---- firing of any node, refined ones included --------------------------------------------------------
+def gate_of(tree, rung: str) -> str | None:
+    """The node a refined rung was trained under ("w512/7" for "w512/7/r64"); None for a ladder rung.
+
+    Example:
+        >>> import networkx as nx
+        >>> from featuretree.tree import FeatureTree
+        >>> t = FeatureTree(nx.DiGraph(refined={"w512/7/r64": {"parent": "w512/7"}}))
+        >>> gate_of(t, "w512/7/r64"), gate_of(t, "w512")
+        ('w512/7', None)
+    """
+    info = (tree.graph.graph.get("refined") or {}).get(rung)
+    return info["parent"] if info else None
 
 
-def _is_content(token: str) -> bool:
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+def _thresholds(tree) -> dict[str, np.ndarray]:
+    """{rung: fire_at per feature} from the nodes' `fire_at` (inf for features that never fired when linked)."""
+    out: dict[str, np.ndarray] = {}
+    for _, d in tree.graph.nodes(data=True):
+        r, at = d.get("rung"), d.get("fire_at")
+        if r in tree.saes and at is not None:
+            if r not in out:
+                out[r] = np.full(tree.saes[r].width, np.inf)
+            out[r][int(d["index"])] = float(at)
+    return out
 
-    t = token.replace("##", "").replace("Ġ", "").replace("▁", "").strip().lower()
-    return any(c.isalnum() for c in t) and t not in ENGLISH_STOP_WORDS
+
+def fire_rungs(tree, x: torch.Tensor, rungs=None) -> dict[str, sp.csr_matrix]:
+    """Firing matrix (n, width) of each rung on activations `x`, with the tree's own firing rule.
+
+    Thresholds are the `fire_at` stored on the nodes (trees linked before they were stored measure them
+    on `x`). A refined rung fires only where the node it was trained under fires (its gate), so the
+    rungs it hangs from are computed too. `rungs=None` means every dictionary of the tree.
+
+    Example:
+        >>> F = fire_rungs(tree, acts.load("heldout"), ["w512"])["w512"]  # doctest: +SKIP
+        >>> F.shape  # doctest: +SKIP
+        (60000, 512)
+    """
+    import scipy.sparse as sp
+    import torch
+
+    from featuretree.tree import fire
+
+    g = tree.graph
+    rel = g.graph.get("fire_rel", 0.25)
+    want = list(tree.saes) if rungs is None else list(rungs)
+    unknown = [r for r in want if r not in tree.saes]
+    if unknown:
+        raise FeatureTreeError(f"the tree has no dictionary for rung(s) {unknown}: its rungs are {tree.rungs}")
+    needed, todo = set(want), list(want)
+    while todo:  # add the rungs each refined rung is gated by
+        gate = gate_of(tree, todo.pop())
+        if gate is not None and (pr := str(g.nodes[gate]["rung"])) not in needed:
+            needed.add(pr)
+            todo.append(pr)
+    at_of = _thresholds(tree)
+    n = x.shape[0]
+    out: dict[str, sp.csr_matrix] = {}
+    for r in sorted(needed, key=rung_key):  # a gate's rung always sorts before the rungs it gates
+        sae, gate = tree.saes[r], gate_of(tree, r)
+        if gate is None:
+            out[r] = fire(sae, x, rel, at_of.get(r))[2]
+            continue
+        rows = out[str(g.nodes[gate]["rung"])][:, int(g.nodes[gate]["index"])].nonzero()[0]
+        local = fire(sae, x[torch.from_numpy(rows)], rel, at_of.get(r))[2]  # (len(rows), width)
+        lift = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, np.arange(len(rows)))), shape=(n, len(rows)))
+        out[r] = (lift @ local).tocsr()  # (n, width): zero outside the gate
+    return {r: out[r] for r in want}
+
+
+def node_mask(tree, node: str, x: torch.Tensor) -> np.ndarray:
+    """Bool (n,): where `node` fires on the rows of `x` (gated through every refinement above it).
+
+    Example:
+        >>> node_mask(tree, "w512/7", acts.load("heldout")).mean()  # doctest: +SKIP
+        0.004
+    """
+    d = tree.node(node)
+    if d.get("virtual"):
+        return np.ones(x.shape[0], dtype=bool)
+    F = fire_rungs(tree, x, [str(d["rung"])])[str(d["rung"])]
+    return np.asarray(F[:, int(d["index"])].todense()).ravel() > 0
+
+
+# ---- the tokens where a node fires ----------------------------------------------------------------------
+@dataclass
+class Region:
+    """Tokens where a node fires: activations `x` (n, d_model), `tokens` (token_id, doc_id, start, end; doc
+    ids key `docs`), and how to spell token ids. It answers `texts()` / `token_strings()` like a store.
+
+    Example:
+        >>> import torch
+        >>> r = Region(torch.zeros(2, 4), pd.DataFrame({"token_id": [5, 6], "doc_id": [0, 0], "start": [0, 4],
+        ...            "end": [3, 7]}), {0: "cat sat"}, None)
+        >>> len(r.subset(np.array([True, False]))), r.token_strings([5])
+        (1, ['5'])
+    """
+
+    x: torch.Tensor
+    tokens: pd.DataFrame
+    docs: dict[int, str]
+    spell: Callable[[Any], list[str]] | None
+    n_scanned: int = 0
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def texts(self) -> dict[int, str]:
+        return self.docs
+
+    def token_strings(self, ids: Any) -> list[str]:
+        ids = list(np.asarray(ids).reshape(-1))
+        return self.spell(ids) if self.spell is not None else [str(int(i)) for i in ids]
+
+    def subset(self, mask: np.ndarray) -> Region:
+        import torch
+
+        mask = np.asarray(mask, dtype=bool)
+        tokens = self.tokens[mask].reset_index(drop=True) if len(self.tokens) == len(mask) else self.tokens
+        return replace(self, x=self.x[torch.from_numpy(mask)], tokens=tokens)
+
+    @property
+    def has_text(self) -> bool:
+        return bool(self.docs) and len(self.tokens) == len(self)
+
+
+@contextlib.contextmanager
+def _quiet(name: str = "featuretree.activations") -> Iterator[None]:
+    """Silence a logger's warnings (e.g. "the corpus has only N tokens", expected for small chunks)."""
+    quiet = logging.getLogger(name)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
 
 
 def _model_of(tree, model):
@@ -51,36 +186,403 @@ def _model_of(tree, model):
     return load_model(model if model is not None else tree.config.model)
 
 
+def _layer_of(tree, layer: int | None) -> int:
+    if layer is not None:
+        return int(layer)
+    if tree.config is None:
+        raise FeatureTreeError("this tree has no config to say which layer it was built on: pass layer=...")
+    return int(tree.config.layer)
+
+
+class _Collector:
+    """Accumulates the region's rows from successive sources, re-keying their documents."""
+
+    def __init__(self, tree, node: str, max_tokens: int) -> None:
+        self.tree, self.node, self.max_tokens = tree, node, max_tokens
+        self.xs: list[torch.Tensor] = []
+        self.toks: list[pd.DataFrame] = []
+        self.docs: dict[int, str] = {}
+        self.doc_key: dict[str, int] = {}
+        self.spell: Callable | None = None
+        self.n = self.n_scanned = 0
+
+    def add(self, x: torch.Tensor, tokens: pd.DataFrame | None, texts: dict[int, str] | None) -> None:
+        self.n_scanned += x.shape[0]
+        if self.n >= self.max_tokens or x.shape[0] == 0:
+            return
+        import torch
+
+        keep = np.flatnonzero(node_mask(self.tree, self.node, x))[: self.max_tokens - self.n]
+        if keep.size == 0:
+            return
+        self.xs.append(x[torch.from_numpy(keep)])
+        self.n += keep.size
+        if tokens is not None and texts is not None:
+            t = tokens.iloc[keep][_TOKEN_COLUMNS].reset_index(drop=True)
+            new_ids = []
+            for d in t["doc_id"].tolist():
+                text = texts.get(int(d), "")
+                if text not in self.doc_key:
+                    self.doc_key[text] = len(self.doc_key)
+                    self.docs[self.doc_key[text]] = text
+                new_ids.append(self.doc_key[text])
+            t["doc_id"] = np.asarray(new_ids, dtype=np.int64)
+            self.toks.append(t)
+
+    def region(self, d_model: int) -> Region:
+        import torch
+
+        x = torch.cat(self.xs) if self.xs else torch.empty(0, d_model)
+        n_tok = sum(len(t) for t in self.toks)
+        tokens = (pd.concat(self.toks, ignore_index=True) if self.toks and n_tok == x.shape[0]
+                  else pd.DataFrame({c: np.zeros(0, np.int64) for c in _TOKEN_COLUMNS}))
+        return Region(x, tokens, self.docs if len(tokens) else {}, self.spell, self.n_scanned)
+
+
+def collect_region(tree, node: str, *, acts=None, texts=None, model=None, layer: int | None = None,
+                   min_tokens: int = 500, max_tokens: int = 20_000, stream_tokens: int = 100_000,
+                   chunk_docs: int = 1000, seed: int = 0, progress: bool = True) -> Region:
+    """The tokens where `node` fires: from the run's activation store, then from more corpus text.
+
+    `acts` (an Activations store or a Tensor [n, d_model]) replaces the run's own store. Then, while the
+    region holds fewer than `max_tokens`, texts the store did not harvest (`texts`, else the run's corpus)
+    stream through the model in shuffled chunks of `chunk_docs` documents: `stream_tokens` tokens at most,
+    but on to the end of the texts while the region has fewer than `min_tokens`. Too few tokens in the end
+    is an error that says how many were found.
+
+    Example:
+        >>> r = collect_region(tree, "w512/7", max_tokens=5000)  # doctest: +SKIP
+        >>> len(r), r.x.shape[1]  # doctest: +SKIP
+        (5000, 384)
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from featuretree.activations import Activations
+    from featuretree.train import _is_store
+
+    tree.node(node)  # an unknown id is a clear error
+    d_model = next(iter(tree.saes.values())).d_model
+    col = _Collector(tree, node, max_tokens)
+    harvested: set[str] = set()
+    store = acts
+    if store is None and (p := store_path(tree)) is not None and (p / "meta.json").is_file():
+        store = Activations(p)
+    bar = tqdm(total=max_tokens, unit="tok", desc=f"region of {node}", disable=not progress)
+    if store is not None and _is_store(store):
+        doc_texts = store.texts()
+        col.spell = store.token_strings
+        harvested = set(doc_texts.values())
+        for cols in store._rows("all", ("acts", "token_ids", "doc_ids", "starts", "ends"), None):
+            tok = pd.DataFrame({"token_id": cols["token_ids"].numpy(), "doc_id": cols["doc_ids"].numpy(),
+                                "start": cols["starts"].numpy(), "end": cols["ends"].numpy()})
+            before = col.n
+            col.add(cols["acts"].float(), tok, doc_texts)
+            bar.update(col.n - before)
+            bar.set_postfix(scanned=col.n_scanned, refresh=False)
+            if col.n >= max_tokens:
+                break
+    elif store is not None:
+        col.add(torch.as_tensor(store).float(), None, None)
+        bar.update(col.n)
+
+    pool = None
+    if col.n < max_tokens and (texts is not None or tree.config is not None):
+        if texts is not None:
+            from featuretree.activations import _as_texts
+
+            pool = _as_texts(texts)
+        elif acts is None:  # the run's corpus, minus the documents the store harvested
+            from featuretree.corpus import load_corpus
+
+            with contextlib.suppress(FeatureTreeError, OSError, ValueError):
+                pool = load_corpus(tree.config.corpus).texts
+    if pool is not None:
+        order = [i for i in range(len(pool)) if pool[i].strip() and pool[i] not in harvested]
+        random.Random(seed).shuffle(order)
+        budget = col.n_scanned + stream_tokens
+        wrapped = _model_of(tree, model) if order else None
+        at = _layer_of(tree, layer)
+        max_length = tree.config.max_length if tree.config is not None else 128
+        for s in range(0, len(order), chunk_docs):
+            if col.n >= max_tokens or (col.n >= min_tokens and col.n_scanned >= budget):
+                break
+            chunk = [pool[i] for i in order[s:s + chunk_docs]]
+            with _quiet(), tempfile.TemporaryDirectory(prefix="featuretree-stream-") as tmp:
+                from featuretree.activations import collect
+
+                part = collect(wrapped, at, chunk, n_tokens=10**12, out=tmp, progress=False, max_length=max_length)
+                col.spell = col.spell or _vocab_of(part)
+                before = col.n
+                col.add(part.load("all"), part.tokens("all"), part.texts())
+            bar.update(col.n - before)
+            bar.set_postfix(scanned=col.n_scanned, refresh=False)
+    bar.close()
+    region = col.region(d_model)
+    log.info("region of %s: %d tokens from %d scanned", node, len(region), region.n_scanned)
+    if len(region) < min_tokens:
+        raise FeatureTreeError(
+            f"{node} fires on only {len(region)} of the {region.n_scanned} tokens scanned (min_tokens={min_tokens}): "
+            "lower min_tokens, refine a coarser node, or give more texts (texts=...)")
+    return region
+
+
+def _vocab_of(store) -> Callable[[Any], list[str]]:
+    import json
+
+    vocab = json.loads((store.path / "vocab.json").read_text(encoding="utf-8"))
+    return lambda ids: [vocab[int(i)] or "" for i in ids]
+
+
+# ---- refine ------------------------------------------------------------------------------------------
+def _schedule(n: int, batch_size: int, epochs: int, min_steps: int = 300) -> tuple[int, int]:
+    """(batch size, epochs) for a small local dictionary: at least `min_steps` steps, at most 200 epochs."""
+    bs = int(min(batch_size, max(32, n // 8)))
+    return bs, int(min(200, max(epochs, math.ceil(min_steps * bs / max(n, 1)))))
+
+
+def _drop_subtree(tree, rung: str) -> None:
+    """Remove an earlier refinement `rung` (and everything refined below it) from `tree`, in place."""
+    g = tree.graph
+    prefix = rung + "/"
+    gone = [r for r in tree.saes if r == rung or r.startswith(prefix)]
+    for r in gone:
+        tree.saes.pop(r, None)
+        g.graph.get("refined", {}).pop(r, None)
+    g.remove_nodes_from([n for n in list(g) if n.startswith(prefix)])
+
+
+def _train_local(tree, node: str, region: Region, width: int, k: int, seed: int):
+    import torch
+
+    from featuretree.train import train_ladder
+
+    cfg = tree.config
+    held = (region.tokens["doc_id"].to_numpy() % 10 == 0) if region.has_text and len(region) >= 1000 else None
+    if held is not None and (held.all() or not held.any()):
+        held = None
+    x_train = region.x if held is None else region.x[torch.from_numpy(~held)]
+    x_eval = region.x if held is None else region.x[torch.from_numpy(held)]
+    bs, epochs = _schedule(x_train.shape[0], cfg.batch_size if cfg else 1024, cfg.epochs if cfg else 3)
+    return train_ladder(x_train, (width,), k, epochs=epochs, batch_size=bs, seed=seed, progress=False,
+                        eval_acts=x_eval)[width]
+
+
+def _attach_local(tree, node: str, rung: str, sae, region: Region, *, n_contexts: int):
+    """Link the local dictionary's features under `node` (and within the rung) and label them; (n, width) firing."""
+    from featuretree.label import annotate, context
+    from featuretree.tree import _candidates, _cos, attach, fire, node_id
+
+    g = tree.graph
+    cfg = tree.config
+    rel = g.graph.get("fire_rel", 0.25)
+    min_cov = g.graph.get("min_coverage", cfg.min_coverage if cfg else 0.5)
+    within = cfg.within_coverage if cfg else 0.9
+    same = cfg.same_threshold if cfg else 0.9
+    v, i, F, at = fire(sae, region.x, rel, with_thresholds=True)
+    n = len(region)
+    counts = np.asarray(F.sum(0)).ravel()
+    parent = g.nodes[node]
+    p_sae = tree.saes[str(parent["rung"])]
+    p_dir = p_sae.W_dec.detach()[int(parent["index"])]
+    for j in np.flatnonzero(counts):
+        g.add_node(node_id(rung, j), rung=rung, width=sae.width, index=int(j),
+                   freq=float(parent.get("freq") or 0.0) * float(counts[j] / n), fire_at=float(at[j]),
+                   refined=True, n_tokens=int(counts[j]), label=node_id(rung, j), top_tokens=[], top_contexts=[])
+    cands = _candidates([], rung, {rung: F}, min_cov, within)
+    for j in np.flatnonzero(counts):
+        c = node_id(rung, j)
+        if j in cands:  # a local feature covers it and fires more widely: the rung resolves parent and child
+            attach(g, {rung: sae}, rung, int(j), cands[j], same)
+        else:
+            rev = float(counts[j] / n)
+            g.add_edge(node, c, coverage=1.0, reverse=rev, cos=_cos(sae.W_dec.detach()[j], p_dir),
+                       kind="same" if rev >= same else "split", within=False)
+        g.edges[next(iter(g.predecessors(c))), c]["refined"] = True
+    if region.has_text:
+        rng = np.random.default_rng(0)
+        rows = rng.choice(n, size=min(n, 40), replace=False)
+        texts = region.texts()
+        t = region.tokens
+        docs = [context(texts[int(t.doc_id[r])], int(t.start[r]), int(t.end[r])) for r in rows]
+        parent_docs = {node: [c.replace("«", " ").replace("»", " ") for c in docs if c]}
+        annotate(tree, {rung: (v, i)}, region.tokens, region, n_contexts=n_contexts, parent_docs=parent_docs)
+    return F
+
+
+def refine(tree, node: str, *, width: int = 64, depth: int = 1, k: int | None = None, min_tokens: int = 500,
+           max_tokens: int = 20_000, stream_tokens: int = 100_000, max_children: int | None = None,
+           acts=None, texts=None, model=None, layer: int | None = None, n_contexts: int = 5, seed: int | None = None,
+           progress: bool = True):
+    """A new tree in which `node` has children from a `width`-feature dictionary trained only where it fires.
+
+    The region (see `collect_region`: the run's store, then up to `stream_tokens` more corpus tokens, at most
+    `max_tokens`, at least `min_tokens` or an error) trains a TopK dictionary with `k` active features
+    (default min(config k, width / 8)); its features become nodes "<node>/r<width>/<i>" linked by the ladder's
+    rules (coverage 1 by construction, `reverse` = share of the region, kind "same"/"split", within-rung
+    parents where one local feature covers another), labelled against `node` and each other. With depth > 1
+    it recurses depth-first into each child (largest first, `max_children` at most) whose own share of the
+    region still has `min_tokens` tokens. The input tree is not modified; refining a node again with the same
+    width replaces that refinement. Save the result with `ft.save` like any tree.
+
+    Example:
+        >>> deep = refine(tree, "w512/7", width=64, depth=2)  # doctest: +SKIP
+        >>> sorted(deep.graph.successors("w512/7"))[:2]  # doctest: +SKIP
+        ['w512/7/r64/0', 'w512/7/r64/11']
+    """
+    from tqdm.auto import tqdm
+
+    from featuretree.tree import FeatureTree
+
+    width, depth = int(width), int(depth)
+    if depth < 1:
+        raise FeatureTreeError(f"depth={depth} must be at least 1 (levels of refinement below {node!r})")
+    if width < 2:
+        raise FeatureTreeError(f"width={width} must be at least 2 features")
+    cfg = tree.config
+    k = int(k) if k is not None else max(1, min(cfg.k if cfg else 16, width // 8))
+    if not 0 < k < width:
+        raise FeatureTreeError(f"k={k} must be at least 1 and below width={width}")
+    if min_tokens < 1 or max_tokens < min_tokens:
+        raise FeatureTreeError(f"need 1 <= min_tokens ({min_tokens}) <= max_tokens ({max_tokens})")
+    if tree.node(node).get("virtual"):
+        raise FeatureTreeError(f"{node!r} is the virtual root: refine a feature, e.g. one of tree.roots()")
+    seed = int(seed if seed is not None else (cfg.seed if cfg else 0))
+    region = collect_region(tree, node, acts=acts, texts=texts, model=model, layer=layer, min_tokens=min_tokens,
+                            max_tokens=max_tokens, stream_tokens=stream_tokens, seed=seed, progress=progress)
+    new = FeatureTree(tree.graph.copy(), dict(tree.saes), cfg, tree.path)
+    new.graph.graph["refined"] = {r: dict(v) for r, v in (tree.graph.graph.get("refined") or {}).items()}
+    bar = tqdm(desc=f"refine {node}", unit="dict", disable=not progress)
+
+    def grow(at: str, reg: Region, levels: int) -> None:
+        rung = f"{at}/r{width}"
+        _drop_subtree(new, rung)
+        sae = _train_local(new, at, reg, width, k, seed + zlib.crc32(rung.encode()) % 2**20)
+        sae.metadata.update({"featuretree_rung": rung, "refined_from": at})
+        new.saes[rung] = sae
+        new.graph.graph["refined"][rung] = {"parent": at, "width": width, "k": k, "n_tokens": len(reg),
+                                            "n_scanned": reg.n_scanned, "fvu": float(sae.metrics["fvu"])}
+        F = _attach_local(new, at, rung, sae, reg, n_contexts=n_contexts)
+        bar.update(1)
+        bar.set_postfix(node=at, tokens=len(reg), fvu=f"{sae.metrics['fvu']:.3f}", refresh=False)
+        log.info("refined %s: %d tokens -> %s (FVU %.3f, %d live features)", at, len(reg), rung,
+                 sae.metrics["fvu"], int((np.asarray(F.sum(0)).ravel() > 0).sum()))
+        if levels <= 1:
+            return
+        counts = np.asarray(F.sum(0)).ravel()
+        kids = [j for j in np.argsort(-counts, kind="stable") if counts[j] > 0
+                and new.graph.edges[next(iter(new.graph.predecessors(f"{rung}/{j}"))), f"{rung}/{j}"]["kind"] != "same"]
+        for j in kids[:max_children]:
+            if counts[j] < min_tokens:
+                log.info("not refining %s/%d: %d tokens < min_tokens %d", rung, j, counts[j], min_tokens)
+                continue
+            grow(f"{rung}/{j}", reg.subset(np.asarray(F[:, j].todense()).ravel() > 0), levels - 1)
+
+    grow(node, region, depth)
+    bar.close()
+    return new
+
+
+# ---- search ------------------------------------------------------------------------------------------
+def _children(tree, n: str) -> list[str]:
+    from featuretree.tree import ROOT
+
+    if n == ROOT:
+        return tree.roots()
+    return [c for c in tree.graph.successors(n) if not tree.graph.nodes[c].get("virtual")]
+
+
+def search(tree, query, *, max_depth: int = 6, negatives=None, width: int = 64, k: int | None = None,
+           refine_leaves: bool = True, min_tokens: int = 300, max_tokens: int = 20_000,
+           stream_tokens: int = 100_000, texts=None, model=None, layer: int | None = None, progress: bool = True,
+           **find_kw) -> pd.DataFrame:
+    """Targeted depth-first search: from the top, step to the child that answers `query` best, refining leaves.
+
+    At each step the children of the current node (the tree's top-level features first) are scored with
+    `find`'s score; the best child that fires on the query more than it usually does (score > 0) is taken.
+    A node without children is refined (`refine(..., depth=1)`, `width`, `k`, token limits) when
+    `refine_leaves`, so the search goes below the ladder only along the branch it follows (`texts`: what
+    refinement streams instead of the run's corpus). Stops after
+    `max_depth` steps, or when no child answers. Returns the path as a DataFrame (step, node, label, score,
+    query_rate, freq, refined); `path.attrs["tree"]` is the tree with the refinements made on the way.
+
+    Example:
+        >>> path = search(tree, "anthrax", max_depth=6)  # doctest: +SKIP
+        >>> path[["node", "label"]].values.tolist()[-1]  # doctest: +SKIP
+        ['w8192/3683/r64/5', 'anthrax · bacillus · spores']
+    """
+    from featuretree.find import find
+    from featuretree.tree import ROOT
+
+    model = _model_of(tree, model)
+    layer = _layer_of(tree, layer)
+
+    def score(t) -> pd.DataFrame:
+        return find(t, query, negatives=negatives, model=model, layer=layer, top=None, **find_kw).set_index("node")
+
+    scores = score(tree)
+    rows, current = [], ROOT
+    for step in range(int(max_depth)):
+        kids = _children(tree, current)
+        if not kids and refine_leaves and current != ROOT:
+            try:
+                tree = refine(tree, current, width=width, k=k, depth=1, min_tokens=min_tokens, max_tokens=max_tokens,
+                              stream_tokens=stream_tokens, texts=texts, model=model, layer=layer, progress=progress)
+            except FeatureTreeError as e:
+                log.info("search stops at %s: %s", current, e)
+                break
+            scores = score(tree)
+            kids = _children(tree, current)
+        answer = [c for c in kids if c in scores.index and scores.at[c, "score"] > 0 and scores.at[c, "query_rate"] > 0]
+        if not answer:
+            log.info("search stops at %s: none of its %d children answers %r", current, len(kids), query)
+            break
+        best = max(answer, key=lambda c: (scores.at[c, "score"], scores.at[c, "query_rate"]))
+        r = scores.loc[best]
+        rows.append({"step": step, "node": best, "label": r["label"], "score": float(r["score"]),
+                     "query_rate": float(r["query_rate"]), "freq": float(r["freq"]),
+                     "refined": bool(tree.graph.nodes[best].get("refined", False))})
+        current = best
+    path = pd.DataFrame(rows, columns=["step", "node", "label", "score", "query_rate", "freq", "refined"])
+    path.attrs["tree"] = tree
+    return path
+
+
+# ---- query firing rates (used by find and novel) ------------------------------------------------------
+def _is_content(token: str) -> bool:
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    t = token.replace("##", "").replace("Ġ", "").replace("▁", "").strip().lower()
+    return any(c.isalnum() for c in t) and t not in ENGLISH_STOP_WORDS
+
+
 def query_rates(tree, texts: list[str], *, model=None, layer: int | None = None,
                 span: re.Pattern | None = None) -> dict[str, float]:
     """Share of the texts' content tokens on which each node fires: {node id: rate}, for every rung.
 
-    Stop words and punctuation are left out unless the texts have nothing else. The texts go through the tree's model (`model`, else `tree.config.model`) at its layer, then each
-    rung's dictionary with the firing rule `link` used (`fire_rel` from the graph).
+    Stop words and punctuation are left out unless the texts have nothing else; with `span` only tokens
+    inside its matches count. The texts go through the tree's model (`model`, else `tree.config.model`) at its
+    layer, then every dictionary (refined ones gated by their parents) with the tree's firing rule.
+    "_n_tokens" holds the number of tokens counted.
 
     Example:
         >>> query_rates(tree, ["the anthrax bacterium"])["w512/11"]  # doctest: +SKIP
         1.0
     """
-    from featuretree.activations import collect
-    from featuretree.tree import fire
+    import torch
 
+    from featuretree.activations import collect
+
+    wrapped = _model_of(tree, model)
+    layer = _layer_of(tree, layer)
     cfg = tree.config
-    model = _model_of(tree, model)
-    layer = layer if layer is not None else cfg.layer
-    quiet = logging.getLogger("featuretree.activations")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "the corpus has only N tokens" is the point here, not a problem
-    try:
-        with tempfile.TemporaryDirectory(prefix="featuretree-query-") as tmp:
-            acts = collect(model, layer, texts, n_tokens=10**9, out=tmp, progress=False,
-                           max_length=cfg.max_length if cfg is not None else 128)
-            x = acts.load("all")
-            toks = acts.tokens("all")
-            strings = acts.token_strings(toks["token_id"].tolist())
-            docs = acts.texts()
-    finally:
-        quiet.setLevel(level)
+    with _quiet(), tempfile.TemporaryDirectory(prefix="featuretree-query-") as tmp:
+        acts = collect(wrapped, layer, texts, n_tokens=10**9, out=tmp, progress=False,
+                       max_length=cfg.max_length if cfg is not None else 128)
+        x = acts.load("all")
+        toks = acts.tokens("all")
+        strings = acts.token_strings(toks["token_id"].tolist())
+        docs = acts.texts()
     if x.shape[0] == 0:
         raise FeatureTreeError("the query has no tokens the model keeps (only special tokens?): give real text")
     if span is not None:  # corpus contexts of a phrase: only the phrase's own tokens count
@@ -91,80 +593,14 @@ def query_rates(tree, texts: list[str], *, model=None, layer: int | None = None,
         keep = np.array([_is_content(t) for t in strings])
     if keep.any():
         x = x[torch.from_numpy(keep)]
-    fire_rel = tree.graph.graph.get("fire_rel", 0.25)
-    rates: dict[str, float] = {}
     for rung, sae in tree.saes.items():
         if sae.d_model != x.shape[1]:
             raise FeatureTreeError(f"rung {rung} expects d_model {sae.d_model} but the model's layer {layer} "
                                    f"gives {x.shape[1]}: pass the model and layer the tree was built from")
-        _, _, F = fire(sae, x, fire_rel)
+    rates: dict[str, float] = {}
+    for rung, F in fire_rungs(tree, x).items():
         counts = np.asarray(F.sum(0)).ravel()
         for j in np.flatnonzero(counts):
             rates[f"{rung}/{j}"] = float(counts[j] / x.shape[0])
     rates["_n_tokens"] = float(x.shape[0])
     return rates
-
-
-def _corpus_contexts(corpus, phrase: str, n: int) -> tuple[re.Pattern, list[str]]:
-    from featuretree.corpus import load_corpus
-
-    pattern = re.compile(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", re.IGNORECASE)
-    try:
-        texts = load_corpus(corpus).texts
-    except (FeatureTreeError, OSError, ValueError):  # the corpus is gone or was a list: use the phrase alone
-        return pattern, []
-    return pattern, [t for t in texts if pattern.search(t)][:n]
-
-
-def find(tree, query, *, negatives=None, model=None, layer: int | None = None, label_weight: float = 0.5,
-         n_contexts: int = 50, top: int | None = 20) -> pd.DataFrame:
-    """Nodes that answer `query` best first: DataFrame (node, score, label, freq, query_rate, label_hits).
-
-    `query` is a word/phrase or a list of example texts. A word or phrase is looked up in the tree's corpus
-    first: up to `n_contexts` texts containing it become the examples, and only the phrase's own tokens in
-    them count (a model sees "anthrax" in context, not alone); without a corpus hit the phrase itself is
-    the example. `negatives` (optional, same forms) are texts the wanted feature should NOT fire on. See
-    the module docstring for the score. `top=None` returns every node.
-
-    Example:
-        >>> hits = find(tree, "biology")  # doctest: +SKIP
-        >>> hits.iloc[0].node  # doctest: +SKIP
-        'w2048/272'
-    """
-    texts = _texts(query, "query")
-    model = _model_of(tree, model)  # loaded once for the query and the negatives
-    words = set(_WORD.findall(" ".join(texts).lower()))  # label matches use the query's own words
-    span = None
-    if isinstance(query, str) and tree.config is not None and n_contexts > 0:
-        span, found = _corpus_contexts(tree.config.corpus, query.strip(), n_contexts)
-        if found:
-            log.info("find %r: %d corpus texts contain it; scoring its tokens there", query, len(found))
-            texts = found
-        else:
-            span = None
-    rates = query_rates(tree, texts, model=model, layer=layer, span=span)
-    n_q = rates.pop("_n_tokens")
-    neg = {}
-    if negatives is not None and _texts(negatives, "negatives"):
-        neg = query_rates(tree, _texts(negatives, "negatives"), model=model, layer=layer)
-        neg.pop("_n_tokens")
-    eps = 1.0 / n_q
-    rows = []
-    g = tree.graph
-    for n, d in g.nodes(data=True):
-        if d.get("virtual"):
-            continue
-        freq = float(d.get("freq") or 0.0)
-        rate = rates.get(n, 0.0)
-        score = math.log((rate + eps) / (freq + eps))
-        if neg:
-            score -= max(0.0, math.log((neg.get(n, 0.0) + eps) / (freq + eps)))
-        text = " ".join([str(d.get("label", "")), *map(str, d.get("top_tokens") or []), *map(str, d.get("words") or [])])
-        hits = len(words & set(_WORD.findall(text.lower())))
-        rows.append({"node": n, "score": score + label_weight * hits, "label": d.get("label", n), "freq": freq,
-                     "query_rate": rate, "label_hits": hits})
-    df = pd.DataFrame(rows, columns=["node", "score", "label", "freq", "query_rate", "label_hits"])
-    df = df.sort_values(["score", "query_rate"], ascending=False, kind="stable").reset_index(drop=True)
-    log.info("find %r: %d query tokens; best %s (score %.2f)", texts[0][:40], int(n_q),
-             df.node.iloc[0] if len(df) else None, df.score.iloc[0] if len(df) else float("nan"))
-    return df.head(top) if top is not None else df

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -36,7 +37,9 @@ class FeatureTree:
     """A feature hierarchy: `graph` (nx.DiGraph, edges parent -> child), the dictionaries, the config.
 
     Nodes are ids like "w1024/311" with attributes width, index, rung, freq, label, top_tokens,
-    top_contexts; edges carry cos, coverage and kind. `saes` maps rung names ("w1024") to TopKSAE.
+    top_contexts; edges carry cos, coverage and kind. `saes` maps rung names ("w1024", and refined rungs
+    like "w1024/311/r64") to TopKSAE. `path` is the run directory (set by `build(out=...)`, `save`, `load`):
+    refinement finds the run's activation store through it.
 
     Example:
         >>> t = FeatureTree(nx.DiGraph(), {}, Config())
@@ -47,6 +50,7 @@ class FeatureTree:
     graph: nx.DiGraph
     saes: dict[str, TopKSAE] = field(default_factory=dict)
     config: Config | None = None
+    path: Path | None = field(default=None, compare=False)  # the run directory it was saved to / loaded from
 
     @property
     def rungs(self) -> list[str]:
@@ -120,23 +124,17 @@ def encode_all(sae: TopKSAE, batches) -> tuple[np.ndarray, np.ndarray]:
         vals.append(v.numpy())
         idxs.append(i.numpy())
     if not vals:
-        raise FeatureTreeError("no held-out tokens to link on: collect more tokens or pass a larger tensor")
+        return np.zeros((0, sae.k), np.float32), np.zeros((0, sae.k), np.int64)
     return np.concatenate(vals), np.concatenate(idxs)
 
 
-def drop_weak(values: np.ndarray, indices: np.ndarray, width: int, rel: float = 0.25) -> np.ndarray:
-    """Zero each activation below `rel` x its feature's 90th-percentile activation (TopK's forced filler).
-
-    TopK makes exactly k features active on every token, so tokens with fewer real features get small
-    filler activations; counting those as firing blurs co-activation (measured on planted data: firing-set
-    Jaccard of root latents rose from 0.57 to 0.9 with rel 0.25-0.3).
+def thresholds(values: np.ndarray, indices: np.ndarray, width: int, rel: float = 0.25) -> np.ndarray:
+    """Per-feature firing threshold: `rel` x the feature's 90th-percentile positive activation (0 if it never fires).
 
     Example:
-        >>> drop_weak(np.array([[2.0, 0.1], [2.0, 0.1]]), np.array([[0, 1], [0, 2]]), 3).tolist()
-        [[2.0, 0.1], [2.0, 0.1]]
+        >>> thresholds(np.array([[2.0, 0.1], [2.0, 0.1]]), np.array([[0, 1], [0, 1]]), 3).tolist()
+        [0.5, 0.025, 0.0]
     """
-    if rel <= 0:
-        return values
     flat_i, flat_v = indices.reshape(-1), values.reshape(-1)
     on = flat_v > 0
     q90 = np.zeros(width, dtype=np.float64)
@@ -144,7 +142,27 @@ def drop_weak(values: np.ndarray, indices: np.ndarray, width: int, rel: float = 
         df = pd.DataFrame({"f": flat_i[on], "v": flat_v[on]})
         qs = df.groupby("f")["v"].quantile(0.9)
         q90[qs.index.to_numpy()] = qs.to_numpy()
-    return np.where(values >= rel * q90[indices], values, 0.0).astype(values.dtype)
+    return rel * q90
+
+
+def drop_weak(values: np.ndarray, indices: np.ndarray, width: int, rel: float = 0.25,
+              at: np.ndarray | None = None) -> np.ndarray:
+    """Zero each activation below `rel` x its feature's 90th-percentile activation (TopK's forced filler).
+
+    TopK makes exactly k features active on every token, so tokens with fewer real features get small
+    filler activations; counting those as firing blurs co-activation (measured on planted data: firing-set
+    Jaccard of root latents rose from 0.57 to 0.9 with rel 0.25-0.3). `at` gives the thresholds (one per
+    feature, e.g. the `fire_at` that `link` stored) instead of measuring them on `values`.
+
+    Example:
+        >>> drop_weak(np.array([[2.0, 0.1], [2.0, 0.1]]), np.array([[0, 1], [0, 2]]), 3).tolist()
+        [[2.0, 0.1], [2.0, 0.1]]
+    """
+    if at is None:
+        if rel <= 0:
+            return values
+        at = thresholds(values, indices, width, rel)
+    return np.where((values >= at[indices]) & (values > 0), values, 0.0).astype(values.dtype)
 
 
 def firing_matrix(values: np.ndarray, indices: np.ndarray, width: int) -> sp.csr_matrix:
@@ -163,10 +181,13 @@ def firing_matrix(values: np.ndarray, indices: np.ndarray, width: int) -> sp.csr
     return m
 
 
-def fire(sae: TopKSAE, x: torch.Tensor, fire_rel: float = 0.25) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
+def fire(sae: TopKSAE, x: torch.Tensor, fire_rel: float = 0.25, at: np.ndarray | None = None, *,
+         with_thresholds: bool = False) -> tuple:
     """Encode `x` and apply the firing rule: (values with weak ones zeroed, indices, firing matrix (n, width)).
 
-    The one definition of "feature j fires on token i" used by linking, labels and evaluation.
+    The one definition of "feature j fires on token i" used by linking, labels, refinement and evaluation.
+    `at` (width,) holds fixed thresholds (a tree's stored `fire_at`); without it they are measured on `x`
+    (`with_thresholds=True` appends them to the result).
 
     Example:
         >>> v, i, F = fire(TopKSAE(8, 32, 2), torch.randn(5, 8))
@@ -174,8 +195,11 @@ def fire(sae: TopKSAE, x: torch.Tensor, fire_rel: float = 0.25) -> tuple[np.ndar
         (5, 32)
     """
     v, i = encode_all(sae, iter_batches(x, 8192, shuffle=False))
-    v = drop_weak(v, i, sae.width, fire_rel)
-    return v, i, firing_matrix(v, i, sae.width)
+    if at is None:
+        at = thresholds(v, i, sae.width, fire_rel)
+    v = drop_weak(v, i, sae.width, fire_rel, at)
+    F = firing_matrix(v, i, sae.width)
+    return (v, i, F, at) if with_thresholds else (v, i, F)
 
 
 def coverage_matrix(child: sp.csr_matrix, parent: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
@@ -270,34 +294,28 @@ def link(saes, acts, *, min_coverage: float = Config.min_coverage, same_threshol
     if x_eval.shape[-1] != next(iter(d_models)):
         raise FeatureTreeError(f"activations have d_model {x_eval.shape[-1]} but the dictionaries expect {next(iter(d_models))}")
     n = x_eval.shape[0]
+    if n == 0:
+        raise FeatureTreeError("no held-out tokens to link on: collect more tokens or pass a larger tensor")
 
     codes, fires = {}, {}
     g = nx.DiGraph(rungs=rungs, n_tokens=int(n), min_coverage=min_coverage, fire_rel=fire_rel)
+    if _is_store(acts):  # where refine finds the tokens again (build makes it relative to the run)
+        g.graph["acts"] = str(Path(acts.path).resolve())
     for r in rungs:
         sae = saes[r]
-        v, i, fires[r] = fire(sae, x_eval, fire_rel)
+        v, i, fires[r], at = fire(sae, x_eval, fire_rel, with_thresholds=True)
         codes[r] = (v, i)
         counts = np.asarray(fires[r].sum(0)).ravel()
         for j in np.flatnonzero(counts):
             g.add_node(node_id(r, j), rung=r, width=sae.width, index=int(j), freq=float(counts[j] / n),
-                       label=node_id(r, j), top_tokens=[], top_contexts=[])
+                       fire_at=float(at[j]), label=node_id(r, j), top_tokens=[], top_contexts=[])
         log.info("rung %s: %d of %d features fire on %d held-out tokens", r, len(np.flatnonzero(counts)), sae.width, n)
 
     n_novel = 0
     for i, r in enumerate(rungs):
         cands = _candidates(rungs[:i], r, fires, min_coverage, within_coverage)
-        W_c = saes[r].W_dec.detach()
         for c, pool in cands.items():
-            best_cov = max(v for _, _, v, _ in pool)
-            # Among parents that cover the child about equally, the most specific one (highest
-            # P(child | parent)) is the direct parent; an ancestor covers it as well but fires more widely.
-            tied = [t for t in pool if t[2] >= best_cov - 0.05]
-            pr, p, cov, rev = max(tied, key=lambda t: (t[3], t[0] == r))
-            kind = "same" if cov >= same_threshold and rev >= same_threshold else "split"
-            g.add_edge(node_id(pr, p), node_id(r, c), coverage=cov, reverse=rev,
-                       cos=_cos(W_c[c], saes[pr].W_dec.detach()[p]), kind=kind, within=pr == r)
-            others = sorted((t for t in pool if t[:2] != (pr, p)), key=lambda t: -t[2])[:8]
-            g.nodes[node_id(r, c)]["other_parents"] = [[node_id(q, j), round(v, 4)] for q, j, v, _ in others]
+            attach(g, saes, r, c, pool, same_threshold)
         if i > 0:
             live = np.flatnonzero(np.asarray(fires[r].sum(0)).ravel() > 0)
             novel = [c for c in live if c not in cands]
@@ -314,6 +332,30 @@ def link(saes, acts, *, min_coverage: float = Config.min_coverage, same_threshol
 
         annotate(tree, codes, acts.tokens(split, max_tokens=max_tokens), acts, n_contexts=n_contexts)
     return tree
+
+
+def attach(g: nx.DiGraph, saes: dict, r: str, c: int, pool: list[tuple[str, int, float, float]],
+           same_threshold: float = Config.same_threshold) -> None:
+    """Add the edge from the primary parent among `pool` (rung, index, coverage, reverse) to feature c of rung r;
+    the other candidates go to the child's `other_parents`.
+
+    Among parents that cover the child about equally, the most specific one (highest P(child | parent)) is
+    the direct parent: an ancestor covers the child as well but fires more widely.
+
+    Example:
+        >>> g = nx.DiGraph(); s = {"w2": TopKSAE(4, 2, 1), "w4": TopKSAE(4, 4, 1)}
+        >>> attach(g, s, "w4", 3, [("w2", 0, 0.95, 0.5), ("w2", 1, 0.6, 0.2)])
+        >>> list(g.edges), g.nodes["w4/3"]["other_parents"]
+        ([('w2/0', 'w4/3')], [['w2/1', 0.6]])
+    """
+    best_cov = max(v for _, _, v, _ in pool)
+    tied = [t for t in pool if t[2] >= best_cov - 0.05]
+    pr, p, cov, rev = max(tied, key=lambda t: (t[3], t[0] == r))
+    kind = "same" if cov >= same_threshold and rev >= same_threshold else "split"
+    g.add_edge(node_id(pr, p), node_id(r, c), coverage=cov, reverse=rev,
+               cos=_cos(saes[r].W_dec.detach()[c], saes[pr].W_dec.detach()[p]), kind=kind, within=pr == r)
+    others = sorted((t for t in pool if t[:2] != (pr, p)), key=lambda t: -t[2])[:8]
+    g.nodes[node_id(r, c)]["other_parents"] = [[node_id(q, j), round(v, 4)] for q, j, v, _ in others]
 
 
 def add_virtual_root(g: nx.DiGraph, top_rung: str) -> None:
@@ -352,7 +394,6 @@ def build(config: Config | None = None, *, out=None, progress: bool = True, **ov
     """
     import json
     import tempfile
-    from pathlib import Path
 
     from featuretree.activations import Activations, collect
     from featuretree.corpus import load_corpus
@@ -382,5 +423,6 @@ def build(config: Config | None = None, *, out=None, progress: bool = True, **ov
         from featuretree.export import save, write_sunburst
 
         save(tree, run)
+        tree.path = run
         write_sunburst(tree, run / "sunburst.html")
     return tree

@@ -115,3 +115,57 @@ def tree_edge(g, n: str) -> tuple[str | None, dict]:
         return None, {}
     p = preds[0] if len(preds) == 1 else max(preds, key=lambda q: g.edges[q, n].get("coverage") or 0.0)
     return p, g.edges[p, n]
+
+
+def store_path(tree) -> Path | None:
+    """The run's activation store: the graph attribute "acts" (relative to `tree.path`, the run directory).
+
+    None when the tree has no store or no run directory to resolve a relative one against.
+
+    Example:
+        >>> import networkx as nx
+        >>> from types import SimpleNamespace
+        >>> store_path(SimpleNamespace(graph=nx.DiGraph(acts="acts"), path=Path("runs/x"))).as_posix()
+        'runs/x/acts'
+    """
+    g = tree if hasattr(tree, "nodes") else tree.graph
+    acts, run = g.graph.get("acts"), getattr(tree, "path", None)
+    if not acts or (run is None and not os.path.isabs(acts)):
+        return None
+    return Path(os.path.normpath(Path(run) / acts)) if run is not None else Path(acts)
+
+
+def graph_of(tree):
+    """The nx.DiGraph of a FeatureTree, or `tree` itself when it already is a graph.
+
+    Example:
+        >>> import networkx as nx
+        >>> g = nx.DiGraph(); graph_of(g) is g
+        True
+    """
+    return tree if hasattr(tree, "nodes") else tree.graph
+
+
+def rung_of(g, n: str) -> str:
+    """The rung of node `n`: its `rung` attribute, else its id without the last part ("w512/7" -> "w512").
+
+    Example:
+        >>> import networkx as nx
+        >>> g = nx.DiGraph(); g.add_node("w512/7"); g.add_node("w8/1/r4/0", rung="w8/1/r4")
+        >>> rung_of(g, "w512/7"), rung_of(g, "w8/1/r4/0")
+        ('w512', 'w8/1/r4')
+    """
+    return str(g.nodes[n].get("rung") or str(n).rsplit("/", 1)[0])
+
+
+def tree_parent(g, n: str) -> str | None:
+    """The primary parent feature of `n` (see `tree_edge`); None for a top-level feature or one under the virtual root.
+
+    Example:
+        >>> import networkx as nx
+        >>> g = nx.DiGraph([("root", "w2/0"), ("w2/0", "w8/1")]); g.nodes["root"]["virtual"] = True
+        >>> tree_parent(g, "w8/1"), tree_parent(g, "w2/0")
+        ('w2/0', None)
+    """
+    p, _ = tree_edge(g, n)
+    return None if p is None or g.nodes[p].get("virtual") else p

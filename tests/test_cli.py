@@ -112,7 +112,7 @@ def test_help_is_useful(capsys):
 
 
 def test_find_cli_ranks_nodes_and_looks_phrases_up_in_the_corpus(run_dir, capsys):
-    from featuretree.refine import find
+    from featuretree.find import find
 
     assert main(["-q", "find", str(run_dir), "cat", "--top", "5"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -17,11 +17,13 @@ import torch
 from featuretree.config import Config, FeatureTreeError
 from featuretree.export import (
     from_graphml,
+    icicle,
     load,
     save,
     sunburst,
     to_frame,
     to_graphml,
+    write_explorer,
     write_sunburst,
 )
 from featuretree.sae import TopKSAE
@@ -188,7 +190,7 @@ def _trace(fig):
 
 
 def test_sunburst_structure_rings_and_values(tree, caplog):
-    with caplog.at_level(logging.INFO, logger="featuretree.export"):
+    with caplog.at_level(logging.INFO, logger="featuretree"):
         fig = sunburst(tree)
     t, ids, parents, value = _trace(fig)
     assert t.type == "sunburst" and t.branchvalues == "total"
@@ -222,7 +224,8 @@ def test_sunburst_structure_rings_and_values(tree, caplog):
     assert value["w8/0"] == pytest.approx(0.32) and value["w16/4"] == 0.12
     assert value["w4/0"] == pytest.approx(0.42)
     assert fig.layout.title.text == "12 features in 4 rungs"
-    assert all(r in fig.layout.title.subtitle.text for r in tree.rungs)  # the colour key
+    key = fig.layout.title.subtitle.text  # the colour key: ladder rungs, then refinement levels
+    assert all(r in key for r in tree.rungs if "/r" not in r) and "refined ×1 (1 local dictionary)" in key
 
 
 def test_sunburst_root_and_errors(tree):
@@ -274,6 +277,102 @@ def test_write_sunburst_is_self_contained(tree, tmp_path):
     assert not re.search(r"<script[^>]*\bsrc=", page)  # ... nothing is fetched (no CDN script tag)
     assert "<title>featuretree · 12 features in 4 rungs</title>" in page and XSS not in page
     assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temp file
+
+
+# ---- icicle and the explorer page -------------------------------------------------------------------
+def refined_graph() -> nx.DiGraph:
+    """w4 -> w8 -> w16, plus refined nodes: w8/1/r4/* and w4/0/r2/* (first level), w8/1/r4/0/r2/* (second)."""
+    g = nx.DiGraph(rungs=["w4", "w8", "w16"])
+    for n, freq in [("w4/0", 0.3), ("w4/1", 0.2), ("w8/0", 0.1), ("w8/1", 0.15), ("w8/2", 0.12), ("w16/3", 0.06)]:
+        g.add_node(n, rung=n.split("/")[0], freq=freq, label=f"label {n}", top_contexts=[f"a «{n}» b"])
+    g.add_edges_from([("w4/0", "w8/0"), ("w4/0", "w8/1"), ("w4/1", "w8/2"), ("w8/1", "w16/3")], coverage=0.8,
+                     cos=0.5, kind="split")
+    refined = [("w8/1", "w8/1/r4", [0.09, 0.07, 0.001]), ("w4/0", "w4/0/r2", [0.2, 0.2]),
+               ("w8/1/r4/0", "w8/1/r4/0/r2", [0.05, 0.06])]  # children sum over their parents: values take the max
+    for parent, rung, freqs in refined:
+        for i, freq in enumerate(freqs):
+            g.add_node(f"{rung}/{i}", rung=rung, refined=True, freq=freq, label=f"refined {i}", top_contexts=[])
+            g.add_edge(parent, f"{rung}/{i}", coverage=1.0, cos=0.3, kind="split", refined=True)
+    return g
+
+
+def test_icicle_matches_the_sunburst_and_values_are_total_with_refined_nodes():
+    g = refined_graph()
+    sun, ice = sunburst(g), icicle(g)
+    s, i = sun.data[0], ice.data[0]
+    assert s.type == "sunburst" and i.type == "icicle" and i.branchvalues == "total"
+    for attr in ("ids", "parents", "values", "labels", "hovertext"):
+        assert list(getattr(s, attr)) == list(getattr(i, attr)), attr
+    assert list(s.marker.colors) == list(i.marker.colors)
+    assert ice.layout.title.text == sun.layout.title.text
+    _, ids, parents, value = _trace(ice)
+    assert set(ids) == set(g)
+    kids: dict[str, list[float]] = {}
+    for n, p in zip(ids, parents, strict=True):
+        kids.setdefault(p, []).append(value[n])
+    for n in ids:
+        assert value[n] >= math.fsum(kids.get(n, [])) and value[n] >= g.nodes[n]["freq"], n
+        assert value[n] >= sum(kids.get(n, [])) * (1 - 1e-9)  # plotly's own check
+    assert value["w8/1/r4/0"] == pytest.approx(0.11) and value["w8/1"] == pytest.approx(0.241)
+    assert value["w4/0"] == pytest.approx(value["w8/0"] + value["w8/1"] + 0.4)  # refined children count too
+    assert list(icicle(g, root="w8/1/r4/0").data[0].ids) == ["w8/1/r4/0", "w8/1/r4/0/r2/0", "w8/1/r4/0/r2/1"]
+
+
+def test_rung_colours_group_refined_nodes_by_level():
+    g = refined_graph()
+    fig = icicle(g)
+    colour = dict(zip(fig.data[0].ids, fig.data[0].marker.colors, strict=True))
+    ladder = {colour["w4/0"], colour["w8/0"], colour["w16/3"]}
+    level1 = {colour[n] for n in ("w8/1/r4/0", "w8/1/r4/2", "w4/0/r2/0", "w4/0/r2/1")}
+    level2 = {colour["w8/1/r4/0/r2/0"], colour["w8/1/r4/0/r2/1"]}
+    assert len(ladder) == 3 and len(level1) == 1 and len(level2) == 1  # one colour per level, not per refined rung
+    assert not (level1 | level2) & ladder and level1 != level2
+    key = fig.layout.title.subtitle.text
+    assert "refined ×1 (2 local dictionaries)" in key and "refined ×2 (1 local dictionary)" in key
+    assert "w8/1/r4" not in key and key.index("w16") < key.index("refined ×1") < key.index("refined ×2")
+    cov = dict(zip(*(lambda t: (t.ids, t.marker.colors))(sunburst(g, color="coverage").data[0]), strict=True))
+    assert cov["w8/1/r4/1"] == 1.0 and cov["w8/0"] == 0.8
+
+
+def _explorer_data(page: str) -> dict:
+    m = re.search(r'<script type="application/json" id="ft-data"[^>]*>(.*?)</script>', page, re.S)
+    assert m, "no JSON block"
+    assert not re.search(r"[<>&]", m.group(1)), "JSON block holds a raw <, > or &"
+    return json.loads(m.group(1))
+
+
+def test_write_explorer_is_one_safe_self_contained_page(tree, tmp_path):
+    from plotly.offline import get_plotlyjs
+
+    p = write_explorer(tree, tmp_path / "explorer.html")
+    page = p.read_text(encoding="utf-8")
+    assert page.count(get_plotlyjs()[:2000]) == 1  # plotly.js inlined once ...
+    assert not re.search(r"<script[^>]*\bsrc=", page)  # ... and nothing fetched
+    assert XSS not in page and "<b>bold" not in page
+    script = re.search(r"<script>\s*(function featuretreeExplorer.*?)</script>", page, re.S).group(1)
+    assert "innerHTML" not in script and "textContent" in script  # the panel is filled as text only
+    assert "<title>featuretree explorer · 12 features in 4 rungs</title>" in page
+    assert 'id="ft-panel"' in page and "plotly_sunburstclick" not in page  # the handler builds the event name
+    data = _explorer_data(page)
+    ids = list(sunburst(tree).data[0].ids)
+    assert data["kind"] == "sunburst" and list(data["nodes"]) == ids
+    n = data["nodes"]["w8/0"]
+    assert n["label"] == "dog <b>bold</b>" and n["parent"] == "w4/0" and n["coverage"] == 0.9
+    assert n["top_contexts"] == tree.graph.nodes["w8/0"]["top_contexts"] and len(n["top_contexts"]) == 4  # all
+    assert n["words"] == ["w"] and n["top_tokens"] == ["dog", "x"] and n["n_children"] == 2
+    assert data["nodes"]["w8/5/r4/0"]["refinements"] == 1 and data["nodes"]["w4/0"]["parent"] is None
+    assert data["nodes"]["w4/1"]["index"] == 1 and data["nodes"]["w4/1"]["freq"] == 0.2  # numpy scalars as JSON
+    assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temp file
+
+    page = write_explorer(tree, tmp_path / "icicle.html", kind="icicle", root="w8/5", max_depth=None).read_text()
+    data = _explorer_data(page)
+    assert data["kind"] == "icicle" and set(data["nodes"]) == {"w8/5", "w16/9", "w8/5/r4/0", "w8/5/r4/1"}
+    assert 'data-select="w8/5"' in page and '"type":"icicle"' in page
+    with pytest.raises(FeatureTreeError, match="kind='sunburst' or kind='icicle'"):
+        write_explorer(tree, tmp_path / "x.html", kind="pie")
+    with pytest.raises(FeatureTreeError, match="unknown node 'w8/99'"):
+        write_explorer(tree, tmp_path / "x.html", root="w8/99")
+    assert not (tmp_path / "x.html").exists()
 
 
 def test_export_does_not_import_training_code():

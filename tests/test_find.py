@@ -8,7 +8,8 @@ import torch
 from _models import tiny_gpt2
 
 from featuretree import FeatureTreeError, collect, link, load_model, train_ladder
-from featuretree.refine import find, query_rates
+from featuretree.find import find
+from featuretree.refine import query_rates
 from featuretree.tree import fire
 
 WORDS = ("the a cat dog bird tree river mountain house small large red runs jumps sings grows of in on with "
@@ -62,3 +63,46 @@ def test_find_errors(run):
         find(tree, "  ", model=model, layer=0)
     with pytest.raises(FeatureTreeError, match="no config"):
         find(tree, "anthrax")
+    with pytest.raises(FeatureTreeError, match="no config"):
+        find(tree, "anthrax", model=model)  # a model but no layer: say so, no AttributeError
+
+
+def fires_on_word(tree, acts, node, word):
+    """(rate on `word` tokens, rate elsewhere) of `node` on the store's tokens, gated like the tree fires."""
+    from featuretree.refine import node_mask
+
+    on = node_mask(tree, node, acts.load("all"))
+    is_w = np.array(acts.token_strings(acts.tokens("all")["token_id"].tolist())) == word
+    return on[is_w].mean(), on[~is_w].mean()
+
+
+def test_search_descends_to_a_refined_node_specific_to_the_query(run):
+    from featuretree import search
+
+    model, acts, tree = run
+    path = search(tree, "anthrax", model=model, layer=0, width=8, k=1, min_tokens=30, max_tokens=3000,
+                  stream_tokens=0, max_depth=5, progress=False)
+    deep = path.attrs["tree"]
+    assert len(path) >= 2 and path.refined.any(), path
+    for a, b in zip(path.node, path.node[1:]):  # each step is a child of the one before
+        assert deep.graph.has_edge(a, b)
+    assert (path.query_rate > 0).all() and (path.score > 0).all()
+    on_word, elsewhere = fires_on_word(deep, acts, path.node.iloc[-1], "anthrax")
+    assert on_word > 5 * max(elsewhere, 1e-3), (on_word, elsewhere)
+    assert not any("/r8" in n for n in tree.graph)  # the input tree is untouched
+
+
+def test_refine_streams_texts_beyond_the_store(run):
+    from featuretree import refine
+
+    model, acts, tree = run
+    node = find(tree, "anthrax", model=model, layer=0).node.iloc[0]
+    rng = random.Random(1)
+    extra = [" ".join(rng.choice(WORDS) for _ in range(30)) + " anthrax bacterium infection" for _ in range(300)]
+    deep = refine(tree, node, width=8, k=1, texts=extra, model=model, layer=0, min_tokens=50, max_tokens=20_000,
+                  stream_tokens=5_000, progress=False)
+    info = deep.graph.graph["refined"][f"{node}/r8"]
+    assert info["n_scanned"] > len(acts)  # it read the whole store, then streamed the new texts
+    kids = [c for c in deep.graph.successors(node) if deep.graph.nodes[c].get("refined")]
+    assert kids and all(deep.graph.nodes[c]["top_tokens"] for c in kids)  # labelled from streamed contexts
+    assert all(set(deep.graph.nodes[c]["top_tokens"]) <= set(WORDS) for c in kids)
