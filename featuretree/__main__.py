@@ -1,8 +1,11 @@
 """The `featuretree` command line: build a run, export it, summarise it (one subcommand per public function).
 
     featuretree build --out runs/default            # embedded MiniLM, WordNet, default ladder
-    featuretree export runs/default --html tree.html --graphml tree.graphml --csv nodes.csv
+    featuretree export runs/default --html tree.html --explorer explorer.html --graphml tree.graphml --csv nodes.csv
     featuretree info runs/default
+    featuretree find runs/default biology                     # nodes that answer a query
+    featuretree refine runs/default w2048/5 --width 64 --depth 2
+    featuretree search runs/default anthrax                   # DFS down the branch that answers it
 
 User mistakes print one line on stderr and exit with status 2 (no traceback).
 """
@@ -63,6 +66,11 @@ def _rung_line(tree, frame, rung: str) -> str:
             f"dead {100 * m.get('dead_fraction', nan):.1f}%  live {len(sub)}  linked {int(sub.parent.notna().sum())}")
 
 
+def _ladder(tree) -> list[str]:
+    """The ladder's rungs, narrow to wide (refined rungs such as "w512/7/r64" left out)."""
+    return [r for r in tree.rungs if "/" not in r]
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     """featuretree build: harvest, train the ladder, link, save the run and write its sunburst."""
     from featuretree.export import to_frame
@@ -70,25 +78,29 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     cfg = _config_from(args)
     out = Path(args.out)
-    tree = build(cfg, out=out, progress=not args.quiet)
+    tree = build(cfg, out=out, force=args.force, progress=not args.quiet)
     html = out / "sunburst.html"
     frame = to_frame(tree)
-    for rung in tree.rungs:
+    for rung in _ladder(tree):
         log.info("%s", _rung_line(tree, frame, rung))
     sys.stdout.write(f"wrote {out}/ ({len(frame)} features, {tree.graph.number_of_edges()} edges); open {html}\n")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """featuretree export: write a saved run as sunburst HTML, GraphML and/or CSV."""
-    from featuretree.export import load, to_frame, to_graphml, write_sunburst
+    """featuretree export: write a saved run as sunburst / icicle HTML, an explorer page, GraphML and/or CSV."""
+    from featuretree.export import load, to_frame, to_graphml, write_explorer, write_sunburst
 
     tree = load(args.run)
-    if not any((args.html, args.graphml, args.csv)):
-        raise FeatureTreeError("nothing to export: pass --html FILE, --graphml FILE and/or --csv FILE")
+    if not any((args.html, args.explorer, args.graphml, args.csv)):
+        raise FeatureTreeError("nothing to export: pass --html FILE, --explorer FILE, --graphml FILE and/or --csv FILE")
     if args.html:
-        write_sunburst(tree, args.html, root=args.root, max_depth=args.max_depth, color=args.color)
+        write_sunburst(tree, args.html, root=args.root, max_depth=args.max_depth, color=args.color, kind=args.kind)
         sys.stdout.write(f"wrote {args.html}\n")
+    if args.explorer:
+        write_explorer(tree, args.explorer, root=args.root, max_depth=args.max_depth or 3, color=args.color,
+                       kind=args.kind)
+        sys.stdout.write(f"wrote {args.explorer}\n")
     if args.graphml:
         to_graphml(tree, args.graphml)
         sys.stdout.write(f"wrote {args.graphml}\n")
@@ -110,6 +122,73 @@ def cmd_find(args: argparse.Namespace) -> int:
     hits = find(tree, query, negatives=args.negative or None, top=args.top)
     cols = ["node", "score", "query_rate", "freq", "label"]
     sys.stdout.write(hits[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n")
+    return 0
+
+
+def _subtree_lines(tree, node: str, depth: int, indent: str = "  ") -> list[str]:
+    """The refined children of `node` (largest first), one line each, down `depth` levels."""
+    g = tree.graph
+    kids = sorted((c for c in g.successors(node) if g.nodes[c].get("refined")), key=lambda c: -g.nodes[c]["freq"])
+    lines = []
+    for c in kids:
+        e = g.edges[node, c]
+        lines.append(f"{indent}{c:<24} {100 * e['reverse']:5.1f}% of parent  {g.nodes[c].get('label', c)}")
+        if depth > 1:
+            lines += _subtree_lines(tree, c, depth - 1, indent + "  ")
+    return lines
+
+
+def _save_into(tree, run: str, out: str | None) -> Path:
+    """Save a tree refined from run RUN into --out (default: RUN itself) and write its sunburst there."""
+    from featuretree.export import save, write_sunburst
+
+    dest = Path(out) if out else Path(run)
+    save(tree, dest)
+    write_sunburst(tree, dest / "sunburst.html")
+    return dest
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    """featuretree refine: train a local dictionary where NODE fires, attach its features, recurse; save the run."""
+    from featuretree.export import load, write_explorer
+    from featuretree.refine import refine
+
+    tree = load(args.run)
+    deep = refine(tree, args.node, width=args.width, depth=args.depth, k=args.k, min_tokens=args.min_tokens,
+                  max_tokens=args.max_tokens, stream_tokens=args.stream_tokens, max_children=args.max_children,
+                  progress=not args.quiet)
+    dest = _save_into(deep, args.run, args.out)
+    lines = [f"{args.node}  {deep.graph.nodes[args.node].get('label', '')}", *_subtree_lines(deep, args.node, args.depth)]
+    if args.html:
+        write_explorer(deep, args.html, root=args.node, max_depth=None)
+        lines.append(f"wrote {args.html}")
+    lines.append(f"saved {dest}/")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """featuretree search: targeted depth-first search for QUERY, refining the branch it follows; save the run."""
+    from featuretree.export import load, write_explorer
+    from featuretree.refine import search
+
+    tree = load(args.run)
+    query = args.query[0] if len(args.query) == 1 else args.query
+    path = search(tree, query, max_depth=args.max_depth, negatives=args.negative or None, width=args.width, k=args.k,
+                  refine_leaves=not args.no_refine, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
+                  stream_tokens=args.stream_tokens, progress=not args.quiet)
+    deep = path.attrs["tree"]
+    if not len(path):
+        raise FeatureTreeError(f"no top-level feature fires on {args.query[0]!r} more than it usually does: "
+                               "try another word, or example texts that contain it")
+    cols = ["step", "node", "score", "query_rate", "label"]
+    lines = [path[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    if path.refined.any() and not args.no_save:
+        lines.append(f"saved the refinements to {_save_into(deep, args.run, args.out)}/")
+    if args.html:
+        write_explorer(deep, args.html, root=path.node.iloc[0], max_depth=None)
+        lines.append(f"wrote {args.html}")
+    sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 
@@ -166,7 +245,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     tree = load(args.run)
     frame = to_frame(tree)
     lines = [f"run {args.run}: {len(frame)} features in {len(tree.rungs)} rungs, {tree.graph.number_of_edges()} edges"]
-    lines += [f"  {_rung_line(tree, frame, rung)}" for rung in tree.rungs]
+    lines += [f"  {_rung_line(tree, frame, rung)}" for rung in _ladder(tree)]
+    refined = tree.graph.graph.get("refined") or {}
+    if refined:
+        lines.append(f"  + {len(refined)} refined dictionaries under {len({v['parent'] for v in refined.values()})} "
+                     f"nodes ({sum(1 for _, d in tree.graph.nodes(data=True) if d.get('refined'))} refined features)")
     top = frame[(frame.depth == 0) & (frame.kind != "novel")].sort_values("freq", ascending=False).head(args.top)
     lines.append(f"top {len(top)} root features by firing rate:")
     lines += [f"  {r.node:<12} {100 * r.freq:5.1f}%  {r.label}" for r in top.itertuples()]
@@ -252,9 +335,12 @@ def make_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="harvest activations, train the ladder, link the tree, write a sunburst",
                        description="Run the whole pipeline and save it as a run directory: config.json, acts/, "
                                    "saes/w<width>/ (SAELens format), tree.json and sunburst.html. Rerunning with "
-                                   "the same --out reuses the harvested activations.")
+                                   "the same --out and settings loads the finished run (--force trains anew); with "
+                                   "other settings it reuses the harvested activations when the harvest matches.")
     _add_config_args(b)
     b.add_argument("--out", default="runs/default", help="run directory to write (default: runs/default)")
+    b.add_argument("--force", action="store_true",
+                   help="train anew even if --out already holds a finished run with the same settings")
     b.set_defaults(func=cmd_build)
 
     e = sub.add_parser("export", help="export a saved run as HTML sunburst / GraphML / CSV",
@@ -267,7 +353,46 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--root", help="node id to centre the sunburst on, e.g. w512/7")
     e.add_argument("--max-depth", type=int, help="rings shown at once in the sunburst (click to zoom)")
     e.add_argument("--color", choices=("rung", "coverage"), default="rung", help="sector colour (default: rung)")
+    e.add_argument("--kind", choices=("sunburst", "icicle"), default="sunburst",
+                   help="figure of --html and --explorer (default: sunburst)")
+    e.add_argument("--explorer", help="write the explorer page (figure beside the clicked feature's contexts)")
     e.set_defaults(func=cmd_export)
+
+    def refine_args(q: argparse.ArgumentParser, min_tokens: int) -> None:
+        q.add_argument("--width", type=int, default=64, help="features of each local dictionary (default: 64)")
+        q.add_argument("--k", type=int, help="active features per token locally (default: max(1, width // 64))")
+        q.add_argument("--min-tokens", type=int, default=min_tokens,
+                       help=f"tokens a node needs to be refined (default: {min_tokens})")
+        q.add_argument("--max-tokens", type=int, default=20_000, help="tokens gathered per region at most (default: 20000)")
+        q.add_argument("--stream-tokens", type=int, default=100_000,
+                       help="corpus tokens streamed through the model beyond the run's store (default: 100000)")
+        q.add_argument("--out", help="run directory to save the refined tree in (default: RUN itself)")
+        q.add_argument("--html", help="also write an explorer page of the result to this .html file")
+
+    r = sub.add_parser("refine", help="train a local dictionary where one feature fires and attach its features",
+                       description="Gather the tokens where NODE fires (the run's store, then more corpus text), train "
+                                   "a WIDTH-feature dictionary on them alone, link its features under NODE, and recurse "
+                                   "depth-first into children that still have --min-tokens tokens. The refined tree is "
+                                   "saved into the run (or --out) with its sunburst.")
+    r.add_argument("run", help="run directory written by `featuretree build`")
+    r.add_argument("node", help="node id to refine, e.g. w512/7 (find one with `featuretree find RUN WORD`)")
+    r.add_argument("--depth", type=int, default=1, help="levels of refinement below NODE (default: 1)")
+    r.add_argument("--max-children", type=int, help="children refined further per node, largest first (default: all)")
+    refine_args(r, 500)
+    r.set_defaults(func=cmd_refine)
+
+    s = sub.add_parser("search", help="targeted depth-first search: follow the branch that answers a query",
+                       description="From the top-level features down, step to the child that fires most over its "
+                                   "usual rate on the query (ft.find's score), refining a node that has no children "
+                                   "yet. Prints the path; refinements made on the way are saved into the run (or --out).")
+    s.add_argument("run", help="run directory written by `featuretree build`")
+    s.add_argument("query", nargs="+", help="a word or phrase; several arguments are several example texts")
+    s.add_argument("--max-depth", type=int, default=6, help="steps down at most (default: 6)")
+    s.add_argument("--negative", action="append", help="a text the feature should not fire on (repeatable)")
+    s.add_argument("--no-refine", action="store_true", help="only walk the existing tree; never train")
+    s.add_argument("--no-save", action="store_true", help="do not save the refinements made on the way")
+    refine_args(s, 300)
+    s.set_defaults(func=cmd_search)
 
     v = sub.add_parser("eval", help="measure how true linking is on planted hierarchies (precision / recall)",
                        description="planted: train a ladder on activations drawn from a planted feature forest and "

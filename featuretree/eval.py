@@ -339,8 +339,8 @@ def label_purity(tree: FeatureTree, acts, labels, *, column: str = "lexname", mi
     `labels` is a corpus labels DataFrame indexed by document id (`ft.load_corpus("wordnet").labels`);
     `column` holds one label per document ("lexname") or a list ("domains": a token counts for each
     domain of its document, and purity is the share of firing tokens whose document has the top domain).
-    Firing tokens are the held-out tokens of the store, with the same firing rule as `link`.
-    Nodes firing on fewer than `min_tokens` tokens are left out.
+    Firing tokens are the held-out tokens of the store, with the tree's own firing rule (refined rungs
+    gated by the node they refine). Nodes firing on fewer than `min_tokens` tokens are left out.
 
     Example:
         >>> label_purity(tree, acts, corpus.labels, column="lexname").head()  # doctest: +SKIP
@@ -356,10 +356,10 @@ def label_purity(tree: FeatureTree, acts, labels, *, column: str = "lexname", mi
     codes, names = pd.factorize(ex.astype(str))
     pos = ex.index.to_numpy()
     L = sp.csr_matrix((np.ones(len(codes), dtype=np.float32), (pos, codes)), shape=(len(doc_ids), len(names)))
+    from featuretree.refine import fire_rungs
+
     rows = []
-    fire_rel = tree.graph.graph.get("fire_rel", 0.25)
-    for rung, sae in tree.saes.items():
-        _, _, F = fire(sae, x, fire_rel)  # (n, width)
+    for rung, F in fire_rungs(tree, x).items():  # F (n, width)
         n_fire = np.asarray(F.sum(0)).ravel()
         counts = (F.T @ L).toarray()  # (width, n_labels)
         top = counts.argmax(1)

@@ -256,7 +256,7 @@ def write_sunburst(tree, path: str | os.PathLike, *, root: str | None = None, ma
         True
     """
     fig = _figure(tree, kind, root, max_depth, color)
-    page = fig.to_html(include_plotlyjs=True, full_html=True, default_height="97vh")
+    page = fig.to_html(include_plotlyjs=True, full_html=True, default_height="97vh", div_id="ft-plot")
     title = fig.layout.title.text or ""  # already escaped, and free of markup
     # a page title, and no body margin (plotly sizes the plot to 100% of the body, so a margin scrolls)
     page = page.replace("<head>", f"<head><title>featuretree · {title}</title><style>body {{margin: 0}}</style>", 1)

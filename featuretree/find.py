@@ -20,6 +20,7 @@ import pandas as pd
 
 from featuretree.config import FeatureTreeError
 from featuretree.refine import _model_of, query_rates
+from featuretree.utils import rung_key
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +46,35 @@ def _corpus_contexts(corpus, phrase: str, n: int) -> tuple[re.Pattern, list[str]
     return pattern, [t for t in texts if pattern.search(t)][:n]
 
 
-def find(tree, query, *, negatives=None, model=None, layer: int | None = None, label_weight: float = 0.5,
+def _rung_filter(tree, rungs) -> set[str] | None:
+    if rungs is None:
+        return None
+    names = {str(r) if not str(r).isdigit() else f"w{r}" for r in ([rungs] if isinstance(rungs, (str, int)) else rungs)}
+    known = set(tree.saes) | {str(d.get("rung")) for _, d in tree.graph.nodes(data=True) if d.get("rung")}
+    unknown = sorted(names - known)
+    if unknown:
+        raise FeatureTreeError(f"rungs {unknown} are not in the tree: its rungs are {sorted(tree.saes, key=rung_key)}")
+    return names
+
+
+def find(tree, query, *, negatives=None, rungs=None, model=None, layer: int | None = None, label_weight: float = 0.5,
          n_contexts: int = 50, top: int | None = 20) -> pd.DataFrame:
     """Nodes that answer `query` best first: DataFrame (node, score, label, freq, query_rate, label_hits).
 
     `query` is a word/phrase or a list of example texts. A word or phrase is looked up in the tree's corpus
     first: up to `n_contexts` texts containing it become the examples, and only the phrase's own tokens in
     them count (a model sees "anthrax" in context, not alone); without a corpus hit the phrase itself is
-    the example. `negatives` (optional, same forms) are texts the wanted feature should NOT fire on. See
-    the module docstring for the score. `top=None` returns every node.
+    the example. `negatives` (optional, same forms) are texts the wanted feature should NOT fire on.
+    `rungs` (names like "w512" or widths, e.g. tree.rungs[:2] for coarse features) limits the nodes ranked.
+    See the module docstring for the score. `top=None` returns every node.
 
     Example:
-        >>> hits = find(tree, "biology")  # doctest: +SKIP
+        >>> hits = find(tree, "biology", rungs=["w128", "w512"])  # doctest: +SKIP
         >>> hits.iloc[0].node  # doctest: +SKIP
-        'w2048/272'
+        'w512/148'
     """
     texts = _texts(query, "query")
+    only = _rung_filter(tree, rungs)
     model = _model_of(tree, model)  # loaded once for the query and the negatives
     words = set(_WORD.findall(" ".join(texts).lower()))  # label matches use the query's own words
     span = None
@@ -81,7 +95,7 @@ def find(tree, query, *, negatives=None, model=None, layer: int | None = None, l
     rows = []
     g = tree.graph
     for n, d in g.nodes(data=True):
-        if d.get("virtual"):
+        if d.get("virtual") or (only is not None and str(d.get("rung")) not in only):
             continue
         freq = float(d.get("freq") or 0.0)
         rate = rates.get(n, 0.0)

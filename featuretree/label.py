@@ -126,13 +126,34 @@ def family_words(docs: dict[str, list[str]], parent: dict[str, Any], n_words: in
     return out
 
 
+def contrast_scores(tok: pd.DataFrame, background: pd.Series) -> pd.Series:
+    """Rank (feature, token) pairs by summed activation x max(0, log lift) of the token over `background`.
+
+    `tok` has columns feature, token, value (summed activation), count (firings); lift = P(token | feature
+    fires) / P(token in the background). Inside a refined region every child fires on the parent's own
+    favourite token ("genus" under a taxonomy feature); lift ranks what sets the child apart first, and
+    tokens no more common than in the region score 0 (kept last, by value).
+
+    Example:
+        >>> tok = pd.DataFrame({"feature": [0, 0], "token": [7, 8], "value": [9.0, 3.0], "count": [9, 3]})
+        >>> contrast_scores(tok, pd.Series({7: 0.8, 8: 0.05})).round(2).tolist()
+        [0.0, 4.83]
+    """
+    n_f = tok.groupby("feature")["count"].transform("sum")
+    p_bg = tok["token"].map(background).fillna(0).to_numpy()
+    lift = (tok["count"] / n_f).to_numpy() / np.maximum(p_bg, 1e-12)
+    return pd.Series(tok["value"].to_numpy() * np.log(np.maximum(lift, 1.0)), index=tok.index)
+
+
 def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int = 5, n_tokens: int = 5,
-             parent_docs: dict[str, list[str]] | None = None) -> None:
+             parent_docs: dict[str, list[str]] | None = None, contrast: bool = False) -> None:
     """Fill each node's `top_tokens`, `top_contexts`, `words` (vs parent and siblings) and `label` (in place).
 
     `codes` maps rung -> (values (n, k), indices (n, k)) for the rows of `tokens` (columns token_id,
     doc_id, start, end); `acts` supplies `texts()` and `token_strings()`. `parent_docs` ({node: contexts})
     adds the contexts of parents that are not being labelled, so children are told apart from them too.
+    `contrast=True` ranks top tokens by `contrast_scores` against the tokens of `tokens` (for a refined
+    rung, its parent's region) instead of by summed activation alone.
 
     Example:
         >>> annotate(tree, codes, acts.tokens("heldout"), acts)  # doctest: +SKIP
@@ -147,9 +168,14 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
         if ft.empty:
             continue
         ft["token"] = token_ids[ft["row"].to_numpy()]
-        # top tokens by summed activation
-        tok = ft.groupby(["feature", "token"], sort=False)["value"].sum().reset_index()
-        tok = tok.sort_values(["feature", "value"], ascending=[True, False], kind="stable")
+        # top tokens by summed activation (with contrast: weighted by the token's lift over the background)
+        tok = ft.groupby(["feature", "token"], sort=False)["value"].agg(["sum", "size"]).reset_index()
+        tok = tok.rename(columns={"sum": "value", "size": "count"})
+        if contrast:
+            tok["score"] = contrast_scores(tok, pd.Series(token_ids).value_counts(normalize=True))
+            tok = tok.sort_values(["feature", "score", "value"], ascending=[True, False, False], kind="stable")
+        else:
+            tok = tok.sort_values(["feature", "value"], ascending=[True, False], kind="stable")
         top_tok = tok.groupby("feature", sort=False).head(n_tokens)
         strings = dict(zip(top_tok["token"].tolist(), acts.token_strings(top_tok["token"].tolist())))
         tokens_of = {f: [_clean_token(strings[t]) for t in grp["token"]] for f, grp in top_tok.groupby("feature")}

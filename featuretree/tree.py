@@ -380,18 +380,21 @@ def add_virtual_root(g: nx.DiGraph, top_rung: str) -> None:
         g.add_edge(ROOT, n, coverage=1.0, reverse=float(d.get("freq") or 0.0), cos=0.0, kind=kind, within=False)
 
 
-def build(config: Config | None = None, *, out=None, progress: bool = True, **overrides) -> FeatureTree:
+def build(config: Config | None = None, *, out=None, force: bool = False, progress: bool = True,
+          **overrides) -> FeatureTree:
     """The whole pipeline: load_model -> load_corpus -> collect -> train_ladder -> link (+ labels).
 
     With `out` (a run directory) the activations, dictionaries, config, tree and sunburst.html are
-    written there; rerunning with the same `out` reuses the harvested activations.
-    Keyword overrides replace Config fields.
+    written there. Rerunning with the same `out` and the same config loads the finished run instead of
+    training again (`force=True` trains anew); with another config it reuses the harvested activations
+    when the harvest settings match. Keyword overrides replace Config fields.
 
     Example:
         >>> tree = build(n_tokens=3000, widths=(32, 64), k=4, epochs=1)  # doctest: +SKIP
         >>> tree.rungs  # doctest: +SKIP
         ['w32', 'w64']
     """
+    import contextlib
     import json
     import tempfile
 
@@ -401,6 +404,18 @@ def build(config: Config | None = None, *, out=None, progress: bool = True, **ov
 
     cfg = Config.from_dict({**(config.to_dict() if config else {}), **overrides})
     run = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="featuretree-"))
+    if out is not None and not force and (run / "tree.json").is_file() and (run / "config.json").is_file():
+        with contextlib.suppress(ValueError, OSError):
+            if json.loads((run / "config.json").read_text(encoding="utf-8")) == json.loads(cfg.to_json()):
+                from featuretree.export import load
+
+                log.info("%s already holds a finished run with this config: loading it (force=True trains anew)", run)
+                tree = load(run)
+                if not (run / "sunburst.html").is_file():
+                    from featuretree.export import write_sunburst
+
+                    write_sunburst(tree, run / "sunburst.html")
+                return tree
     acts_dir, recipe_file = run / "acts", run / "acts" / "harvest.json"
     # the harvest depends on these fields only; a store made with the same ones is reused
     recipe = {f: getattr(cfg, f) for f in ("model", "layer", "corpus", "n_tokens", "max_length", "seed")}

@@ -19,11 +19,15 @@ import json
 import os
 import select
 import signal
+import struct
 import subprocess
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--remote-debugging-pipe"]
@@ -220,3 +224,46 @@ class Chromium:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_png(path: Path) -> np.ndarray:
+    """Decode an 8-bit RGB/RGBA non-interlaced PNG (what Chromium writes) to (h, w, channels) uint8."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, header = 8, [], None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+    w, h, depth, ctype, _, _, interlace = header
+    assert depth == 8 and ctype in (2, 6) and interlace == 0, header
+    bpp, raw = (3 if ctype == 2 else 4), zlib.decompress(b"".join(idat))
+    stride = w * bpp
+    out, prev = np.zeros((h, stride), dtype=np.int64), np.zeros(stride, dtype=np.int64)
+    for y in range(h):  # undo each scanline's filter (PNG spec 9.2); Sub/Up vectorised, Average/Paeth by byte
+        f, start = raw[y * (stride + 1)], y * (stride + 1) + 1
+        line = np.frombuffer(raw, np.uint8, stride, start).astype(np.int64)
+        if f == 0:
+            cur = line
+        elif f == 1:
+            cur = line.reshape(-1, bpp).cumsum(0).reshape(-1) & 255
+        elif f == 2:
+            cur = (line + prev) & 255
+        else:
+            cur_l, lin, up = [0] * stride, line.tolist(), prev.tolist()
+            for i in range(stride):
+                a = cur_l[i - bpp] if i >= bpp else 0
+                b, c = up[i], (up[i - bpp] if i >= bpp else 0)
+                if f == 3:
+                    cur_l[i] = (lin[i] + ((a + b) >> 1)) & 255
+                else:
+                    p = a + b - c
+                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                    cur_l[i] = (lin[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+            cur = np.array(cur_l, dtype=np.int64)
+        out[y], prev = cur, cur
+    return out.reshape(h, w, bpp).astype(np.uint8)

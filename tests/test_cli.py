@@ -80,6 +80,12 @@ def test_rebuild_reuses_harvest_only_for_the_same_recipe(run_dir):
                  "--k", "4", "--epochs", "1", "--batch-size", "128", "--out", str(run_dir)]) == 0
     assert meta.stat().st_mtime_ns != before  # another layer: harvested again
     assert json.loads(meta.read_text())["layer"] == 2
+    same = ["-q", "build", "--corpus", corpus, "--layer", "2", "--n-tokens", "700", "--widths", "16,32", "--k", "4",
+            "--epochs", "1", "--batch-size", "128", "--out", str(run_dir)]
+    tree_file = run_dir / "tree.json"
+    done = tree_file.stat().st_mtime_ns
+    assert main(same) == 0 and tree_file.stat().st_mtime_ns == done  # the same settings: the finished run is loaded
+    assert main([*same, "--force"]) == 0 and tree_file.stat().st_mtime_ns != done  # --force trains anew
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -121,3 +127,30 @@ def test_find_cli_ranks_nodes_and_looks_phrases_up_in_the_corpus(run_dir, capsys
     assert hits.iloc[0].query_rate > hits.iloc[0].freq  # the best node fires more on "cat" than usual
     assert lines[1].split()[0] == hits.iloc[0].node
     assert main(["-q", "find", "/no/such/run", "cat"]) == 2
+
+
+def test_refine_search_and_explorer_from_the_cli(run_dir, tmp_path, capsys):
+    tree = load(run_dir)
+    node = max(tree.roots(), key=lambda n: tree.graph.nodes[n]["freq"])
+    out, page = tmp_path / "refined", tmp_path / "refined.html"
+    small = ["--width", "8", "--k", "1", "--min-tokens", "10", "--stream-tokens", "0"]
+    assert main(["-q", "refine", str(run_dir), node, *small, "--out", str(out), "--html", str(page)]) == 0
+    printed = capsys.readouterr().out
+    deep = load(out)
+    kids = [c for c in deep.graph.successors(node) if deep.graph.nodes[c].get("refined")]
+    assert kids and all(c in printed for c in kids) and f"saved {out}/" in printed
+    assert (out / "sunburst.html").is_file() and "ft-panel" in page.read_text(encoding="utf-8")
+    assert not any("/r8" in r for r in load(run_dir).saes)  # with --out the run itself is untouched
+    assert main(["-q", "info", str(out)]) == 0
+    assert f"+ 1 refined dictionaries under 1 nodes ({len(kids)} refined features)" in capsys.readouterr().out
+
+    explorer = tmp_path / "explorer.html"
+    assert main(["-q", "export", str(out), "--explorer", str(explorer), "--kind", "icicle", "--root", node]) == 0
+    assert '"kind": "icicle"' in explorer.read_text(encoding="utf-8")
+    capsys.readouterr()
+
+    assert main(["-q", "search", str(run_dir), "bird", *small, "--max-depth", "3", "--out", str(tmp_path / "s")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["step", "node", "score", "query_rate", "label"] and len(lines) >= 2
+    assert main(["-q", "refine", str(run_dir), "w16/999"]) == 2
+    assert "unknown node 'w16/999'" in capsys.readouterr().err

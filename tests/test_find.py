@@ -57,6 +57,17 @@ def test_negatives_and_label_matches_move_scores(run):
     assert rates["_n_tokens"] == 1.0 and rates[best] == 1.0
 
 
+def test_rungs_limit_the_ranking(run):
+    model, _, tree = run
+    every = find(tree, "anthrax", model=model, layer=0, top=None)
+    coarse = find(tree, "anthrax", rungs=["w16"], model=model, layer=0, top=None)
+    assert coarse.node.str.startswith("w16/").all() and len(coarse) == every.node.str.startswith("w16/").sum()
+    assert coarse.node.tolist() == every[every.node.str.startswith("w16/")].node.tolist()  # same order
+    assert find(tree, "anthrax", rungs=48, model=model, layer=0, top=None).node.str.startswith("w48/").all()
+    with pytest.raises(FeatureTreeError, match=r"rungs \['w99'\] are not in the tree"):
+        find(tree, "anthrax", rungs=["w99"], model=model, layer=0)
+
+
 def test_find_errors(run):
     model, _, tree = run
     with pytest.raises(FeatureTreeError, match="query is empty"):
