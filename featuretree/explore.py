@@ -60,6 +60,11 @@ def _hover(n: str, d: dict, p: str | None, e: dict) -> str:
     return "<br>".join(lines)
 
 
+def _refines(rung: str, node: str) -> bool:
+    """Whether `rung` is a local dictionary trained where `node` fires ("w512/7/r64" for "w512/7")."""
+    return rung.startswith(f"{node}/") and bool(_REFINED.fullmatch(rung[len(node) + 1:]))
+
+
 def refinements(rung: str) -> int:
     """How many refinements deep a rung is: 0 for a ladder rung, 1 for "w512/7/r64", 2 for "w512/7/r64/3/r16".
 
@@ -104,7 +109,7 @@ class _Layout:
     maxdepth: int
 
 
-def _layout(tree, root: str | None, max_depth: int | None, color: str) -> _Layout:
+def _layout(tree, root: str | None, max_depth: int | None, color: str, prefer_refined: bool = True) -> _Layout:
     import plotly.colors
 
     if color not in COLORS:
@@ -125,6 +130,15 @@ def _layout(tree, root: str | None, max_depth: int | None, color: str) -> _Layou
         p = parent_of[n] = tree_parent(g, n)
         if p is not None and n not in novel:
             children.setdefault(p, []).append(n)
+    if prefer_refined:  # a refined node shows its local dictionary's children, not also the ladder's
+        hidden = 0
+        for p, kids in children.items():
+            local = [c for c in kids if _refines(rung_of(g, c), p)]
+            if local and len(local) < len(kids):
+                hidden += len(kids) - len(local)
+                children[p] = local
+        if hidden:
+            log.info("figure: %d ladder children of refined nodes left out (prefer_refined=False shows them)", hidden)
     if root is not None and root not in virtual:
         tops = [root]
     else:
@@ -180,12 +194,13 @@ def _layout(tree, root: str | None, max_depth: int | None, color: str) -> _Layou
                    maxdepth=int(max_depth) if max_depth is not None else -1)
 
 
-def _figure(tree, kind: str, root: str | None, max_depth: int | None, color: str) -> go.Figure:
+def _figure(tree, kind: str, root: str | None, max_depth: int | None, color: str,
+            prefer_refined: bool = True) -> go.Figure:
     import plotly.graph_objects as go
 
     if kind not in KINDS:
         raise FeatureTreeError(f"kind={kind!r} is not a figure: use kind='sunburst' or kind='icicle'")
-    lay = _layout(tree, root, max_depth, color)
+    lay = _layout(tree, root, max_depth, color, prefer_refined)
     common = dict(ids=lay.ids, parents=lay.parents, labels=lay.labels, values=lay.values, branchvalues="total",
                   hovertext=lay.hover, hoverinfo="text", textinfo="label", marker=lay.marker, maxdepth=lay.maxdepth,
                   leaf=dict(opacity=1.0))  # plotly fades leaves by default, which would blur the colour key
@@ -200,7 +215,8 @@ def _figure(tree, kind: str, root: str | None, max_depth: int | None, color: str
 
 
 # ---- figures -----------------------------------------------------------------------------------------
-def sunburst(tree, *, root: str | None = None, max_depth: int | None = None, color: str = "rung") -> go.Figure:
+def sunburst(tree, *, root: str | None = None, max_depth: int | None = None, color: str = "rung",
+             prefer_refined: bool = True) -> go.Figure:
     """A plotly sunburst of the tree: ring 1 = the narrowest rung, ring 2 = the next, and so on.
 
     Without `root` it starts from the parentless features of the narrowest rung (novel features and
@@ -209,7 +225,10 @@ def sunburst(tree, *, root: str | None = None, max_depth: int | None = None, col
     branchvalues="total" as value = max(freq, sum of children's values). `max_depth` rings are shown at
     once (click a sector to zoom in). `color` is "rung" (one colour per ladder rung, and one per
     refinement level: every first-level refinement is "refined ×1", and so on) or "coverage"
-    (P(parent fires | child fires), continuous; roots are drawn at 1). All corpus text is HTML-escaped.
+    (P(parent fires | child fires), continuous; roots are drawn at 1). With `prefer_refined` (default) a
+    node that has been refined shows only its local dictionary's children: the ladder's children split
+    the same tokens a second way, and both side by side would count them twice. All corpus text is
+    HTML-escaped.
     `fig.write_html(path)` inlines plotly.js (include_plotlyjs=True, the default), so the file is
     self-contained (~5 MB) and opens offline; `write_sunburst` does that atomically.
 
@@ -221,10 +240,11 @@ def sunburst(tree, *, root: str | None = None, max_depth: int | None = None, col
         >>> list(fig.data[0].ids), list(fig.data[0].parents), list(fig.data[0].values)
         (['w2/0', 'w8/1'], ['', 'w2/0'], [0.5, 0.3])
     """
-    return _figure(tree, "sunburst", root, max_depth, color)
+    return _figure(tree, "sunburst", root, max_depth, color, prefer_refined)
 
 
-def icicle(tree, *, root: str | None = None, max_depth: int | None = None, color: str = "rung") -> go.Figure:
+def icicle(tree, *, root: str | None = None, max_depth: int | None = None, color: str = "rung",
+           prefer_refined: bool = True) -> go.Figure:
     """A plotly icicle of the tree: the sunburst's sectors (same ids, parents, values, hover, colours) as columns.
 
     Column 1 is the narrowest rung, column 2 the next, and so on, left to right; the options are those of
@@ -239,11 +259,11 @@ def icicle(tree, *, root: str | None = None, max_depth: int | None = None, color
         >>> fig.data[0].type, list(fig.data[0].ids), list(fig.data[0].values)
         ('icicle', ['w2/0', 'w8/1'], [0.5, 0.3])
     """
-    return _figure(tree, "icicle", root, max_depth, color)
+    return _figure(tree, "icicle", root, max_depth, color, prefer_refined)
 
 
 def write_sunburst(tree, path: str | os.PathLike, *, root: str | None = None, max_depth: int | None = None,
-                   color: str = "rung", kind: str = "sunburst") -> Path:
+                   color: str = "rung", kind: str = "sunburst", prefer_refined: bool = True) -> Path:
     """Write `sunburst(tree, ...)` as one self-contained HTML file (plotly.js inlined), atomically.
 
     kind="icicle" writes `icicle(tree, ...)` instead; the other options are those of `sunburst`.
@@ -255,7 +275,7 @@ def write_sunburst(tree, path: str | os.PathLike, *, root: str | None = None, ma
         >>> p.stat().st_size > 1_000_000
         True
     """
-    fig = _figure(tree, kind, root, max_depth, color)
+    fig = _figure(tree, kind, root, max_depth, color, prefer_refined)
     page = fig.to_html(include_plotlyjs=True, full_html=True, default_height="97vh", div_id="ft-plot")
     title = fig.layout.title.text or ""  # already escaped, and free of markup
     # a page title, and no body margin (plotly sizes the plot to 100% of the body, so a margin scrolls)
@@ -390,11 +410,11 @@ function featuretreeExplorer(gd) {
 
 
 def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, kind: str = "sunburst",
-                   max_depth: int | None = 3, color: str = "rung") -> Path:
+                   max_depth: int | None = 3, color: str = "rung", prefer_refined: bool = True) -> Path:
     """Write one self-contained HTML page to explore the tree offline: the figure, and a panel for the clicked node.
 
-    Left: `sunburst` (or `icicle` with kind="icicle") with the same `root`, `max_depth` and `color`
-    options; click a sector to zoom into it (click the centre to zoom out). Right: the clicked node's id,
+    Left: `sunburst` (or `icicle` with kind="icicle") with the same `root`, `max_depth`, `color` and
+    `prefer_refined` options; click a sector to zoom into it (click the centre to zoom out). Right: the clicked node's id,
     label, rung, width, firing rate, parent with coverage / reverse coverage / decoder cosine, top tokens,
     distinctive words and every top context, the «firing token» highlighted. plotly.js is inlined once
     (~5 MB); node data is embedded as JSON and put on the page as text only, so corpus text cannot
@@ -407,7 +427,7 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
         >>> page = p.read_text(encoding="utf-8"); page.count("ft-panel") > 0, '"a «dog» barked"' in page
         (True, True)
     """
-    fig = _figure(tree, kind, root, max_depth, color)
+    fig = _figure(tree, kind, root, max_depth, color, prefer_refined)
     g = graph_of(tree)
     data = {"kind": kind, "nodes": {n: _facts(g, n) for n in fig.data[0].ids}}
     title = fig.layout.title.text or ""  # already escaped, and free of markup

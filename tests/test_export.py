@@ -191,7 +191,7 @@ def _trace(fig):
 
 def test_sunburst_structure_rings_and_values(tree, caplog):
     with caplog.at_level(logging.INFO, logger="featuretree"):
-        fig = sunburst(tree)
+        fig = sunburst(tree, prefer_refined=False)
     t, ids, parents, value = _trace(fig)
     assert t.type == "sunburst" and t.branchvalues == "total"
     assert len(ids) == len(set(ids)) and set(parents) - {""} <= set(ids)
@@ -229,7 +229,7 @@ def test_sunburst_structure_rings_and_values(tree, caplog):
 
 
 def test_sunburst_root_and_errors(tree):
-    t, ids, parents, value = _trace(sunburst(tree, root="w8/5"))
+    t, ids, parents, value = _trace(sunburst(tree, root="w8/5", prefer_refined=False))
     assert ids[0] == "w8/5" and parents[0] == ""
     assert set(ids) == {"w8/5", "w16/9", "w8/5/r4/0", "w8/5/r4/1"}
     assert "subtree of w8/5" in sunburst(tree, root="w8/5").layout.title.text
@@ -270,7 +270,7 @@ def test_sunburst_colours(tree):
 def test_write_sunburst_is_self_contained(tree, tmp_path):
     from plotly.offline import get_plotlyjs
 
-    p = write_sunburst(tree, tmp_path / "sunburst.html", color="coverage")
+    p = write_sunburst(tree, tmp_path / "sunburst.html", color="coverage", prefer_refined=False)
     page = p.read_text(encoding="utf-8")
     assert p.stat().st_size > 1_000_000
     assert get_plotlyjs()[:2000] in page  # the bundle is inlined ...
@@ -298,7 +298,7 @@ def refined_graph() -> nx.DiGraph:
 
 def test_icicle_matches_the_sunburst_and_values_are_total_with_refined_nodes():
     g = refined_graph()
-    sun, ice = sunburst(g), icicle(g)
+    sun, ice = sunburst(g, prefer_refined=False), icicle(g, prefer_refined=False)
     s, i = sun.data[0], ice.data[0]
     assert s.type == "sunburst" and i.type == "icicle" and i.branchvalues == "total"
     for attr in ("ids", "parents", "values", "labels", "hovertext"):
@@ -318,9 +318,22 @@ def test_icicle_matches_the_sunburst_and_values_are_total_with_refined_nodes():
     assert list(icicle(g, root="w8/1/r4/0").data[0].ids) == ["w8/1/r4/0", "w8/1/r4/0/r2/0", "w8/1/r4/0/r2/1"]
 
 
+def test_refined_nodes_show_their_local_children_only_by_default():
+    g = refined_graph()
+    t = sunburst(g).data[0]
+    kids = {n: [c for c, p in zip(t.ids, t.parents, strict=True) if p == n] for n in t.ids}
+    assert kids["w4/0"] == ["w4/0/r2/0", "w4/0/r2/1"]  # not w8/0, w8/1: w4/0 was refined
+    assert "w8/1" not in kids  # gone with them (it hung under w4/0)
+    assert kids["w4/1"] == ["w8/2"]  # an unrefined node keeps its ladder children
+    assert set(t.ids) == {"w4/0", "w4/1", "w8/2", "w4/0/r2/0", "w4/0/r2/1"}
+    sub = sunburst(g, root="w8/1").data[0]  # drawn from w8/1: its refined children, not w16/3
+    assert sorted(sub.ids) == ["w8/1", "w8/1/r4/0", "w8/1/r4/0/r2/0", "w8/1/r4/0/r2/1", "w8/1/r4/1", "w8/1/r4/2"]
+    assert "w16/3" in sunburst(g, root="w8/1", prefer_refined=False).data[0].ids
+
+
 def test_rung_colours_group_refined_nodes_by_level():
     g = refined_graph()
-    fig = icicle(g)
+    fig = icicle(g, prefer_refined=False)
     colour = dict(zip(fig.data[0].ids, fig.data[0].marker.colors, strict=True))
     ladder = {colour["w4/0"], colour["w8/0"], colour["w16/3"]}
     level1 = {colour[n] for n in ("w8/1/r4/0", "w8/1/r4/2", "w4/0/r2/0", "w4/0/r2/1")}
@@ -330,7 +343,7 @@ def test_rung_colours_group_refined_nodes_by_level():
     key = fig.layout.title.subtitle.text
     assert "refined ×1 (2 local dictionaries)" in key and "refined ×2 (1 local dictionary)" in key
     assert "w8/1/r4" not in key and key.index("w16") < key.index("refined ×1") < key.index("refined ×2")
-    cov = dict(zip(*(lambda t: (t.ids, t.marker.colors))(sunburst(g, color="coverage").data[0]), strict=True))
+    cov = dict(zip(*(lambda t: (t.ids, t.marker.colors))(sunburst(g, color="coverage", prefer_refined=False).data[0]), strict=True))
     assert cov["w8/1/r4/1"] == 1.0 and cov["w8/0"] == 0.8
 
 
@@ -344,7 +357,7 @@ def _explorer_data(page: str) -> dict:
 def test_write_explorer_is_one_safe_self_contained_page(tree, tmp_path):
     from plotly.offline import get_plotlyjs
 
-    p = write_explorer(tree, tmp_path / "explorer.html")
+    p = write_explorer(tree, tmp_path / "explorer.html", prefer_refined=False)
     page = p.read_text(encoding="utf-8")
     assert page.count(get_plotlyjs()[:2000]) == 1  # plotly.js inlined once ...
     assert not re.search(r"<script[^>]*\bsrc=", page)  # ... and nothing fetched
@@ -354,7 +367,7 @@ def test_write_explorer_is_one_safe_self_contained_page(tree, tmp_path):
     assert "<title>featuretree explorer · 12 features in 4 rungs</title>" in page
     assert 'id="ft-panel"' in page and "plotly_sunburstclick" not in page  # the handler builds the event name
     data = _explorer_data(page)
-    ids = list(sunburst(tree).data[0].ids)
+    ids = list(sunburst(tree, prefer_refined=False).data[0].ids)
     assert data["kind"] == "sunburst" and list(data["nodes"]) == ids
     n = data["nodes"]["w8/0"]
     assert n["label"] == "dog <b>bold</b>" and n["parent"] == "w4/0" and n["coverage"] == 0.9
@@ -364,7 +377,8 @@ def test_write_explorer_is_one_safe_self_contained_page(tree, tmp_path):
     assert data["nodes"]["w4/1"]["index"] == 1 and data["nodes"]["w4/1"]["freq"] == 0.2  # numpy scalars as JSON
     assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temp file
 
-    page = write_explorer(tree, tmp_path / "icicle.html", kind="icicle", root="w8/5", max_depth=None).read_text()
+    page = write_explorer(tree, tmp_path / "icicle.html", kind="icicle", root="w8/5", max_depth=None,
+                          prefer_refined=False).read_text()
     data = _explorer_data(page)
     assert data["kind"] == "icicle" and set(data["nodes"]) == {"w8/5", "w16/9", "w8/5/r4/0", "w8/5/r4/1"}
     assert 'data-select="w8/5"' in page and '"type":"icicle"' in page
