@@ -8,6 +8,7 @@ animals, diseases, microbes and so on.
 
     python examples/biology_dfs.py                  # the default run (built first if missing, ~6 min)
     python examples/biology_dfs.py --run runs/small --n-tokens 20000 --widths 32,128 --epochs 1 --width 16
+    (every `featuretree build` flag sets up the run: --model, --layer, --corpus, --widths, --k, ...)
 """
 
 import argparse
@@ -17,20 +18,15 @@ from pathlib import Path
 import featuretree as ft
 
 
-def build_args(p: argparse.ArgumentParser) -> None:
-    """The run to start from, and the settings to build it with if it does not exist yet."""
-    p.add_argument("--run", default="runs/default", help="run directory (built with the settings below if missing)")
-    p.add_argument("--n-tokens", type=int, help=f"tokens to harvest (default {ft.Config.n_tokens})")
-    p.add_argument("--widths", help="ladder widths, e.g. 128,512 (default: ft.Config's)")
-    p.add_argument("--k", type=int, help=f"active features per token in the ladder (default {ft.Config.k})")
-    p.add_argument("--epochs", type=int, help=f"training passes (default {ft.Config.epochs})")
+def run_args(p: argparse.ArgumentParser) -> None:
+    """--run, and every ft.Config field as a flag (the settings to build the run with if it is not there)."""
+    p.add_argument("--run", default="runs/default", help="run directory (built with the flags below if missing)")
+    ft.Config.add_arguments(p)
 
 
 def run_tree(args) -> ft.FeatureTree:
     """`ft.build` into args.run: it loads the finished run when one with these settings is there already."""
-    given = {"n_tokens": args.n_tokens, "k": args.k, "epochs": args.epochs,
-             "widths": tuple(int(w) for w in args.widths.split(",")) if args.widths else None}
-    return ft.build(out=args.run, **{name: v for name, v in given.items() if v is not None})
+    return ft.build(ft.Config.from_args(args), out=args.run)
 
 
 def print_subtree(tree, node: str, depth: int, top: int, indent: str = "  ") -> None:
@@ -47,7 +43,7 @@ def print_subtree(tree, node: str, depth: int, top: int, indent: str = "  ") -> 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    build_args(p)
+    run_args(p)
     p.add_argument("--query", default="biology", help="what the coarse feature should be about")
     p.add_argument("--width", type=int, default=64, help="features of each local dictionary")
     p.add_argument("--depth", type=int, default=2, help="levels of refinement")

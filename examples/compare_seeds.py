@@ -16,46 +16,34 @@ from pathlib import Path
 import featuretree as ft
 
 
-def load_or_build(run: str, n_tokens: int | None, widths: str | None, k: int | None, epochs: int | None):
-    """The saved run at `run`, or a new one built there (defaults, or the given reduced settings)."""
-    if (Path(run) / "tree.json").is_file():
-        return ft.load(run)
-    given = {"n_tokens": n_tokens, "k": k, "epochs": epochs,
-             "widths": tuple(int(w) for w in widths.split(",")) if widths else None}
-    return ft.build(out=run, **{name: v for name, v in given.items() if v is not None})
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="runs/default", help="run directory (built with the settings below if missing)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the second ladder (the run used its config's seed)")
+    p.add_argument("--run", default="runs/default", help="run directory (built with the Config flags if missing)")
+    p.add_argument("--other-seed", type=int, default=1, help="seed of the second ladder (the run used --seed)")
     p.add_argument("--threshold", type=float, default=0.7, help="correlation at which a pair counts as shared")
     p.add_argument("--top", type=int, default=8, help="pairs to print per rung")
-    p.add_argument("--n-tokens", type=int)
-    p.add_argument("--widths")
-    p.add_argument("--k", type=int)
-    p.add_argument("--epochs", type=int)
+    ft.Config.add_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    tree = load_or_build(args.run, args.n_tokens, args.widths, args.k, args.epochs)
+    tree = ft.build(ft.Config.from_args(args), out=args.run)  # loads the run if it is there with these settings
     cfg = tree.config
     acts = ft.Activations(Path(args.run) / tree.graph.graph.get("acts", "acts"))
     ladder = [r for r in tree.rungs if "/" not in r]  # the ladder's rungs (not refinements)
     other = ft.train_ladder(acts, cfg.widths, k=cfg.k, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                            seed=args.seed, nested=cfg.nested)
+                            seed=args.other_seed, nested=cfg.nested)
     # the second ladder's own tree gives its features labels, so the pairs can be read
     twin = ft.link(other, acts, min_coverage=cfg.min_coverage, same_threshold=cfg.same_threshold,
                    within_coverage=cfg.within_coverage, fire_rel=cfg.fire_rel)
 
     results = {}
-    print(f"seed {cfg.seed} vs seed {args.seed}, on the run's held-out tokens:")
+    print(f"seed {cfg.seed} vs seed {args.other_seed}, on the run's held-out tokens:")
     for rung in ladder:
         m = ft.match(tree, twin, acts, rung_a=rung, rung_b=rung, threshold=args.threshold)
         results[rung] = m
         print(f"  {m.summary()}; median corr of pairs {m.pairs['corr'].median():.3f}")
     for rung, m in results.items():
-        print(f"\n{rung}: best pairs (corr, decoder cos, label in seed {cfg.seed} | label in seed {args.seed})")
+        print(f"\n{rung}: best pairs (corr, decoder cos, label in seed {cfg.seed} | label in seed {args.other_seed})")
         for r in m.pairs.head(args.top).itertuples():
             print(f"  {r.a:<12} {r.b:<12} corr {r.corr:.3f}  cos {r.cos:+.3f}  {r.label_a}  |  {r.label_b}")
     if len(ladder) > 1:

@@ -13,50 +13,13 @@ User mistakes print one line on stderr and exit with status 2 (no traceback).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
 
-from featuretree.config import Config, FeatureTreeError, field_docs
+from featuretree.config import Config, FeatureTreeError
 
 log = logging.getLogger("featuretree")
-
-_CLI_FIELDS = ("model", "layer", "corpus", "n_tokens", "widths", "k", "epochs", "batch_size", "lr", "min_coverage",
-               "within_coverage", "same_threshold", "fire_rel", "nested", "max_length", "seed")
-
-
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(w) for w in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--widths {text!r}: give integers separated by commas, e.g. 512,2048,8192") from None
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    docs, defaults = field_docs(Config), Config()
-    types = {f.name: f.type for f in dataclasses.fields(Config)}
-    for name in _CLI_FIELDS:
-        default = getattr(defaults, name)
-        flag = "--" + name.replace("_", "-")
-        shown = ",".join(map(str, default)) if name == "widths" else default
-        kw: dict = {"default": None, "help": f"{docs.get(name, '')} (default: {shown})"}
-        if name == "widths":
-            kw["type"] = _widths
-        elif "bool" in str(types[name]):
-            kw["action"] = "store_true"
-        elif "float" in str(types[name]):
-            kw["type"] = float
-        elif "int" in str(types[name]):
-            kw["type"] = int
-        p.add_argument(flag, **kw)
-
-
-def _config_from(args: argparse.Namespace) -> Config:
-    given = {n: getattr(args, n) for n in _CLI_FIELDS if getattr(args, n) is not None}
-    return Config.from_dict({**Config().to_dict(), **given})
-
 
 def _rung_line(tree, frame, rung: str) -> str:
     """One rung's held-out metrics and node counts, e.g. 'w512  FVU 0.273  L0 16.0  dead 0.0%  live 512  linked 500'."""
@@ -76,7 +39,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from featuretree.export import to_frame
     from featuretree.tree import build
 
-    cfg = _config_from(args)
+    cfg = Config.from_args(args)
     out = Path(args.out)
     tree = build(cfg, out=out, force=args.force, progress=not args.quiet)
     html = out / "sunburst.html"
@@ -174,7 +137,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     tree = load(args.run)
     query = args.query[0] if len(args.query) == 1 else args.query
-    path = search(tree, query, max_depth=args.max_depth, negatives=args.negative or None, width=args.width, k=args.k,
+    path = search(tree, query, start=args.start, max_depth=args.max_depth, negatives=args.negative or None, width=args.width, k=args.k,
                   refine_leaves=not args.no_refine, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
                   stream_tokens=args.stream_tokens, progress=not args.quiet)
     deep = path.attrs["tree"]
@@ -337,7 +300,7 @@ def make_parser() -> argparse.ArgumentParser:
                                    "saes/w<width>/ (SAELens format), tree.json and sunburst.html. Rerunning with "
                                    "the same --out and settings loads the finished run (--force trains anew); with "
                                    "other settings it reuses the harvested activations when the harvest matches.")
-    _add_config_args(b)
+    Config.add_arguments(b)
     b.add_argument("--out", default="runs/default", help="run directory to write (default: runs/default)")
     b.add_argument("--force", action="store_true",
                    help="train anew even if --out already holds a finished run with the same settings")
@@ -387,6 +350,7 @@ def make_parser() -> argparse.ArgumentParser:
                                    "yet. Prints the path; refinements made on the way are saved into the run (or --out).")
     s.add_argument("run", help="run directory written by `featuretree build`")
     s.add_argument("query", nargs="+", help="a word or phrase; several arguments are several example texts")
+    s.add_argument("--start", help="node to search under, e.g. a biology feature (default: the top-level features)")
     s.add_argument("--max-depth", type=int, default=6, help="steps down at most (default: 6)")
     s.add_argument("--negative", action="append", help="a text the feature should not fire on (repeatable)")
     s.add_argument("--no-refine", action="store_true", help="only walk the existing tree; never train")

@@ -141,6 +141,48 @@ class Config:
             raise FeatureTreeError(f"unknown config fields {unknown}; valid fields are {sorted(names)}")
         return cls(**d)
 
+    @classmethod
+    def add_arguments(cls, parser, fields: tuple[str, ...] | None = None) -> None:
+        """Add one `--flag` per Config field to an argparse parser (help = the field's docstring).
+
+        Flags default to None, so `from_args` keeps the Config default of every flag not given. `fields`
+        limits the flags (default: every field but `extra`).
+
+        Example:
+            >>> import argparse
+            >>> p = argparse.ArgumentParser(); Config.add_arguments(p)
+            >>> Config.from_args(p.parse_args(["--widths", "64,256", "--k", "8"])).widths
+            (64, 256)
+        """
+        docs, defaults = field_docs(cls), cls()
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        for name in fields or [f.name for f in dataclasses.fields(cls) if f.name != "extra"]:
+            default = getattr(defaults, name)
+            shown = ",".join(map(str, default)) if name == "widths" else default
+            kw: dict[str, Any] = {"default": None, "help": f"{docs.get(name, '')} (default: {shown})"}
+            if name == "widths":
+                kw["type"] = _widths
+            elif "bool" in types[name]:
+                kw["action"] = "store_true"
+            elif "float" in types[name]:
+                kw["type"] = float
+            elif "int" in types[name]:
+                kw["type"] = int
+            parser.add_argument("--" + name.replace("_", "-"), **kw)
+
+    @classmethod
+    def from_args(cls, args, base: Config | None = None) -> Config:
+        """A Config from parsed `add_arguments` flags: the flags given, over `base` (default: the defaults).
+
+        Example:
+            >>> import argparse
+            >>> Config.from_args(argparse.Namespace(k=4, layer=None)).k
+            4
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        given = {n: v for n, v in vars(args).items() if n in names and v is not None}
+        return cls.from_dict({**(base or cls()).to_dict(), **given})
+
     def to_json(self) -> str:
         """The config as indented JSON text.
 
@@ -149,6 +191,16 @@ class Config:
             True
         """
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        return tuple(int(w) for w in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--widths {text!r}: give integers separated by commas, e.g. 512,2048,8192") from None
 
 
 def field_docs(cls: type = Config) -> dict[str, str]:

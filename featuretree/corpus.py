@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
@@ -114,6 +115,26 @@ def load_corpus(
     labels = pd.DataFrame.from_records([lab for _, _, lab in rows], index=index)
     logger.info("loaded %d of %d texts from %s", len(rows), n_all, name)
     return Corpus(texts=[t for _, t, _ in rows], labels=labels)
+
+
+def corpus_texts(source: str | os.PathLike) -> list[str]:
+    """The texts of a corpus file or "wordnet", cached per file version (path, size, mtime) in this process.
+
+    find, refine and search read the run's corpus again and again (a phrase's contexts, texts to stream);
+    the bundled WordNet takes seconds to parse. The list is shared: do not modify it.
+
+    Example:
+        >>> corpus_texts("wordnet") is corpus_texts("wordnet")
+        True
+    """
+    path, _ = _resolve(source)
+    st = path.stat()
+    return _cached_texts(str(path.resolve()), st.st_size, st.st_mtime_ns, str(source).lower() == "wordnet")
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_texts(path: str, size: int, mtime_ns: int, wordnet: bool) -> list[str]:
+    return load_corpus("wordnet" if wordnet else path).texts
 
 
 def _resolve(source: str | os.PathLike) -> tuple[Path, str]:

@@ -36,11 +36,11 @@ def _texts(query: Any, what: str) -> list[str]:
 
 
 def _corpus_contexts(corpus, phrase: str, n: int) -> tuple[re.Pattern, list[str]]:
-    from featuretree.corpus import load_corpus
+    from featuretree.corpus import corpus_texts
 
     pattern = re.compile(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", re.IGNORECASE)
     try:
-        texts = load_corpus(corpus).texts
+        texts = corpus_texts(corpus)
     except (FeatureTreeError, OSError, ValueError):  # the corpus is gone or was a list: use the phrase alone
         return pattern, []
     return pattern, [t for t in texts if pattern.search(t)][:n]

@@ -246,9 +246,10 @@ def collect_region(tree, node: str, *, acts=None, texts=None, model=None, layer:
 
     `acts` (an Activations store or a Tensor [n, d_model]) replaces the run's own store. Then, while the
     region holds fewer than `max_tokens`, texts the store did not harvest (`texts`, else the run's corpus)
-    stream through the model in shuffled chunks of `chunk_docs` documents: `stream_tokens` tokens at most,
-    but on to the end of the texts while the region has fewer than `min_tokens`. Too few tokens in the end
-    is an error that says how many were found.
+    stream through the model in shuffled chunks of `chunk_docs` documents, `stream_tokens` tokens at most.
+    Too few tokens is an error that says how many were found; when the node's rate in the store shows
+    that streaming cannot reach `min_tokens`, that error comes before any streaming (a rare node would
+    otherwise cost a pass over the whole corpus).
 
     Example:
         >>> r = collect_region(tree, "w512/7", max_tokens=5000)  # doctest: +SKIP
@@ -293,19 +294,29 @@ def collect_region(tree, node: str, *, acts=None, texts=None, model=None, layer:
 
             pool = _as_texts(texts)
         elif acts is None:  # the run's corpus, minus the documents the store harvested
-            from featuretree.corpus import load_corpus
+            from featuretree.corpus import corpus_texts
 
             with contextlib.suppress(FeatureTreeError, OSError, ValueError):
-                pool = load_corpus(tree.config.corpus).texts
+                pool = corpus_texts(tree.config.corpus)
     if pool is not None:
         order = [i for i in range(len(pool)) if pool[i].strip() and pool[i] not in harvested]
         random.Random(seed).shuffle(order)
+        if col.n_scanned and harvested:  # the store's rate says what streaming can add
+            per_doc = col.n_scanned / len(harvested)
+            reach = min(stream_tokens, per_doc * len(order))
+            expect = col.n / col.n_scanned * reach
+            if col.n + expect < min_tokens:
+                bar.close()
+                raise FeatureTreeError(
+                    f"{node} fires on {col.n} of the {col.n_scanned} tokens in the run's store; streaming "
+                    f"{reach:,.0f} more corpus tokens would add about {expect:.0f}, short of min_tokens={min_tokens}: "
+                    "lower min_tokens, raise stream_tokens, refine a coarser node, or give texts=...")
         budget = col.n_scanned + stream_tokens
         wrapped = _model_of(tree, model) if order else None
         at = _layer_of(tree, layer)
         max_length = tree.config.max_length if tree.config is not None else 128
         for s in range(0, len(order), chunk_docs):
-            if col.n >= max_tokens or (col.n >= min_tokens and col.n_scanned >= budget):
+            if col.n >= max_tokens or col.n_scanned >= budget:
                 break
             chunk = [pool[i] for i in order[s:s + chunk_docs]]
             with _quiet(), tempfile.TemporaryDirectory(prefix="featuretree-stream-") as tmp:
@@ -516,24 +527,26 @@ def _children(tree, n: str) -> list[str]:
     return [c for c in tree.graph.successors(n) if not tree.graph.nodes[c].get("virtual")]
 
 
-def search(tree, query, *, max_depth: int = 6, negatives=None, width: int = 64, k: int | None = None,
-           refine_leaves: bool = True, min_tokens: int = 300, max_tokens: int = 20_000,
+def search(tree, query, *, start: str | None = None, max_depth: int = 6, negatives=None, width: int = 64,
+           k: int | None = None, refine_leaves: bool = True, min_tokens: int = 300, max_tokens: int = 20_000,
            stream_tokens: int = 100_000, texts=None, model=None, layer: int | None = None, progress: bool = True,
            **find_kw) -> pd.DataFrame:
     """Targeted depth-first search: from the top, step to the child that answers `query` best, refining leaves.
 
-    At each step the children of the current node (the tree's top-level features first) are scored with
-    `find`'s score; the best child that fires on the query more than it usually does (score > 0) is taken.
+    At each step the children of the current node (the tree's top-level features first, or `start`'s
+    children: a node such as a "biology" feature to search under, which is then the path's first row) are
+    scored with `find`'s score; the best child that fires on the query more than it usually does (score > 0)
+    is taken.
     A node without children is refined (`refine(..., depth=1)`, `width`, `k`, token limits) when
     `refine_leaves`, so the search goes below the ladder only along the branch it follows (`texts`: what
-    refinement streams instead of the run's corpus). Stops after
-    `max_depth` steps, or when no child answers. Returns the path as a DataFrame (step, node, label, score,
-    query_rate, freq, refined); `path.attrs["tree"]` is the tree with the refinements made on the way.
+    refinement streams instead of the run's corpus). Stops after `max_depth` steps, when no child
+    answers, or when a leaf has too few tokens to refine. Returns the path as a DataFrame (step, node,
+    label, score, query_rate, freq, refined); `path.attrs["tree"]` is the tree with the refinements made.
 
-    Example:
-        >>> path = search(tree, "anthrax", max_depth=6)  # doctest: +SKIP
+    Example (the default run; the last step is a feature of a dictionary trained where w8192/8012 fires):
+        >>> path = search(tree, "malaria")  # doctest: +SKIP
         >>> path[["node", "label"]].values.tolist()[-1]  # doctest: +SKIP
-        ['w8192/3683/r64/5', 'anthrax · bacillus · spores']
+        ['w8192/8012/r64/51', 'parasite · malaria · parasites | mosquito']
     """
     from featuretree.find import find
     from featuretree.tree import ROOT
@@ -546,7 +559,16 @@ def search(tree, query, *, max_depth: int = 6, negatives=None, width: int = 64, 
 
     scores = score(tree)
     rows, current = [], ROOT
-    for step in range(int(max_depth)):
+    if start is not None and start != ROOT:
+        tree.node(start)  # an unknown id is a clear error
+        r = scores.loc[start] if start in scores.index else None
+        rows.append({"step": 0, "node": start, "label": tree.graph.nodes[start].get("label", start),
+                     "score": float(r["score"]) if r is not None else float("nan"),
+                     "query_rate": float(r["query_rate"]) if r is not None else 0.0,
+                     "freq": float(tree.graph.nodes[start].get("freq") or 0.0),
+                     "refined": bool(tree.graph.nodes[start].get("refined", False))})
+        current = start
+    for step in range(len(rows), len(rows) + int(max_depth)):
         kids = _children(tree, current)
         if not kids and refine_leaves and current != ROOT:
             try:

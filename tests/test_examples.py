@@ -1,19 +1,92 @@
-"""examples/ run on a reduced setting (the embedded model and the bundled corpus)."""
+"""examples/ run on a reduced setting (the embedded model and the bundled corpus), as CI runs them."""
 
 import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+import featuretree as ft
+from featuretree.refine import node_mask
+
 ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--n-tokens", "20000", "--widths", "32,128", "--k", "8", "--epochs", "3", "--batch-size", "256"]  # seconds
+
+
+def example(name: str, monkeypatch) -> dict:
+    """The example's namespace, loaded as a module (not run as __main__), with examples/ importable."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    return runpy.run_path(str(ROOT / "examples" / name), run_name="not_main")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("examples") / "small"
+    ft.build(ft.Config.from_args(_parse(SMALL)), out=run, progress=False)
+    return run
+
+
+def _parse(argv):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    ft.Config.add_arguments(p)
+    return p.parse_args(argv)
 
 
 def test_quickstart_runs_and_writes_a_tree(tmp_path, monkeypatch, capsys):
     out = tmp_path / "quick"
     monkeypatch.setattr(sys, "argv", ["quickstart.py", "--n-tokens", "6000", "--widths", "32,128", "--k", "8",
                                       "--epochs", "1", "--out", str(out)])
-    ns = runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="not_main")
-    tree = ns["main"]()
+    tree = example("quickstart.py", monkeypatch)["main"]()
     assert tree.rungs == ["w32", "w128"]
     assert (out / "tree.json").is_file() and (out / "sunburst.html").is_file()
     printed = capsys.readouterr().out
     assert "FVU" in printed and "most frequent root" in printed
+
+
+def test_biology_dfs_refines_a_coarse_node_two_levels(small_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bio"
+    before = (small_run / "tree.json").stat().st_mtime_ns
+    deep, node = example("biology_dfs.py", monkeypatch)["main"](
+        ["--run", str(small_run), *SMALL, "--width", "16", "--depth", "2", "--max-children", "2",
+         "--min-tokens", "40", "--stream-tokens", "5000", "--out", str(out)])
+    assert (small_run / "tree.json").stat().st_mtime_ns == before  # the run was loaded, not rebuilt
+    assert deep.graph.nodes[node]["rung"] in ("w32", "w128")  # a coarse feature
+    g = deep.graph
+    kids = [c for c in g.successors(node) if g.nodes[c].get("refined")]
+    grandkids = [c for k in kids for c in g.successors(k) if g.nodes[c].get("refined")]
+    assert kids and grandkids, "depth 2 made no second level"
+    printed = capsys.readouterr().out
+    largest = sorted(kids, key=lambda c: -g.nodes[c]["freq"])[:3]
+    assert f"{node}  {g.nodes[node]['label']}" in printed and all(g.nodes[c]["label"] in printed for c in largest)
+    for name in ("tree.json", "sunburst.html", "explorer.html"):
+        assert (out / name).is_file(), name
+    # the truth of a refinement: a child fires only where its parent does, on the run's held-out tokens
+    x = ft.Activations(small_run / "acts").load("heldout")
+    parent_on = node_mask(deep, node, x)
+    for c in kids[:4]:
+        assert not (node_mask(deep, c, x) & ~parent_on).any()
+    assert ft.load(out).graph.graph["refined"] == g.graph["refined"]
+
+
+def test_targeted_search_descends_and_refines(small_run, tmp_path, monkeypatch, capsys):
+    path = example("targeted_search.py", monkeypatch)["main"](
+        ["disease", "--run", str(small_run), *SMALL, "--width", "16", "--min-tokens", "30", "--stream-tokens", "3000",
+         "--out", str(tmp_path / "s")])
+    deep = path.attrs["tree"]
+    assert len(path) >= 2 and (path.score > 0).all() and (path.query_rate > 0).all()
+    assert all(deep.graph.has_edge(a, b) for a, b in zip(path.node, path.node[1:]))  # a path down the tree
+    assert "search 'disease'" in capsys.readouterr().out and (tmp_path / "s" / "explorer.html").is_file()
+
+
+def test_compare_seeds_matches_two_ladders(small_run, monkeypatch, capsys):
+    results = example("compare_seeds.py", monkeypatch)["main"](["--run", str(small_run), *SMALL])
+    assert set(results) == {"w32", "w128", "w32->w128"}
+    for m in results.values():
+        assert 0 <= m.shared_fraction <= 1 and m.pairs.a.is_unique and m.pairs.b.is_unique
+        assert np.all(np.diff(m.pairs["corr"].to_numpy()) <= 0)
+    assert results["w32"].shared_fraction > 0.3  # two seeds on the same tokens find many of the same features
+    printed = capsys.readouterr().out
+    assert "seed 0 vs seed 1" in printed and "splitting" in printed

@@ -101,6 +101,13 @@ def test_search_descends_to_a_refined_node_specific_to_the_query(run):
     on_word, elsewhere = fires_on_word(deep, acts, path.node.iloc[-1], "anthrax")
     assert on_word > 5 * max(elsewhere, 1e-3), (on_word, elsewhere)
     assert not any("/r8" in n for n in tree.graph)  # the input tree is untouched
+    # from a given start: the path begins there and stays in its subtree
+    start = path.node.iloc[0]
+    under = search(tree, "anthrax", start=start, model=model, layer=0, refine_leaves=False, progress=False)
+    assert under.node.iloc[0] == start and under.step.tolist() == list(range(len(under)))
+    assert all(tree.graph.has_edge(a, b) for a, b in zip(under.node, under.node[1:]))
+    with pytest.raises(FeatureTreeError, match="unknown node"):
+        search(tree, "anthrax", start="w16/999", model=model, layer=0, progress=False)
 
 
 def test_refine_streams_texts_beyond_the_store(run):
@@ -117,3 +124,7 @@ def test_refine_streams_texts_beyond_the_store(run):
     kids = [c for c in deep.graph.successors(node) if deep.graph.nodes[c].get("refined")]
     assert kids and all(deep.graph.nodes[c]["top_tokens"] for c in kids)  # labelled from streamed contexts
     assert all(set(deep.graph.nodes[c]["top_tokens"]) <= set(WORDS) for c in kids)
+    # a goal streaming cannot reach at the node's rate in the store fails at once, before any streaming
+    with pytest.raises(FeatureTreeError, match="would add about"):
+        refine(tree, node, width=8, k=1, texts=extra, model=model, layer=0, min_tokens=10**6, max_tokens=10**7,
+               stream_tokens=5_000, progress=False)
