@@ -226,6 +226,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.what == "wordnet":
         return _eval_wordnet(args)
+    if args.what == "refine":
+        return _eval_refine(args)
     if args.configs is None:
         from featuretree.eval import PLANTED_CONFIGS
 
@@ -240,6 +242,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         keys = ["config", "rule"]
     table = df.groupby(keys, sort=False)[["precision", "recall", "recovered"]].agg(["mean", "min"])
     sys.stdout.write(df.to_string(index=False) + "\n\n" + table.round(3).to_string() + "\n")
+    if args.csv:
+        from featuretree.utils import write_text
+
+        write_text(args.csv, df.to_csv(index=False))
+    return 0
+
+
+def _eval_refine(args: argparse.Namespace) -> int:
+    """Purity of refined children vs their parent, per local width and k, on a WordNet run."""
+    from featuretree.activations import Activations
+    from featuretree.corpus import load_corpus
+    from featuretree.eval import refine_purity
+    from featuretree.export import load
+
+    if not args.run or not args.nodes:
+        raise FeatureTreeError("featuretree eval refine needs a WordNet run and nodes to refine: "
+                               "featuretree eval refine runs/default --nodes w512/148 w128/66")
+    tree = load(args.run)
+    acts = Activations(Path(args.run) / tree.graph.graph.get("acts", "acts"))
+    df = refine_purity(tree, acts, load_corpus("wordnet").labels, args.nodes, widths=args.widths, ks=args.ks,
+                       progress=not args.quiet, stream_tokens=args.stream_tokens)
+    sys.stdout.write(df.to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n")
     if args.csv:
         from featuretree.utils import write_text
 
@@ -363,10 +387,17 @@ def make_parser() -> argparse.ArgumentParser:
                                    "score the parent edges of three linking rules (decoder cosine only, co-activation "
                                    "only, featuretree's combined rule) against the truth. wordnet RUN: how pure each "
                                    "node's firing tokens are in WordNet lexicographer files and topic domains, per "
-                                   "rung and from parent to child. Tables: docs/EVAL.md.")
-    v.add_argument("what", choices=("planted", "wordnet"),
-                   help="planted: linking rules on planted hierarchies; wordnet: purity of a WordNet run's nodes")
-    v.add_argument("run", nargs="?", help="(wordnet) a run directory built on the WordNet corpus")
+                                   "rung and from parent to child. refine RUN --nodes ...: how much purer refined "
+                                   "children are than their parent, per local width and k. Tables: docs/EVAL.md.")
+    v.add_argument("what", choices=("planted", "wordnet", "refine"),
+                   help="planted: linking rules on planted hierarchies; wordnet: purity of a WordNet run's nodes; "
+                        "refine: purity of refined children vs their parent per local width and k")
+    v.add_argument("run", nargs="?", help="(wordnet, refine) a run directory built on the WordNet corpus")
+    v.add_argument("--nodes", nargs="+", help="(refine) nodes to refine, e.g. w512/148 w128/66")
+    v.add_argument("--widths", nargs="+", type=int, default=[32, 64], help="(refine) local widths (default: 32 64)")
+    v.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 8], help="(refine) local k (default: 1 2 4 8)")
+    v.add_argument("--stream-tokens", type=int, default=100_000,
+                   help="(refine) corpus tokens streamed beyond the store per region (default: 100000)")
     v.add_argument("--configs", nargs="+", default=None,
                    help="planted configurations (default: all of featuretree.eval.PLANTED_CONFIGS)")
     v.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")

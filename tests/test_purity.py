@@ -58,3 +58,24 @@ def test_eval_wordnet_cli(wordnet_run, capsys):
     text = capsys.readouterr().out
     assert "lexname" in text and "domains" in text and "child purer than parent" in text
     assert main(["-q", "eval", "wordnet"]) == 2
+
+
+def test_refined_purity_counts_gated_tokens_and_the_cli_prints_it(wordnet_run, capsys):
+    from featuretree.__main__ import main
+    from featuretree.refine import node_mask
+
+    out, tree, acts, labels = wordnet_run
+    node = max(tree.roots(), key=lambda n: tree.graph.nodes[n]["freq"])
+    deep = ft.refine(tree, node, width=8, k=1, min_tokens=50, stream_tokens=0, progress=False)
+    pur = label_purity(deep, acts, labels, min_tokens=1)
+    x = acts.load("heldout")
+    kids = [c for c in deep.graph.successors(node) if deep.graph.nodes[c].get("refined")]
+    measured = [c for c in kids if c in pur.index]
+    assert measured
+    for c in measured:  # a refined child's firing tokens are gated by its parent's
+        assert pur.at[c, "n_fire"] == node_mask(deep, c, x).sum()
+    assert main(["-q", "eval", "refine", str(out), "--nodes", node, "--widths", "8", "--ks", "1", "2",
+                 "--stream-tokens", "0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:4] == ["node", "width", "k", "parent_purity"] and len(lines) == 3
+    assert main(["-q", "eval", "refine", str(out)]) == 2
