@@ -172,10 +172,10 @@ def cmd_match(args: argparse.Namespace) -> int:
         docs = acts.texts()
         held = [t for d, t in sorted(docs.items()) if acts.heldout_every and d % acts.heldout_every == 0]
         m = match(tree_a, tree_b, texts=held or list(docs.values()), rung_a=args.rung_a, rung_b=args.rung_b,
-                  threshold=args.threshold, max_tokens=args.max_tokens)
+                  threshold=args.threshold, max_tokens=args.max_tokens, min_tokens=args.min_tokens)
     else:
         m = match(tree_a, tree_b, acts, rung_a=args.rung_a, rung_b=args.rung_b, threshold=args.threshold,
-                  max_tokens=args.max_tokens)
+                  max_tokens=args.max_tokens, min_tokens=args.min_tokens)
     lines = [m.summary()]
     if len(m.pairs):
         cols = ["a", "b", "corr", "cos", "label_a", "label_b"]
@@ -434,6 +434,8 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--rung-b", help="rung of RUN_B, e.g. w2048 (default: the widest)")
     m.add_argument("--threshold", type=float, default=0.7, help="correlation at which a pair is shared (default: 0.7)")
     m.add_argument("--max-tokens", type=int, default=100_000, help="tokens compared at most (default: 100000)")
+    m.add_argument("--min-tokens", type=int, default=10,
+                   help="tokens a feature must fire on to take part (rarer ones correlate by chance; default: 10)")
     m.add_argument("--top", type=int, default=20, help="pairs to print (default: 20)")
     m.set_defaults(func=cmd_match)
 

@@ -97,6 +97,16 @@ def test_hierarchy_shares_less_but_pairs_stay_true():
     assert related[found].all(), list(zip(ta[ia][found], tb[ib][found]))
 
 
+def test_rare_features_take_no_part(flat):
+    held, (a, b) = flat
+    x = held.acts[:300]
+    na, nb = sparse_codes(a, x).getnnz(0), sparse_codes(b, x).getnnz(0)
+    m = ft.match(a, b, x, min_tokens=25)
+    assert len(m.pairs) and (na[_index(m.pairs.a)] >= 25).all() and (nb[_index(m.pairs.b)] >= 25).all()
+    assert m.n_live_a == int((na >= 25).sum()) and m.n_live_b == int((nb >= 25).sum())
+    assert ft.match(a, b, x, min_tokens=1).n_live_a == int((na > 0).sum())
+
+
 def test_untrained_dictionary_shares_little(flat):
     held, (a, _) = flat
     m = ft.match(a, ft.TopKSAE(32, 32, 4, seed=5), held.acts)
