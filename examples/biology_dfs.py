@@ -24,6 +24,15 @@ def run_args(p: argparse.ArgumentParser) -> None:
     ft.Config.add_arguments(p)
 
 
+def refine_args(p: argparse.ArgumentParser, *, min_tokens: int, stream_tokens: int, out: str) -> None:
+    """The flags of a refinement: local width, token limits, and where the result goes."""
+    p.add_argument("--width", type=int, default=64, help="features of each local dictionary")
+    p.add_argument("--min-tokens", type=int, default=min_tokens, help="tokens a node needs to be refined")
+    p.add_argument("--stream-tokens", type=int, default=stream_tokens,
+                   help="corpus tokens streamed through the model beyond the run's store, per region")
+    p.add_argument("--out", default=out, help="where the refined tree and its pages go")
+
+
 def run_tree(args) -> ft.FeatureTree:
     """`ft.build` into args.run: it loads the finished run when one with these settings is there already."""
     return ft.build(ft.Config.from_args(args), out=args.run)
@@ -45,12 +54,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run_args(p)
     p.add_argument("--query", default="biology", help="what the coarse feature should be about")
-    p.add_argument("--width", type=int, default=64, help="features of each local dictionary")
     p.add_argument("--depth", type=int, default=2, help="levels of refinement")
     p.add_argument("--max-children", type=int, default=4, help="children refined again at each level, largest first")
-    p.add_argument("--min-tokens", type=int, default=400, help="tokens a node needs to be refined")
-    p.add_argument("--stream-tokens", type=int, default=300_000, help="corpus tokens streamed beyond the run's store")
-    p.add_argument("--out", default="runs/biology", help="where the refined tree and its pages go")
+    refine_args(p, min_tokens=400, stream_tokens=300_000, out="runs/biology")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

@@ -14,7 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from biology_dfs import run_args, run_tree
+from biology_dfs import refine_args, run_args, run_tree
 
 import featuretree as ft
 
@@ -25,10 +25,7 @@ def main(argv=None):
     run_args(p)
     p.add_argument("--start", help="node to search under (default: the top-level features)")
     p.add_argument("--max-depth", type=int, default=6, help="steps down at most")
-    p.add_argument("--width", type=int, default=64, help="features of a local dictionary made on the way")
-    p.add_argument("--min-tokens", type=int, default=300, help="tokens a node needs to be refined")
-    p.add_argument("--stream-tokens", type=int, default=100_000, help="corpus tokens streamed beyond the run's store")
-    p.add_argument("--out", default="runs/search", help="where the tree with the refinements goes")
+    refine_args(p, min_tokens=300, stream_tokens=100_000, out="runs/search")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

@@ -51,22 +51,11 @@ __all__ = [
     "sunburst", "to_frame", "to_graphml", "train_ladder", "write_explorer", "write_sunburst",
 ]
 
-if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
+if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs; at run time they load on first use
     from featuretree.activations import Activations, collect  # noqa: F401
     from featuretree.compare import match, novel  # noqa: F401
     from featuretree.corpus import Corpus, load_corpus  # noqa: F401
     from featuretree.eval import edge_scores, planted_hierarchy  # noqa: F401
-    from featuretree.export import (  # noqa: F401  # noqa: F401
-        from_graphml,
-        icicle,
-        load,
-        save,
-        sunburst,
-        to_frame,
-        to_graphml,
-        write_explorer,
-        write_sunburst,
-    )
     from featuretree.label import CausalLMLabeler, label_tree  # noqa: F401
     from featuretree.model import load_model  # noqa: F401
     from featuretree.sae import TopKSAE  # noqa: F401

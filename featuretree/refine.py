@@ -434,8 +434,8 @@ def local_k(width: int, k: int = 16) -> int:
     A local dictionary only has to tell the region's tokens apart (they already share the parent's
     direction), and fewer active features make children that divide the region instead of overlapping
     in it: on the default WordNet run, refining w512/148 and w128/66 (width 32 / 64) gave children purer
-    in WordNet lexicographer file than their parent for 72-93% of them at k=1, 64-83% at k=2, 53-63% at
-    k=4 and 54% at k=8 (docs/EVAL.md).
+    in WordNet lexicographer file than their parent for 66-100% of them at k=1, 55-77% at k=2, 56-76% at
+    k=4 and 45-61% at k=8 (`featuretree eval refine`, docs/EVAL.md).
 
     Example:
         >>> local_k(64), local_k(256), local_k(4096, 16)
