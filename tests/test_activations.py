@@ -67,7 +67,14 @@ def test_store_layout_and_meta(store, texts):
     assert isinstance(store, Activations)
     assert len(store) == store.n_tokens == N_TOKENS and store.d_model == 384
     meta = json.loads((store.path / "meta.json").read_text())
-    assert meta["n_shards"] == 7 and meta["shard_sizes"] == [SHARD] * 6 + [200]
+    sizes = meta["shard_sizes"]  # shards end at a batch boundary once SHARD rows have gathered
+    assert sum(sizes) == N_TOKENS and all(SHARD <= n < SHARD + 8 * MAX_LENGTH for n in sizes[:-1])
+    assert 0 < sizes[-1] < SHARD + 8 * MAX_LENGTH and meta["n_shards"] == len(sizes) >= 5
+    info = meta["shard_info"]  # each shard's batch range, size and checksum: what resume checks
+    assert [i["rows"] for i in info] == sizes and info[0]["batches"][0] == 0
+    assert all(a["batches"][1] == b["batches"][0] for a, b in zip(info, info[1:]))
+    assert all(len(i["sha256"]) == 64 and i["bytes"] == (store.path / i["name"]).stat().st_size for i in info)
+    assert not (store.path / "progress.json").exists()
     assert (meta["layer"], meta["max_length"], meta["heldout_every"], meta["model"]) == (
         LAYER,
         MAX_LENGTH,
@@ -75,14 +82,14 @@ def test_store_layout_and_meta(store, texts):
         "all-MiniLM-L6-v2",
     )
     assert sorted(p.name for p in store.path.glob("shard_*")) == [
-        f"shard_{i:05d}.safetensors" for i in range(7)
+        f"shard_{i:05d}.safetensors" for i in range(len(sizes))
     ]
     from safetensors.torch import load_file
 
     shard = load_file(str(store.path / "shard_00000.safetensors"))
-    assert shard["acts"].shape == (SHARD, 384) and shard["acts"].dtype == torch.float32
+    assert shard["acts"].shape == (sizes[0], 384) and shard["acts"].dtype == torch.float32
     for name in ("token_ids", "doc_ids", "positions", "starts", "ends"):
-        assert shard[name].shape == (SHARD,) and shard[name].dtype == torch.int64
+        assert shard[name].shape == (sizes[0],) and shard[name].dtype == torch.int64
     reopened = Activations(store.path)
     torch.testing.assert_close(reopened.load("all"), store.load("all"))
     assert len(json.loads((store.path / "vocab.json").read_text())) == 30522
@@ -179,6 +186,9 @@ def test_stream_memory_is_bounded_by_buffer_shards(store, monkeypatch):
         Activations, "_read", lambda self, shard, names: reads.append(shard) or original(self, shard, names)
     )
     it = store.batches(50, split="all", buffer_shards=2, seed=1)
+    gen = torch.Generator().manual_seed(1 * 1_000_003)  # the stream's shard order in epoch 0
+    order = torch.randperm(len(store.meta["shard_sizes"]), generator=gen).tolist()
+    first_buffer = sum(store.meta["shard_sizes"][i] for i in order[:2])
     first = next(it)
     assert len(reads) == 2  # the first batch needed only the first buffer of 2 shards
     shard_of = {}
@@ -188,11 +198,11 @@ def test_stream_memory_is_bounded_by_buffer_shards(store, monkeypatch):
         for r in load_file(str(p))["acts"]:
             shard_of[r.numpy().tobytes()] = p
     assert {shard_of[r.numpy().tobytes()] for r in first} <= set(reads)
-    for _ in range(2 * SHARD // 50 - 1):  # the rest of the first buffer comes without reading more shards
+    for _ in range(first_buffer // 50 - 1):  # the rest of the first buffer comes without reading more shards
         next(it)
     assert len(reads) == 2
     list(it)
-    assert len(reads) == 7
+    assert len(reads) == len(store.meta["shard_sizes"])
 
 
 def test_decoder_model_collects(tmp_path):
@@ -250,3 +260,59 @@ def test_texts_object_and_nan_guard(model, tmp_path):
     finally:
         hook.remove()
     assert not (tmp_path / "bad" / "meta.json").exists()
+
+
+# ---- resume: a killed harvest continues, a damaged shard is recomputed, bit for bit --------------------
+def _store_bytes(path):
+    return {p.name: p.read_bytes() for p in sorted(path.glob("shard_*.safetensors"))}
+
+
+def test_killed_harvest_resumes_to_the_same_store(store, model, texts, tmp_path, monkeypatch):
+    import featuretree.activations as A
+
+    kw = dict(n_tokens=N_TOKENS, batch_size=8, max_length=MAX_LENGTH, shard_size=SHARD, heldout_every=HELDOUT,
+              progress=False)
+    original, calls = A._write_shard, []
+
+    def dies_at_the_third_shard(*args):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if killed while writing shard 2 (it is never renamed into place)
+        return original(*args)
+
+    monkeypatch.setattr(A, "_write_shard", dies_at_the_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, LAYER, texts, out=tmp_path, **kw)
+    monkeypatch.setattr(A, "_write_shard", original)
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert len(progress["shards"]) == 2 and not (tmp_path / "meta.json").exists()
+    with pytest.raises(FeatureTreeError, match="no meta.json"):
+        Activations(tmp_path)  # an unfinished store cannot be opened by mistake
+    resumed = collect(model, LAYER, texts, out=tmp_path, resume=True, **kw)
+    assert _store_bytes(tmp_path) == _store_bytes(store.path)
+    assert json.loads((tmp_path / "meta.json").read_text())["shard_info"] == store.meta["shard_info"]
+    assert (tmp_path / "docs.jsonl").read_bytes() == (store.path / "docs.jsonl").read_bytes()
+    assert resumed.verify() == [] and not (tmp_path / "progress.json").exists()
+    with pytest.raises(FeatureTreeError, match=r"other settings \(n_tokens 2000 -> 1000\)"):
+        collect(model, LAYER, texts, out=tmp_path, resume=True, **{**kw, "n_tokens": 1000})
+
+
+def test_damaged_shard_is_detected_and_recomputed(store, model, texts, tmp_path):
+    import shutil
+
+    kw = dict(n_tokens=N_TOKENS, batch_size=8, max_length=MAX_LENGTH, shard_size=SHARD, heldout_every=HELDOUT,
+              progress=False)
+    copy = tmp_path / "acts"
+    shutil.copytree(store.path, copy)
+    target = copy / "shard_00001.safetensors"
+    target.write_bytes(target.read_bytes()[:-100])  # truncated
+    with pytest.raises(FeatureTreeError, match="truncated or damaged"):
+        Activations(copy)
+    flipped = copy / "shard_00003.safetensors"
+    data = bytearray(flipped.read_bytes())
+    data[-5] ^= 0xFF  # same size, one byte of activations changed
+    flipped.write_bytes(bytes(data))
+    mtime = (copy / "shard_00000.safetensors").stat().st_mtime_ns
+    fixed = collect(model, LAYER, texts, out=copy, resume=True, **kw)
+    assert fixed.verify() == [] and _store_bytes(copy) == _store_bytes(store.path)
+    assert (copy / "shard_00000.safetensors").stat().st_mtime_ns == mtime  # good shards are left alone

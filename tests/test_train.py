@@ -100,3 +100,39 @@ def test_nested_ladder_prefixes_share_features_and_each_reconstructs():
     assert saes[8].metrics["fvu"] < 0.7  # the 8-feature prefix alone is a working SAE (untrained: FVU > 1)
     assert saes[64].metrics["fvu"] < flat[64].metrics["fvu"] + 0.05  # nesting costs the wide rung little
     assert saes[8].metrics["fvu"] > saes[32].metrics["fvu"] > saes[64].metrics["fvu"]
+
+
+def test_training_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+    import pytest
+
+    from featuretree import FeatureTreeError
+
+    x = torch.randn(6000, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(k=4, epochs=2, batch_size=256, progress=False)
+    ref = train_ladder(x, (32, 64), **kw)
+    ckpt = tmp_path / "train.safetensors"
+
+    class Killed(Exception):
+        pass
+
+    def dies_at(n):
+        def callback(step, seen, fvu):
+            if step == n:
+                raise Killed
+        return callback
+
+    for n in (1, 20, 40):  # killed early, mid-epoch and in the second epoch; each time resumed
+        with pytest.raises(Killed):
+            train_ladder(x, (32, 64), checkpoint=ckpt, checkpoint_every=0, callback=dies_at(n), **kw)
+        assert ckpt.is_file()
+    resumed = train_ladder(x, (32, 64), checkpoint=ckpt, checkpoint_every=0, **kw)
+    for w in (32, 64):
+        assert all(torch.equal(a, b) for a, b in zip(ref[w].parameters(), resumed[w].parameters()))
+        assert ref[w].metrics == resumed[w].metrics
+    assert not ckpt.exists()  # removed once training ended
+    with pytest.raises(Killed):
+        train_ladder(x, (32, 64), checkpoint=ckpt, checkpoint_every=0, callback=dies_at(5), **kw)
+    with pytest.raises(FeatureTreeError, match="other settings or data"):
+        train_ladder(x, (32, 64), checkpoint=ckpt, **{**kw, "k": 2})
+    with pytest.raises(FeatureTreeError, match="other settings or data"):
+        train_ladder(x + 1, (32, 64), checkpoint=ckpt, **kw)
