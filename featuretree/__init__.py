@@ -38,7 +38,7 @@ _LAZY = {
     "load_model": "model",
     "TopKSAE": "sae",
     "train_ladder": "train",
-    "FeatureTree": "tree", "build": "tree", "link": "tree",
+    "FeatureTree": "tree", "link": "tree", "build": "run",
     "planted_hierarchy": "eval", "edge_scores": "eval",
     "label_tree": "label", "CausalLMLabeler": "label",
     "match": "compare", "novel": "compare",
@@ -58,9 +58,10 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs; at run time the
     from featuretree.eval import edge_scores, planted_hierarchy  # noqa: F401
     from featuretree.label import CausalLMLabeler, label_tree  # noqa: F401
     from featuretree.model import load_model  # noqa: F401
+    from featuretree.run import build  # noqa: F401
     from featuretree.sae import TopKSAE  # noqa: F401
     from featuretree.train import train_ladder  # noqa: F401
-    from featuretree.tree import FeatureTree, build, link  # noqa: F401
+    from featuretree.tree import FeatureTree, link  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

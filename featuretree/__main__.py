@@ -37,11 +37,12 @@ def _ladder(tree) -> list[str]:
 def cmd_build(args: argparse.Namespace) -> int:
     """featuretree build: harvest, train the ladder, link, save the run and write its sunburst."""
     from featuretree.export import to_frame
-    from featuretree.tree import build
+    from featuretree.run import build
 
     cfg = Config.from_args(args)
     out = Path(args.out)
-    tree = build(cfg, out=out, force=args.force, progress=not args.quiet)
+    tree = build(cfg, out=out, force=args.force, progress=not args.quiet, checkpoint_every=args.checkpoint_every,
+                 shard_size=args.shard_size)
     html = out / "sunburst.html"
     frame = to_frame(tree)
     for rung in _ladder(tree):
@@ -321,13 +322,19 @@ def make_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="harvest activations, train the ladder, link the tree, write a sunburst",
                        description="Run the whole pipeline and save it as a run directory: config.json, acts/, "
-                                   "saes/w<width>/ (SAELens format), tree.json and sunburst.html. Rerunning with "
-                                   "the same --out and settings loads the finished run (--force trains anew); with "
-                                   "other settings it reuses the harvested activations when the harvest matches.")
+                                   "saes/w<width>/ (SAELens format), tree.json and sunburst.html. Every long step "
+                                   "checkpoints: rerun the same command after a kill to resume (the result is the "
+                                   "same tree). A finished run with the same settings is loaded; a directory "
+                                   "holding other settings is refused unless --force.")
     Config.add_arguments(b)
     b.add_argument("--out", default="runs/default", help="run directory to write (default: runs/default)")
     b.add_argument("--force", action="store_true",
-                   help="train anew even if --out already holds a finished run with the same settings")
+                   help="start over in --out even if it holds a run (finished, unfinished or of other settings)")
+    b.add_argument("--checkpoint-every", type=float, default=60.0,
+                   help="seconds between training checkpoints; rerun the same command after a kill to resume "
+                        "(default: 60)")
+    b.add_argument("--shard-size", type=int, default=65536,
+                   help="tokens per activation shard, the harvest's checkpoint unit (default: 65536)")
     b.set_defaults(func=cmd_build)
 
     e = sub.add_parser("export", help="export a saved run as HTML sunburst / GraphML / CSV",

@@ -50,6 +50,10 @@ def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
+class StoreMismatch(FeatureTreeError):
+    """collect(resume=True) found a store harvested with other settings in its directory."""
+
+
 def texts_fingerprint(texts: Sequence[str]) -> str:
     """sha256 of the texts in order (each followed by a NUL): which corpus a store or run was made from.
 
@@ -261,7 +265,7 @@ def _saved_state(out: Path, recipe: dict) -> dict | None:
             return None
         if old != recipe:
             diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in recipe.items() if old.get(k) != v)
-            raise FeatureTreeError(
+            raise StoreMismatch(
                 f"the activation store in {out} was harvested with other settings ({diff}): resume only "
                 "continues the same harvest; choose another directory or collect without resume to overwrite it")
         shards = saved["shard_info"] if done else saved["shards"]

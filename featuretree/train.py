@@ -263,7 +263,8 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
                  lr: float | None = None, auxk_alpha: float = 1 / 32, dead_tokens: int | None = None,
                  seed: int = 0, out: str | os.PathLike | None = None, progress: bool = True,
                  eval_acts=None, shuffle: bool = True, callback=None, nested: bool = False,
-                 checkpoint: str | os.PathLike | None = None, checkpoint_every: float = 60.0) -> dict[int, TopKSAE]:
+                 checkpoint: str | os.PathLike | None = None, checkpoint_every: float = 60.0,
+                 keep_checkpoint: bool = False) -> dict[int, TopKSAE]:
     """Train one TopK dictionary per width from a single pass over `acts` (all rungs see every batch).
 
     `acts` is an Activations store (its train split is streamed, its held-out split evaluated) or a
@@ -278,7 +279,9 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     With `checkpoint` (a file path) the whole ladder's state (weights, Adam moments, dead-feature clocks,
     step) is saved there atomically every `checkpoint_every` seconds (0: every step); a later call with the
     same arguments and data resumes from it and returns the same dictionaries, bit for bit, as a run never
-    interrupted. The file is removed when training ends; one written for other settings is an error.
+    interrupted. The file is removed when training ends (`keep_checkpoint=True` keeps it, marked finished,
+    so that a call after a kill before the caller saved the result returns it at once); one written for
+    other settings is an error.
 
     Example:
         >>> x = torch.randn(2048, 16)
@@ -306,7 +309,7 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     else:
         rungs = {w: _Rung(TopKSAE(d_model, w, k, seed=seed + i), lr or default_lr(w), dead_tokens, auxk_alpha)
                  for i, w in enumerate(widths)}
-    first, step, seen = True, 0, 0
+    first, step, seen, finished = True, 0, 0, False
     if checkpoint is not None:
         from featuretree.checkpoint import data_fingerprint, fingerprint, load_state, save_state
 
@@ -320,13 +323,16 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
                                        "delete it (or choose another run directory) to train from the start")
             _unpack(rungs, tensors, info)
             first, step, seen = False, int(info["step"]), int(info["seen"])
-            log.info("resuming training from %s at step %d (%d tokens seen)", checkpoint, step, seen)
+            finished = bool(info.get("finished"))
+            log.info("resuming training from %s at step %d (%d tokens seen)%s", checkpoint, step, seen,
+                     ": training had finished" if finished else "")
         last_save = time.monotonic()
     total = n_train * epochs
     bar = tqdm(total=total, initial=seen, unit="tok", unit_scale=True, desc=f"train {len(widths)} rungs",
                disable=not progress)
     done_before = step
-    for i, x in enumerate(iter_batches(acts, batch_size, split="train", epochs=epochs, seed=seed, shuffle=shuffle)):
+    stream = iter_batches(acts, batch_size, split="train", epochs=epochs, seed=seed, shuffle=shuffle)
+    for i, x in enumerate(() if finished else stream):
         if i < done_before:  # resumed: these batches were trained on before the checkpoint
             continue
         _check_finite(x)
@@ -350,6 +356,9 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     bar.close()
     if first:
         raise FeatureTreeError("the activation stream is empty: collect more tokens before training")
+    if checkpoint is not None and keep_checkpoint and not finished:
+        tensors, info = _pack(rungs)
+        save_state(checkpoint, tensors, {**info, "settings": settings, "step": step, "seen": seen, "finished": True})
 
     for r in rungs.values():
         r.sae.eval()
@@ -377,6 +386,6 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
         for w, sae in saes.items():
             sae.save(out / f"w{w}")
         write_json(out / "metrics.json", {f"w{w}": s.metrics for w, s in saes.items()})
-    if checkpoint is not None:
+    if checkpoint is not None and not keep_checkpoint:
         Path(checkpoint).unlink(missing_ok=True)
     return saes

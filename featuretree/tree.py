@@ -24,8 +24,8 @@ import torch
 
 from featuretree.config import Config, FeatureTreeError
 from featuretree.sae import TopKSAE
-from featuretree.train import _is_store, iter_batches, train_ladder
-from featuretree.utils import rung_key, write_json
+from featuretree.train import _is_store, iter_batches
+from featuretree.utils import rung_key
 
 log = logging.getLogger(__name__)
 
@@ -378,66 +378,3 @@ def add_virtual_root(g: nx.DiGraph, top_rung: str) -> None:
         if kind == "novel":
             d["novel"] = True
         g.add_edge(ROOT, n, coverage=1.0, reverse=float(d.get("freq") or 0.0), cos=0.0, kind=kind, within=False)
-
-
-def build(config: Config | None = None, *, out=None, force: bool = False, progress: bool = True,
-          **overrides) -> FeatureTree:
-    """The whole pipeline: load_model -> load_corpus -> collect -> train_ladder -> link (+ labels).
-
-    With `out` (a run directory) the activations, dictionaries, config, tree and sunburst.html are
-    written there. Rerunning with the same `out` and the same config loads the finished run instead of
-    training again (`force=True` trains anew); with another config it reuses the harvested activations
-    when the harvest settings match. Keyword overrides replace Config fields.
-
-    Example:
-        >>> tree = build(n_tokens=3000, widths=(32, 64), k=4, epochs=1)  # doctest: +SKIP
-        >>> tree.rungs  # doctest: +SKIP
-        ['w32', 'w64']
-    """
-    import contextlib
-    import json
-    import tempfile
-
-    from featuretree.activations import Activations, collect
-    from featuretree.corpus import load_corpus
-    from featuretree.model import load_model
-
-    cfg = Config.from_dict({**(config.to_dict() if config else {}), **overrides})
-    run = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="featuretree-"))
-    if out is not None and not force and (run / "tree.json").is_file() and (run / "config.json").is_file():
-        with contextlib.suppress(ValueError, OSError):
-            if json.loads((run / "config.json").read_text(encoding="utf-8")) == json.loads(cfg.to_json()):
-                from featuretree.export import load
-
-                log.info("%s already holds a finished run with this config: loading it (force=True trains anew)", run)
-                tree = load(run)
-                if not (run / "sunburst.html").is_file():
-                    from featuretree.export import write_sunburst
-
-                    write_sunburst(tree, run / "sunburst.html")
-                return tree
-    acts_dir, recipe_file = run / "acts", run / "acts" / "harvest.json"
-    # the harvest depends on these fields only; a store made with the same ones is reused
-    recipe = {f: getattr(cfg, f) for f in ("model", "layer", "corpus", "n_tokens", "max_length", "seed")}
-    if (acts_dir / "meta.json").is_file() and recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe:
-        acts = Activations(acts_dir)
-        log.info("reusing the activation store at %s (%d tokens)", acts_dir, len(acts))
-    else:
-        model = load_model(cfg.model)
-        corpus = load_corpus(cfg.corpus)
-        acts = collect(model, cfg.layer, corpus, n_tokens=cfg.n_tokens, out=acts_dir, max_length=cfg.max_length,
-                       seed=cfg.seed, progress=progress)
-        write_json(recipe_file, recipe)
-    saes = train_ladder(acts, cfg.widths, cfg.k, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                        seed=cfg.seed, progress=progress, nested=cfg.nested)
-    tree = link(saes, acts, min_coverage=cfg.min_coverage, same_threshold=cfg.same_threshold,
-                within_coverage=cfg.within_coverage, fire_rel=cfg.fire_rel)
-    tree.config = cfg
-    tree.graph.graph["acts"] = "acts"
-    if out is not None:
-        from featuretree.export import save, write_sunburst
-
-        save(tree, run)
-        tree.path = run
-        write_sunburst(tree, run / "sunburst.html")
-    return tree

@@ -68,16 +68,19 @@ def test_export_and_info(run_dir, tmp_path, capsys):
     assert "w16" in out and "FVU" in out
 
 
-def test_rebuild_reuses_harvest_only_for_the_same_recipe(run_dir):
+def test_rebuild_reuses_harvest_only_for_the_same_recipe(run_dir, capsys):
     corpus = str(run_dir.parent / "corpus.txt")
     meta = run_dir / "acts" / "meta.json"
     before = meta.stat().st_mtime_ns
-    assert main(["-q", "build", "--corpus", corpus, "--n-tokens", "700", "--widths", "16,32", "--k", "4",
-                 "--epochs", "1", "--batch-size", "128", "--out", str(run_dir)]) == 0
+    other = ["-q", "build", "--corpus", corpus, "--n-tokens", "700", "--widths", "16,32", "--k", "4",
+             "--epochs", "1", "--batch-size", "128", "--out", str(run_dir)]
+    assert main(other) == 2  # a run of other settings is not replaced by mistake
+    assert "holds a run with other settings (widths [16, 64] -> [16, 32], epochs 2 -> 1)" in capsys.readouterr().err
+    assert main([*other, "--force"]) == 0
     assert meta.stat().st_mtime_ns == before  # same harvest recipe: the store is reused
     assert load(run_dir).rungs == ["w16", "w32"]
     assert main(["-q", "build", "--corpus", corpus, "--layer", "2", "--n-tokens", "700", "--widths", "16,32",
-                 "--k", "4", "--epochs", "1", "--batch-size", "128", "--out", str(run_dir)]) == 0
+                 "--k", "4", "--epochs", "1", "--batch-size", "128", "--out", str(run_dir), "--force"]) == 0
     assert meta.stat().st_mtime_ns != before  # another layer: harvested again
     assert json.loads(meta.read_text())["layer"] == 2
     same = ["-q", "build", "--corpus", corpus, "--layer", "2", "--n-tokens", "700", "--widths", "16,32", "--k", "4",
