@@ -118,9 +118,14 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from featuretree.refine import refine
 
     tree = load(args.run)
+    ckpt = Path(args.out or args.run) / "ckpt" / "refine"
+    if args.force:
+        import shutil
+
+        shutil.rmtree(ckpt, ignore_errors=True)
     deep = refine(tree, args.node, width=args.width, depth=args.depth, k=args.k, min_tokens=args.min_tokens,
                   max_tokens=args.max_tokens, stream_tokens=args.stream_tokens, max_children=args.max_children,
-                  progress=not args.quiet)
+                  checkpoint=ckpt, progress=not args.quiet)
     dest = _save_into(deep, args.run, args.out)
     lines = [f"{args.node}  {deep.graph.nodes[args.node].get('label', '')}", *_subtree_lines(deep, args.node, args.depth)]
     if args.html:
@@ -367,11 +372,13 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Gather the tokens where NODE fires (the run's store, then more corpus text), train "
                                    "a WIDTH-feature dictionary on them alone, link its features under NODE, and recurse "
                                    "depth-first into children that still have --min-tokens tokens. The refined tree is "
-                                   "saved into the run (or --out) with its sunburst.")
+                                   "saved into the run (or --out) with its sunburst. The region and each local "
+                                   "dictionary are checkpointed: rerun the same command after a kill to resume.")
     r.add_argument("run", help="run directory written by `featuretree build`")
     r.add_argument("node", help="node id to refine, e.g. w512/7 (find one with `featuretree find RUN WORD`)")
     r.add_argument("--depth", type=int, default=1, help="levels of refinement below NODE (default: 1)")
     r.add_argument("--max-children", type=int, help="children refined further per node, largest first (default: all)")
+    r.add_argument("--force", action="store_true", help="discard an unfinished refinement's checkpoint and start over")
     refine_args(r, 500)
     r.set_defaults(func=cmd_refine)
 

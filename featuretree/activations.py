@@ -154,6 +154,8 @@ def collect(
 
     out = Path(tempfile.mkdtemp(prefix="featuretree-acts-")) if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob(".*.tmp"):  # a write a kill cut short: never read, cleared here
+        tmp.unlink(missing_ok=True)
     state = _saved_state(out, recipe) if resume else None
     if state is None:
         _clear_store(out)

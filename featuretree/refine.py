@@ -447,7 +447,7 @@ def local_k(width: int, k: int = 16) -> int:
 def refine(tree, node: str, *, width: int = 64, depth: int = 1, k: int | None = None, min_tokens: int = 500,
            max_tokens: int = 20_000, stream_tokens: int = 100_000, max_children: int | None = None,
            acts=None, texts=None, model=None, layer: int | None = None, n_contexts: int = 5, seed: int | None = None,
-           progress: bool = True):
+           checkpoint=None, progress: bool = True):
     """A new tree in which `node` has children from a `width`-feature dictionary trained only where it fires.
 
     The region (see `collect_region`: the run's store, then up to `stream_tokens` more corpus tokens, at most
@@ -458,7 +458,10 @@ def refine(tree, node: str, *, width: int = 64, depth: int = 1, k: int | None = 
     parents where one local feature covers another), labelled against `node` and each other. With depth > 1
     it recurses depth-first into each child (largest first, `max_children` at most) whose own share of the
     region still has `min_tokens` tokens. The input tree is not modified; refining a node again with the same
-    width replaces that refinement. Save the result with `ft.save` like any tree.
+    width replaces that refinement. Save the result with `ft.save` like any tree. With `checkpoint` (a
+    directory) the gathered region and every local dictionary are saved there as they are made; rerunning
+    the same refinement after a kill picks them up and returns the same tree (the directory is removed at
+    the end).
 
     Example:
         >>> deep = refine(tree, "w512/7", width=64, depth=2)  # doctest: +SKIP
@@ -483,8 +486,18 @@ def refine(tree, node: str, *, width: int = 64, depth: int = 1, k: int | None = 
     if tree.node(node).get("virtual"):
         raise FeatureTreeError(f"{node!r} is the virtual root: refine a feature, e.g. one of tree.roots()")
     seed = int(seed if seed is not None else (cfg.seed if cfg else 0))
-    region = collect_region(tree, node, acts=acts, texts=texts, model=model, layer=layer, min_tokens=min_tokens,
-                            max_tokens=max_tokens, stream_tokens=stream_tokens, seed=seed, progress=progress)
+    saved = None
+    if checkpoint is not None:
+        saved = _RefineCheckpoint(checkpoint, tree, {
+            "node": node, "width": width, "depth": depth, "k": k, "min_tokens": min_tokens, "max_tokens": max_tokens,
+            "stream_tokens": stream_tokens, "max_children": max_children, "seed": seed, "n_contexts": n_contexts,
+            "texts": None if texts is None else "given", "acts": None if acts is None else "given"})
+    region = saved.region() if saved is not None else None
+    if region is None:
+        region = collect_region(tree, node, acts=acts, texts=texts, model=model, layer=layer, min_tokens=min_tokens,
+                                max_tokens=max_tokens, stream_tokens=stream_tokens, seed=seed, progress=progress)
+        if saved is not None:
+            saved.save_region(region)
     new = FeatureTree(tree.graph.copy(), dict(tree.saes), cfg, tree.path)
     new.graph.graph["refined"] = {r: dict(v) for r, v in (tree.graph.graph.get("refined") or {}).items()}
     bar = tqdm(desc=f"refine {node}", unit="dict", disable=not progress)
@@ -492,8 +505,12 @@ def refine(tree, node: str, *, width: int = 64, depth: int = 1, k: int | None = 
     def grow(at: str, reg: Region, levels: int) -> None:
         rung = f"{at}/r{width}"
         _drop_subtree(new, rung)
-        sae = _train_local(new, at, reg, width, k, seed + zlib.crc32(rung.encode()) % 2**20)
-        sae.metadata.update({"featuretree_rung": rung, "refined_from": at})
+        sae = saved.sae(rung) if saved is not None else None
+        if sae is None:
+            sae = _train_local(new, at, reg, width, k, seed + zlib.crc32(rung.encode()) % 2**20)
+            sae.metadata.update({"featuretree_rung": rung, "refined_from": at})
+            if saved is not None:
+                saved.save_sae(rung, sae)
         new.saes[rung] = sae
         new.graph.graph["refined"][rung] = {"parent": at, "width": width, "k": k, "n_tokens": len(reg),
                                             "n_scanned": reg.n_scanned, "fvu": float(sae.metrics["fvu"])}
@@ -515,7 +532,96 @@ def refine(tree, node: str, *, width: int = 64, depth: int = 1, k: int | None = 
 
     grow(node, region, depth)
     bar.close()
+    if saved is not None:
+        saved.remove()
     return new
+
+
+class _RefineCheckpoint:
+    """What a refinement has done so far, in a directory: the region it gathered and each local dictionary.
+
+    A rerun of the same refinement (same tree, node and settings; `fingerprint.json` says) reuses both, so
+    it continues where a kill stopped it and builds the same tree; other settings are refused.
+    """
+
+    def __init__(self, path, tree, settings: dict) -> None:
+        import json
+        from pathlib import Path
+
+        from featuretree.checkpoint import fingerprint
+
+        self.path = Path(path)
+        graph = sorted((n, tuple(sorted((k, str(v)) for k, v in d.items()))) for n, d in tree.graph.nodes(data=True))
+        fp = fingerprint({"settings": settings, "graph": graph, "saes": sorted(tree.saes)})
+        f = self.path / "fingerprint.json"
+        if f.is_file():
+            try:
+                old = json.loads(f.read_text(encoding="utf-8")).get("fingerprint")
+            except (OSError, ValueError):
+                old = None
+            if old != fp:
+                raise FeatureTreeError(
+                    f"{self.path} holds an unfinished refinement of another node, tree or settings: finish that "
+                    "one (rerun it), or delete the directory (CLI: --force) to start this one")
+        else:
+            from featuretree.utils import write_json
+
+            write_json(f, {"fingerprint": fp, "settings": settings})
+
+    def region(self) -> Region | None:
+        import json
+
+        from featuretree.checkpoint import load_state
+
+        p = self.path / "region.safetensors"
+        if not p.is_file():
+            return None
+        tensors, info = load_state(p)
+        tokens = pd.DataFrame({c: tensors[c].numpy() for c in _TOKEN_COLUMNS})
+        vocab = {int(k): v for k, v in json.loads(info["vocab"]).items()}
+        docs = {int(k): v for k, v in json.loads(info["docs"]).items()}
+        log.info("reusing the region of %s saved in %s (%d tokens)", info["node"], self.path, len(tokens))
+        return Region(tensors["x"], tokens if len(tokens) == len(tensors["x"]) else tokens.iloc[:0], docs,
+                      (lambda ids: [vocab.get(int(i), str(int(i))) for i in ids]) if vocab else None,
+                      int(info["n_scanned"]))
+
+    def save_region(self, region: Region) -> None:
+        import json
+
+        import torch
+
+        from featuretree.checkpoint import save_state
+
+        ids = sorted(set(region.tokens["token_id"].tolist())) if len(region.tokens) else []
+        vocab = dict(zip(ids, region.token_strings(ids))) if region.spell is not None else {}
+        tensors = {"x": region.x, **{c: torch.as_tensor(region.tokens[c].to_numpy(dtype=np.int64))
+                                     for c in _TOKEN_COLUMNS}}
+        save_state(self.path / "region.safetensors", tensors,
+                   {"node": "", "n_scanned": region.n_scanned, "docs": json.dumps(region.docs),
+                    "vocab": json.dumps(vocab)})
+
+    def _dir(self, rung: str):
+        return self.path / "saes" / rung
+
+    def sae(self, rung: str):
+        from featuretree.sae import TopKSAE
+
+        d = self._dir(rung)
+        if not (d / "cfg.json").is_file():
+            return None
+        try:
+            return TopKSAE.load(d)
+        except FeatureTreeError as e:
+            log.warning("the saved dictionary %s is damaged (%s): training it again", d, e)
+            return None
+
+    def save_sae(self, rung: str, sae) -> None:
+        sae.save(self._dir(rung))
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 # ---- search ------------------------------------------------------------------------------------------

@@ -119,6 +119,8 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     if record is None:
         shutil.rmtree(run / "ckpt", ignore_errors=True)
     run.mkdir(parents=True, exist_ok=True)
+    for tmp in run.rglob(".*.tmp"):  # writes a kill cut short (atomic_path's temp files): never read
+        tmp.unlink(missing_ok=True)
 
     def reach(new_stage: str) -> None:
         write_json(run / RUN_FILE, {"fingerprint": fp, "config": _settings(cfg), "inputs": inputs, "stage": new_stage})
