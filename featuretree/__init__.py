@@ -14,6 +14,7 @@ from featuretree.config import Config, FeatureTreeError
 # Imported eagerly, not lazily: nnsight patches a `save` method onto every object, modules included,
 # which would shadow a lazy `featuretree.save` once nnsight is loaded. export does not import torch.
 from featuretree.export import (
+    from_frame,
     from_graphml,
     icicle,
     load,
@@ -46,7 +47,7 @@ _LAZY = {
 
 __all__ = [
     "Activations", "CausalLMLabeler", "Config", "Corpus", "FeatureTree", "FeatureTreeError", "TopKSAE",
-    "__version__", "build", "collect", "edge_scores", "find", "from_graphml", "icicle", "label_tree", "link",
+    "__version__", "build", "collect", "edge_scores", "find", "from_frame", "from_graphml", "icicle", "label_tree", "link",
     "load", "load_corpus", "load_model", "match", "novel", "planted_hierarchy", "refine", "save", "search",
     "sunburst", "to_frame", "to_graphml", "train_ladder", "write_explorer", "write_sunburst",
 ]

@@ -464,6 +464,29 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def os_error_message(e: OSError) -> str:
+    """One line for a failed read or write: the file, the system's reason, and what to do about it.
+
+    Example:
+        >>> import errno
+        >>> os_error_message(OSError(errno.ENOSPC, "No space left on device", "runs/x/acts"))
+        'cannot write runs/x/acts: No space left on device: free some space or choose another --out'
+    """
+    import errno
+
+    where = e.filename or "a file"
+    why = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return f"cannot write {where}: {why}: free some space or choose another --out"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {where}: {why}: choose a directory you can write to (--out)"
+    if e.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+        return f"{where}: {why}: a path component is a file where a directory is needed (or the reverse); check --out"
+    if e.errno == errno.ENOENT:
+        return f"{where}: {why}: check the path"
+    return f"{where}: {why}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv` (default sys.argv[1:]); returns the exit status.
 
@@ -480,8 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.func(args) or 0)
-    except (FeatureTreeError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        sys.stderr.write(f"featuretree: error: {e}\n")
+    except (FeatureTreeError, ValueError) as e:
+        sys.stderr.write(f"featuretree: error: {' '.join(str(e).split())}\n")
+        return 2
+    except OSError as e:  # the disk, not the code: say which file and what to do
+        sys.stderr.write(f"featuretree: error: {os_error_message(e)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("featuretree: interrupted\n")

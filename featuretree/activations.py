@@ -130,7 +130,14 @@ def collect(
     from tqdm.auto import tqdm
 
     from featuretree import __version__
-    from featuretree.model import check_layer, get_tokenizer, layer_module, load_model, model_name
+    from featuretree.model import (
+        check_layer,
+        find_layers,
+        get_tokenizer,
+        layer_module,
+        load_model,
+        model_name,
+    )
 
     if not isinstance(model, nnsight.NNsight):
         model = load_model(model)
@@ -233,6 +240,7 @@ def collect(
         "n_docs": len(harvested_docs),
         "model": recipe["model"],
         "layer": layer_index,
+        "hook_name": f"{find_layers(model)[0]}.{layer_index}",  # the block whose output was harvested
         "heldout_every": heldout_every,
         "max_length": max_length,
         "dtype": "float32",

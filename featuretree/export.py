@@ -156,11 +156,18 @@ def load(path: str | os.PathLike) -> FeatureTree:
 
 
 # ---- tables ------------------------------------------------------------------------------------------
-def to_frame(tree, *, edges: bool = False) -> pd.DataFrame:
-    """One row per node (index = node id) with its primary parent edge, depth and labels; or the edge table.
+_DERIVED = ("node", "parent", "coverage", "cos", "kind", "depth", "n_children")  # computed by to_frame, not stored
 
-    `depth` counts parent edges up to the node's root (0 for a root). `tree` may be a FeatureTree or an
-    nx.DiGraph. With `edges=True`: columns parent, child, coverage, reverse, cos, kind.
+
+def to_frame(tree, *, edges: bool = False, virtual: bool = False) -> pd.DataFrame:
+    """One row per node (index = node id) with its primary parent edge, depth and every node attribute; or
+    the edge table.
+
+    The first columns are node, rung, width, index, freq, label, parent, coverage, cos, kind, depth,
+    n_children, top_tokens, top_contexts; every other node attribute follows (sorted), so nothing is lost
+    (`from_frame` rebuilds the graph). `depth` counts parent edges up to the node's root (0 for a root).
+    `virtual=True` also lists the virtual root. `tree` may be a FeatureTree or an nx.DiGraph. With
+    `edges=True`: columns parent, child, coverage, reverse, cos, kind, then every other edge attribute.
 
     Example:
         >>> import networkx as nx
@@ -173,8 +180,10 @@ def to_frame(tree, *, edges: bool = False) -> pd.DataFrame:
     """
     g = graph_of(tree)
     if edges:
-        rows = [{"parent": p, "child": c, **{k: d.get(k) for k in _EDGE_COLUMNS[2:]}} for p, c, d in g.edges(data=True)]
-        return pd.DataFrame(rows, columns=_EDGE_COLUMNS)
+        extra = sorted({k for *_, d in g.edges(data=True) for k in d} - set(_EDGE_COLUMNS))
+        rows = [{"parent": p, "child": c, **{k: d.get(k) for k in _EDGE_COLUMNS[2:] + extra}}
+                for p, c, d in g.edges(data=True)]
+        return pd.DataFrame(rows, columns=_EDGE_COLUMNS + extra)
     parent = {n: tree_parent(g, n) for n in g}
     depth: dict[str, int] = {}
     for n in g:
@@ -185,19 +194,62 @@ def to_frame(tree, *, edges: bool = False) -> pd.DataFrame:
         base = depth.get(m, -1) if m is not None else -1
         for i, c in enumerate(reversed(chain)):
             depth[c] = base + 1 + i
+    shown = [(n, d) for n, d in g.nodes(data=True) if virtual or not d.get("virtual")]
+    extra = sorted({k for _, d in shown for k in d} - set(_FRAME_COLUMNS))
     rows = []
-    for n, d in g.nodes(data=True):
-        if d.get("virtual"):
-            continue
+    for n, d in shown:
         p, e = parent[n], tree_edge(g, n)[1]  # under the virtual root: parent None, kind "top" / "novel"
-        rows.append({"node": n, "rung": rung_of(g, n), "width": d.get("width"), "index": d.get("index"),
+        rows.append({"node": n, "rung": rung_of(g, n) if "rung" in d or not d.get("virtual") else None,
+                     "width": d.get("width"), "index": d.get("index"),
                      "freq": d.get("freq"), "label": d.get("label", n), "parent": p, "coverage": e.get("coverage"),
                      "cos": e.get("cos"), "kind": e.get("kind"), "depth": depth[n], "n_children": g.out_degree(n),
-                     "top_tokens": list(d.get("top_tokens") or []), "top_contexts": list(d.get("top_contexts") or [])})
-    df = pd.DataFrame(rows, columns=_FRAME_COLUMNS, index=[r["node"] for r in rows])
+                     "top_tokens": list(d.get("top_tokens") or []), "top_contexts": list(d.get("top_contexts") or []),
+                     **{k: d[k] for k in extra if k in d}})
+    df = pd.DataFrame(rows, columns=_FRAME_COLUMNS + extra, index=[r["node"] for r in rows])
     for col in ("parent", "kind"):  # keep None for roots (pandas 3 would turn a str column's None into NaN)
         df[col] = pd.Series([r[col] for r in rows], index=df.index, dtype=object)
     return df
+
+
+def _present(v: Any) -> bool:
+    """A table cell that holds a value (a missing attribute reads back as NaN / None)."""
+    if v is None:
+        return False
+    try:
+        return not (isinstance(v, float) and v != v) and not bool(pd.isna(v))
+    except (TypeError, ValueError):  # lists and other containers
+        return True
+
+
+def from_frame(nodes: pd.DataFrame, edges: pd.DataFrame, graph: dict | None = None) -> nx.DiGraph:
+    """Rebuild the graph from `to_frame(tree, virtual=True)` and `to_frame(tree, edges=True)` (and graph
+    attributes `graph`): the inverse of those tables, attribute for attribute.
+
+    Columns that `to_frame` derives (parent, coverage, cos, kind, depth, n_children) come from the edge
+    table instead. Empty cells (NaN / None) are attributes the node or edge did not have. Every attribute of
+    a tree featuretree built comes back as it was; a hand-made graph's nodes also get the columns to_frame
+    fills in when missing (rung, label, top_tokens, top_contexts).
+
+    Example:
+        >>> import networkx as nx
+        >>> g = nx.DiGraph(); g.add_edge("w2/0", "w8/1", coverage=0.9, kind="split")
+        >>> g.nodes["w8/1"].update(rung="w8", label="dogs", freq=0.1, top_tokens=["dog"], top_contexts=[])
+        >>> h = from_frame(to_frame(g, virtual=True), to_frame(g, edges=True))
+        >>> h.nodes["w8/1"] == g.nodes["w8/1"], h.edges["w2/0", "w8/1"]
+        (True, {'coverage': 0.9, 'kind': 'split'})
+    """
+    g = nx.DiGraph(**(graph or {}))
+    keep = [c for c in nodes.columns if c not in _DERIVED]
+    for rec in nodes.to_dict("records"):
+        g.add_node(rec["node"], **{k: _cell(rec[k]) for k in keep if _present(rec[k])})
+    for rec in edges.to_dict("records"):
+        g.add_edge(rec["parent"], rec["child"],
+                   **{k: _cell(v) for k, v in rec.items() if k not in ("parent", "child") and _present(v)})
+    return g
+
+
+def _cell(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") and not isinstance(v, (list, dict, str)) else v
 
 
 # ---- GraphML -----------------------------------------------------------------------------------------

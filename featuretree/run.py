@@ -87,7 +87,7 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     from featuretree.activations import collect
     from featuretree.corpus import load_corpus
     from featuretree.export import load, save, write_sunburst
-    from featuretree.model import load_model
+    from featuretree.model import check_layer, load_model
     from featuretree.sae import TopKSAE
     from featuretree.train import train_ladder
 
@@ -116,6 +116,9 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
         if not (run / "sunburst.html").is_file():
             write_sunburst(tree, run / "sunburst.html")
         return tree
+    # what can be wrong with the inputs shows before anything is written, so a mistake leaves no run behind
+    model, corpus = load_model(cfg.model), load_corpus(cfg.corpus)
+    check_layer(model, cfg.layer)
     if record is None:
         shutil.rmtree(run / "ckpt", ignore_errors=True)
     run.mkdir(parents=True, exist_ok=True)
@@ -127,7 +130,6 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
 
     if record is None or STAGES.index(stage) < STAGES.index("train"):
         reach("harvest")
-    model, corpus = load_model(cfg.model), load_corpus(cfg.corpus)
     acts = _harvest(collect, model, cfg, corpus, run / "acts", shard_size, progress)
     if STAGES.index(stage) <= STAGES.index("train"):
         reach("train")

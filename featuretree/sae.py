@@ -31,11 +31,12 @@ from featuretree.native import (
     refine_topk,
     topk_indices,
 )
-from featuretree.utils import save_tensors, write_json
+from featuretree.utils import SAFETENSORS_HINT, check_safetensors, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"  # sparsify's SparseCoder.save_to_disk
 INT8_MIN_WIDTH = 1024  # below this the fp32 encoder matmul is cheap and selection stays exact fp32
 INT8_MARGIN = 16  # extra int8-ranked candidates re-ranked exactly in fp32
 CFG_FILE = "cfg.json"
@@ -303,7 +304,10 @@ class TopKSAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TopKSAE:
-        """Load a dictionary saved by `save` (or by SAELens with architecture 'topk').
+        """Load a TopK dictionary from a directory: featuretree's / SAELens' layout (cfg.json +
+        sae_weights.safetensors) or sparsify's (cfg.json + sae.safetensors). Only safetensors are read,
+        never pickles; shapes are checked against cfg.json. SAELens dictionaries that do not subtract b_dec
+        from the input are folded exactly into this form (b_enc += b_dec @ W_enc).
 
         Example:
             >>> import tempfile
@@ -311,32 +315,105 @@ class TopKSAE(nn.Module):
             >>> TopKSAE.load(d).width
             32
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         path = Path(path)
-        cfg_path, w_path = path / CFG_FILE, path / WEIGHTS_FILE
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise FeatureTreeError(f"{path} is not a saved dictionary: expected {CFG_FILE} and {WEIGHTS_FILE} inside it")
+        if path.is_file():
+            raise FeatureTreeError(f"{path} is a file: pass the directory that holds cfg.json and "
+                                   f"{WEIGHTS_FILE} (SAELens) or {SPARSIFY_WEIGHTS} (sparsify)")
+        cfg_path = path / CFG_FILE
+        if not cfg_path.is_file():
+            raise FeatureTreeError(f"{path} is not a saved dictionary: expected {CFG_FILE} and {WEIGHTS_FILE} "
+                                   f"(or sparsify's {SPARSIFY_WEIGHTS}) inside it")
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-            d_in, d_sae, k = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg.get("k") or cfg["activation_fn_kwargs"]["k"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise FeatureTreeError(f"{cfg_path} is not a valid SAE config ({e!r}): it needs d_in, d_sae and k") from e
+            if not isinstance(cfg, dict):
+                raise TypeError(f"it holds a JSON {type(cfg).__name__}, not an object")
+        except (ValueError, TypeError, OSError) as e:
+            raise FeatureTreeError(f"{cfg_path} is not a readable JSON config ({e}): re-save the dictionary") from e
+        if (path / WEIGHTS_FILE).is_file():
+            return cls._load_saelens(path, cfg)
+        if (path / SPARSIFY_WEIGHTS).is_file():
+            return cls._load_sparsify(path, cfg)
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"))
+        if pickles:
+            raise FeatureTreeError(f"{path} holds {', '.join(pickles)} but no {WEIGHTS_FILE}: {SAFETENSORS_HINT}")
+        raise FeatureTreeError(f"{path} has {CFG_FILE} but no {WEIGHTS_FILE} (or {SPARSIFY_WEIGHTS}): the weights "
+                               "are missing; re-save the dictionary")
+
+    @classmethod
+    def _weights(cls, w_path: Path, expected: dict[str, tuple[int, ...]], source: str) -> dict[str, Tensor]:
+        from safetensors.torch import load_file
+
+        check_safetensors(w_path)
         try:
             weights = load_file(str(w_path))
-        except (SafetensorError, OSError) as e:
+        except Exception as e:  # safetensors raises its own error types on damaged files
             raise FeatureTreeError(f"{w_path} is not a readable safetensors file ({e}); re-save or retrain it") from e
-        expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
         for name, shape in expected.items():
             if name not in weights or tuple(weights[name].shape) != shape:
                 got = tuple(weights[name].shape) if name in weights else "missing"
-                raise FeatureTreeError(f"{w_path}: {name} has shape {got}, expected {shape} from {CFG_FILE}")
+                raise FeatureTreeError(f"{w_path}: {name} has shape {got}, expected {shape} from {source}")
+            if not torch.isfinite(weights[name]).all():
+                raise FeatureTreeError(f"{w_path}: {name} holds NaN or Inf: the dictionary is broken; retrain it")
+        return weights
+
+    @classmethod
+    def _load_saelens(cls, path: Path, cfg: dict) -> TopKSAE:
+        cfg_path, w_path = path / CFG_FILE, path / WEIGHTS_FILE
+        try:
+            d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+            k = int(cfg.get("k") or (cfg.get("activation_fn_kwargs") or {})["k"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise FeatureTreeError(f"{cfg_path} is not a valid TopK SAE config (missing or bad {e}): it needs d_in, "
+                                   "d_sae and k") from e
+        arch = cfg.get("architecture", "topk")
+        if arch != "topk":
+            raise FeatureTreeError(f"{cfg_path}: architecture {arch!r} is not a TopK SAE; featuretree links TopK "
+                                   "dictionaries (architecture 'topk')")
+        if cfg.get("normalize_activations", "none") not in ("none", None):
+            raise FeatureTreeError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} means the "
+                                   "SAE expects rescaled inputs; featuretree feeds raw activations, so it is refused")
+        if not 0 < k < d_sae or d_in <= 0:
+            raise FeatureTreeError(f"{cfg_path}: k={k}, d_in={d_in}, d_sae={d_sae}: need 0 < k < d_sae and d_in > 0")
+        weights = cls._weights(w_path, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in),
+                                        "b_dec": (d_in,)}, CFG_FILE)
+        b_enc = weights["b_enc"].float()
+        if cfg.get("apply_b_dec_to_input", True) is False:  # pre = x W_enc + b_enc = (x - b_dec) W_enc + b_enc'
+            b_enc = b_enc + weights["b_dec"].float() @ weights["W_enc"].float()
         meta = dict(cfg.get("metadata") or {})
         metrics = meta.pop("featuretree_metrics", {}) or {}
         sae = cls(d_in, d_sae, k, seed=None, metadata=meta)
         with torch.no_grad():
-            for name in expected:
-                getattr(sae, name).copy_(weights[name].float())
+            sae.W_enc.copy_(weights["W_enc"].float())
+            sae.b_enc.copy_(b_enc)
+            sae.W_dec.copy_(weights["W_dec"].float())
+            sae.b_dec.copy_(weights["b_dec"].float())
         sae.metrics = dict(metrics)
+        return sae
+
+    @classmethod
+    def _load_sparsify(cls, path: Path, cfg: dict) -> TopKSAE:
+        """sparsify's SparseCoder: encoder = nn.Linear (weight (latents, d_in)), W_dec (latents, d_in), b_dec."""
+        cfg_path = path / CFG_FILE
+        for flag, why in (("transcode", "a transcoder predicts another module's output"),
+                          ("skip_connection", "its linear skip connection has no place in a TopK SAE")):
+            if cfg.get(flag):
+                raise FeatureTreeError(f"{cfg_path}: {flag}=true: {why}; featuretree reads plain TopK autoencoders")
+        if cfg.get("activation", "topk") != "topk":
+            raise FeatureTreeError(f"{cfg_path}: activation {cfg['activation']!r} is not TopK")
+        try:
+            d_in, k = int(cfg["d_in"]), int(cfg["k"])
+            width = int(cfg.get("num_latents") or 0) or d_in * int(cfg["expansion_factor"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise FeatureTreeError(f"{cfg_path} is not a valid sparsify config (missing or bad {e}): it needs d_in, "
+                                   "k and num_latents or expansion_factor") from e
+        if not 0 < k < width:
+            raise FeatureTreeError(f"{cfg_path}: k={k} must be below the {width} latents")
+        w = cls._weights(path / SPARSIFY_WEIGHTS, {"encoder.weight": (width, d_in), "encoder.bias": (width,),
+                                                   "W_dec": (width, d_in), "b_dec": (d_in,)}, CFG_FILE)
+        sae = cls(d_in, width, k, seed=None, metadata={"source": "sparsify", "sparsify_cfg": cfg})
+        with torch.no_grad():
+            sae.W_enc.copy_(w["encoder.weight"].float().t())
+            sae.b_enc.copy_(w["encoder.bias"].float())
+            sae.W_dec.copy_(w["W_dec"].float())
+            sae.b_dec.copy_(w["b_dec"].float())
         return sae

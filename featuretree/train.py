@@ -259,6 +259,16 @@ def _unpack(rungs: dict[int, _Rung], tensors: dict[str, Tensor], info: dict) -> 
             r.stats = dict(info["rungs"][str(w)]["stats"])
 
 
+def _source_of(acts) -> dict:
+    """SAELens' metadata fields for where the activations came from (a store knows; a Tensor does not)."""
+    if not _is_store(acts):
+        return {}
+    m = acts.meta
+    out = {"model_name": m.get("model"), "hook_name": m.get("hook_name"), "hook_layer": m.get("layer"),
+           "context_size": m.get("max_length"), "prepend_bos": True}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: int = 3, batch_size: int = 1024,
                  lr: float | None = None, auxk_alpha: float = 1 / 32, dead_tokens: int | None = None,
                  seed: int = 0, out: str | os.PathLike | None = None, progress: bool = True,
@@ -377,7 +387,7 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
         sae = r.sae
         sae.metrics = {**m, "train_fvu": r.stats["fvu"] / max(r.stats["n"], 1),
                        "train_tokens": r.stats["n"], "lr": r.opt.param_groups[0]["lr"]}
-        sae.metadata.update({"featuretree_rung": f"w{w}", "k": k})
+        sae.metadata.update({"featuretree_rung": f"w{w}", "k": k, **_source_of(acts)})
         log.info("rung w%d: FVU %.4f  L0 %.1f  dead %.1f%%", w, sae.metrics["fvu"], sae.metrics["l0"],
                  100 * sae.metrics["dead_fraction"])
         saes[w] = sae

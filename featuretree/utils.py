@@ -40,6 +40,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except OSError as e:  # name the file being written (a write error alone names none)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -84,7 +86,45 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str
 
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata=metadata)
+        try:
+            save_file(flat, str(tmp), metadata=metadata)
+        except Exception as e:  # safetensors reports a failed write (disk full, ...) as its own error type
+            if isinstance(e, OSError):
+                raise
+            import errno
+
+            raise OSError(errno.EIO, f"could not write the tensors ({e})", str(path)) from e
+
+
+SAFETENSORS_HINT = ("featuretree reads only safetensors and never unpickles (a pickle can run code); convert it in "
+                    "an environment you trust: safetensors.torch.save_file(torch.load(f, weights_only=True), out)")
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Refuse a file that is not safetensors (a pickle, torch.save zip, numpy file) without ever unpickling it.
+
+    safetensors starts with an 8-byte little-endian header length and then the JSON header's "{".
+
+    Example:
+        >>> import tempfile, pathlib, pickle
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "w.safetensors"; _ = p.write_bytes(pickle.dumps([1]))
+        >>> check_safetensors(p)
+        Traceback (most recent call last):
+        ...
+        featuretree.config.FeatureTreeError: ... is a pickle file, not safetensors: ...
+    """
+    from featuretree.config import FeatureTreeError
+
+    with open(path, "rb") as f:
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if len(head) == 9 and head[8:9] == b"{" and 0 < n <= size - 8:
+        return
+    kind = ("a pickle file" if head[:1] == b"\x80" else "a torch.save (zip) file" if head[:4] == b"PK\x03\x04"
+            else "a numpy file" if head[:6] == b"\x93NUMPY" else "empty" if not head
+            else "truncated or not safetensors")
+    raise FeatureTreeError(f"{path} is {kind}, not safetensors: {SAFETENSORS_HINT}")
 
 
 def rung_key(rung: str) -> tuple:

@@ -147,8 +147,10 @@ def test_save_rejects_unsafe_rung_names(tmp_path):
 # ---- tables -----------------------------------------------------------------------------------------
 def test_to_frame(tree):
     df = to_frame(tree)
-    assert list(df.columns) == ["node", "rung", "width", "index", "freq", "label", "parent", "coverage", "cos",
-                                "kind", "depth", "n_children", "top_tokens", "top_contexts"]
+    assert list(df.columns)[:14] == ["node", "rung", "width", "index", "freq", "label", "parent", "coverage", "cos",
+                                     "kind", "depth", "n_children", "top_tokens", "top_contexts"]
+    extra = {k for _, d in tree.graph.nodes(data=True) for k in d} - set(df.columns[:14])
+    assert list(df.columns[14:]) == sorted(extra)  # every other node attribute follows
     assert list(df.index) == list(tree.graph.nodes) and (df.index == df.node).all()
     assert df.loc["w4/0", "parent"] is None and df.loc["w8/7", "parent"] is None
     assert df.loc["w16/1", "parent"] == "w8/0" and df.loc["w16/1", "coverage"] == 0.99
@@ -162,7 +164,7 @@ def test_to_frame(tree):
     assert df.loc["w8/0", "top_tokens"] == ["dog", "x"] and len(df.loc["w8/0", "top_contexts"]) == 4
 
     e = to_frame(tree, edges=True)
-    assert list(e.columns) == ["parent", "child", "coverage", "reverse", "cos", "kind"]
+    assert list(e.columns)[:6] == ["parent", "child", "coverage", "reverse", "cos", "kind"]
     assert len(e) == tree.graph.number_of_edges()
     assert e.set_index("child").loc["w16/9", "parent"] == "w8/5"
     assert to_frame(nx.DiGraph()).empty and to_frame(nx.DiGraph(), edges=True).empty
