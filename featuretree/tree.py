@@ -291,8 +291,12 @@ def link(saes, acts, *, min_coverage: float = Config.min_coverage, same_threshol
         x_eval = acts.load(split, max_tokens=max_tokens)
     else:
         x_eval = torch.as_tensor(acts)[:max_tokens]
-    if x_eval.shape[-1] != next(iter(d_models)):
-        raise FeatureTreeError(f"activations have d_model {x_eval.shape[-1]} but the dictionaries expect {next(iter(d_models))}")
+    if x_eval.ndim != 2 or x_eval.shape[-1] != next(iter(d_models)):
+        raise FeatureTreeError(f"activations have shape {tuple(x_eval.shape)} but the dictionaries expect "
+                               f"[n, {next(iter(d_models))}]: pass the layer's activations the ladder was trained on")
+    if not torch.isfinite(x_eval).all():
+        raise FeatureTreeError("the activations to link on contain NaN or Inf: check the model's dtype or drop the "
+                               "bad rows")
     n = x_eval.shape[0]
     if n == 0:
         raise FeatureTreeError("no held-out tokens to link on: collect more tokens or pass a larger tensor")

@@ -92,7 +92,11 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str
             if isinstance(e, OSError):
                 raise
             import errno
+            import re
 
+            code = re.search(r"os error (\d+)", str(e))  # the Rust side's "I/O error: ... (os error 28)"
+            if code:
+                raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
             raise OSError(errno.EIO, f"could not write the tensors ({e})", str(path)) from e
 
 
@@ -122,9 +126,11 @@ def check_safetensors(path: str | os.PathLike) -> None:
     if len(head) == 9 and head[8:9] == b"{" and 0 < n <= size - 8:
         return
     kind = ("a pickle file" if head[:1] == b"\x80" else "a torch.save (zip) file" if head[:4] == b"PK\x03\x04"
-            else "a numpy file" if head[:6] == b"\x93NUMPY" else "empty" if not head
-            else "truncated or not safetensors")
-    raise FeatureTreeError(f"{path} is {kind}, not safetensors: {SAFETENSORS_HINT}")
+            else "a numpy file" if head[:6] == b"\x93NUMPY" else None)
+    if kind is not None:
+        raise FeatureTreeError(f"{path} is {kind}, not safetensors: {SAFETENSORS_HINT}")
+    raise FeatureTreeError(f"{path} is {'empty' if not head else 'truncated or not a safetensors file'}: a write "
+                           "was cut short or the file was damaged; re-save it (or rerun the step that made it)")
 
 
 def rung_key(rung: str) -> tuple:

@@ -83,19 +83,19 @@ def test_saelens_layout_round_trips_and_folds_b_dec(ladder, tmp_path):
             TopKSAE.load(bad)
 
 
-@pytest.mark.parametrize("payload, kind", [
-    (pickle.dumps({"W_enc": [1.0]}), "a pickle file"),
-    (b"PK\x03\x04" + b"\0" * 64, "a torch.save (zip) file"),
-    (b"", "empty"),
-    (b"\x10\0\0\0\0\0\0\0{\"a", "truncated or not safetensors"),
+@pytest.mark.parametrize("payload, message", [
+    (pickle.dumps({"W_enc": [1.0]}), "is a pickle file, not safetensors: featuretree reads only safetensors"),
+    (b"PK\x03\x04" + b"\0" * 64, "is a torch.save (zip) file, not safetensors: featuretree reads only safetensors"),
+    (b"", "is empty: a write was cut short"),
+    (b"\x10\0\0\0\0\0\0\0{\"a", "is truncated or not a safetensors file: a write was cut short"),
 ])
-def test_pickles_and_broken_files_are_refused_unread(ladder, tmp_path, payload, kind, monkeypatch):
+def test_pickles_and_broken_files_are_refused_unread(ladder, tmp_path, payload, message, monkeypatch):
     _, saes = ladder
     d = saes[16].save(tmp_path / "w16")
     (d / "sae_weights.safetensors").write_bytes(payload)
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("featuretree unpickled a file"))
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("featuretree called torch.load"))
-    with pytest.raises(FeatureTreeError, match=re.escape(f"is {kind}, not safetensors: featuretree reads only safetensors")):
+    with pytest.raises(FeatureTreeError, match=re.escape(message)):
         TopKSAE.load(d)
 
 
