@@ -594,7 +594,7 @@ class _RefineCheckpoint:
 
         ids = sorted(set(region.tokens["token_id"].tolist())) if len(region.tokens) else []
         vocab = dict(zip(ids, region.token_strings(ids))) if region.spell is not None else {}
-        tensors = {"x": region.x, **{c: torch.as_tensor(region.tokens[c].to_numpy(dtype=np.int64))
+        tensors = {"x": region.x, **{c: torch.tensor(region.tokens[c].to_numpy(dtype=np.int64))
                                      for c in _TOKEN_COLUMNS}}
         save_state(self.path / "region.safetensors", tensors,
                    {"node": "", "n_scanned": region.n_scanned, "docs": json.dumps(region.docs),

@@ -132,6 +132,12 @@ def test_sunburst_page_click_zooms(browser, tmp_path):
     tab = cr.open(page.as_uri())
     plot = cr.wait_until(tab, "(document.querySelector('.js-plotly-plot') || {}).id")
     cr.wait_until(tab, f"document.querySelectorAll('#{plot} path.surface').length === {g.number_of_nodes()}")
+    xy = cr.evaluate(tab, (_POINT_IN % plot) + "('w4/0')")  # hover the sector whose label is the payload
+    cr.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": xy[0], "y": xy[1]}, tab)
+    cr.wait_until(tab, "document.querySelector('.hoverlayer .hovertext') !== null")
+    assert XSS in cr.evaluate(tab, "document.querySelector('.hoverlayer').textContent")  # shown as text
+    cr.pause(0.5)
+    assert cr.dialogs == [] and cr.evaluate(tab, "document.querySelectorAll('img').length") == 0
     _click_sector(cr, tab, plot, "w4/0")
     assert cr.wait_until(tab, f"document.getElementById('{plot}')._fullData[0].level") == "w4/0"
     cr.wait_until(tab, f"{_DRAWN % plot}.length === 5")

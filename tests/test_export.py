@@ -142,6 +142,15 @@ def test_save_rejects_unsafe_rung_names(tmp_path):
     with pytest.raises(FeatureTreeError, match="rung name"):
         save(t, tmp_path / "run")
     assert not (tmp_path / "evil").exists()
+    good = save(FeatureTree(nx.DiGraph(), {"w4": TopKSAE(8, 4, 2)}), tmp_path / "good")
+    (tmp_path / "outside").mkdir()
+    TopKSAE(8, 4, 2).save(tmp_path / "outside")  # a dictionary outside the run that a tree.json could point to
+    for bad in ("../../outside", "/etc", "w4\\..\\..", "w4/../../outside"):
+        data = json.loads((good / "tree.json").read_text())
+        data["saes"] = [bad]
+        (good / "tree.json").write_text(json.dumps(data))
+        with pytest.raises(FeatureTreeError, match="rung name"):  # load stays inside the run directory
+            load(good)
 
 
 # ---- tables -----------------------------------------------------------------------------------------
