@@ -129,6 +129,10 @@ def load(path: str | os.PathLike) -> FeatureTree:
     if not path.is_dir():
         raise FeatureTreeError(f"no saved tree at {path}: the directory does not exist; write one with "
                                "ft.save(tree, path) or check the path")
+    if not (path / TREE_FILE).is_file() and (path / "run.json").is_file():
+        stage = (_read_json(path / "run.json", "the run record") or {}).get("stage", "?")
+        raise FeatureTreeError(f"{path} is an unfinished run (it stopped at stage {stage!r}): rerun the same "
+                               "`featuretree build` to finish it, then load it")
     cfg = _read_json(path / CONFIG_FILE, "the run's settings")
     data = _read_json(path / TREE_FILE, "the feature graph")
     try:

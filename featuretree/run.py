@@ -119,8 +119,10 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     # what can be wrong with the inputs shows before anything is written, so a mistake leaves no run behind
     model, corpus = load_model(cfg.model), load_corpus(cfg.corpus)
     check_layer(model, cfg.layer)
-    if record is None:
+    if record is None:  # a new run here: nothing of an old one may be loaded with the new one's files
         shutil.rmtree(run / "ckpt", ignore_errors=True)
+        for name in ("tree.json", "sunburst.html"):
+            (run / name).unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
     for tmp in run.rglob(".*.tmp"):  # writes a kill cut short (atomic_path's temp files): never read
         tmp.unlink(missing_ok=True)

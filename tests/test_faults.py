@@ -118,6 +118,10 @@ def test_killed_mid_training_resumes_to_the_same_tree(BUILD, reference, tmp_path
     ckpt = run / "ckpt" / "train.safetensors"
     kill_when(featuretree(*BUILD, "--out", str(run)), lambda: ckpt.is_file() and stage(run) == "train", "mid-training")
     assert stage(run) == "train" and not (run / "tree.json").exists()
+    from featuretree import FeatureTreeError, load
+
+    with pytest.raises(FeatureTreeError, match="unfinished run .*stage 'train'.*rerun the same"):
+        load(run)  # nothing half-made can be loaded
     run_to_end(featuretree(*BUILD, "--out", str(run)))
     assert (run / "tree.json").read_bytes() == reference
     assert not (run / "ckpt").exists()
