@@ -42,7 +42,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     cfg = Config.from_args(args)
     out = Path(args.out)
     tree = build(cfg, out=out, force=args.force, progress=not args.quiet, checkpoint_every=args.checkpoint_every,
-                 shard_size=args.shard_size)
+                 shard_size=args.shard_size, store_dtype=args.store_dtype)
     html = out / "sunburst.html"
     frame = to_frame(tree)
     for rung in _ladder(tree):
@@ -340,6 +340,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "(default: 60)")
     b.add_argument("--shard-size", type=int, default=65536,
                    help="tokens per activation shard, the harvest's checkpoint unit (default: 65536)")
+    b.add_argument("--store-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype of the stored activations; bfloat16 halves the store (default: float32)")
     b.set_defaults(func=cmd_build)
 
     e = sub.add_parser("export", help="export a saved run as HTML sunburst / GraphML / CSV",

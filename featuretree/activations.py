@@ -50,6 +50,9 @@ def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class StoreMismatch(FeatureTreeError):
     """collect(resume=True) found a store harvested with other settings in its directory."""
 
@@ -105,6 +108,7 @@ def collect(
     shard_size: int = 65536,
     heldout_every: int = 10,
     seed: int = 0,
+    dtype: str = "float32",
     resume: bool = False,
     progress: bool = True,
 ) -> Activations:
@@ -118,7 +122,8 @@ def collect(
     one, and recomputes any shard that is missing, truncated or fails its checksum: the result is the same
     store, bit for bit, as one harvest never interrupted. A store made with other settings (model, layer,
     texts, n_tokens, batch_size, max_length, shard_size, heldout_every, seed) is then an error; without
-    `resume` an existing store at `out` is overwritten.
+    `resume` an existing store at `out` is overwritten. `dtype="bfloat16"` (or "float16") stores activations
+    at half the disk and read bandwidth; they are widened to float32 when read.
 
     Example:
         >>> from featuretree.model import load_model
@@ -152,12 +157,16 @@ def collect(
             raise FeatureTreeError(f"{name}={value} must be a positive integer")
     if heldout_every < 0:
         raise FeatureTreeError(f"heldout_every={heldout_every} must be >= 0 (0 holds nothing out)")
+    if dtype not in STORE_DTYPES:
+        raise FeatureTreeError(f"dtype={dtype!r} is not a store dtype: use one of {sorted(STORE_DTYPES)}")
     layer_index = check_layer(model, layer)
     harvest = _Harvest(model, layer_module(model, layer_index), get_tokenizer(model), texts, batch_size, max_length,
-                       seed)
+                       seed, STORE_DTYPES[dtype])
     recipe = {"model": model_name(model), "layer": layer_index, "texts": texts_fingerprint(texts),
               "n_tokens": int(n_tokens), "batch_size": int(batch_size), "max_length": int(max_length),
               "shard_size": int(shard_size), "heldout_every": int(heldout_every), "seed": int(seed)}
+    if dtype != "float32":  # (stores from before the option are float32 and their recipes lack the key)
+        recipe["dtype"] = dtype
 
     out = Path(tempfile.mkdtemp(prefix="featuretree-acts-")) if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -243,7 +252,7 @@ def collect(
         "hook_name": f"{find_layers(model)[0]}.{layer_index}",  # the block whose output was harvested
         "heldout_every": heldout_every,
         "max_length": max_length,
-        "dtype": "float32",
+        "dtype": dtype,
         "seed": seed,
         "recipe": recipe,
         "created_by": f"featuretree {__version__}",
@@ -307,9 +316,10 @@ def _first(rows: dict[str, torch.Tensor], limit: int) -> dict[str, torch.Tensor]
 class _Harvest:
     """The model side of `collect`: doc batches in a fixed order, and the real-token rows of any of them."""
 
-    def __init__(self, model, block, tokenizer, texts: list[str], batch_size: int, max_length: int, seed: int):
+    def __init__(self, model, block, tokenizer, texts: list[str], batch_size: int, max_length: int, seed: int,
+                 dtype: torch.dtype = torch.float32):
         self.model, self.block, self.tokenizer, self.texts = model, block, tokenizer, texts
-        self.max_length = max_length
+        self.max_length, self.dtype = max_length, dtype
         self.special_ids = torch.tensor(_special_ids(tokenizer), dtype=torch.long)
         self.fast = bool(getattr(tokenizer, "is_fast", False))
         self.device = next(model._module.parameters(), torch.zeros(0)).device
@@ -341,6 +351,7 @@ class _Harvest:
             raise FeatureTreeError(
                 "the layer produced NaN/Inf activations: check the model's dtype (load it in float32) and weights"
             )
+        rows["acts"] = rows["acts"].to(self.dtype)
         return rows
 
     def batches(self, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -532,6 +543,8 @@ class Activations:
             if left <= 0:
                 return
             cols = self._read(shard, sorted(set(names) | {"doc_ids"}))
+            if "acts" in cols:
+                cols["acts"] = cols["acts"].float()  # a bf16 / fp16 store reads back as float32
             mask = self._split_mask(cols["doc_ids"], split)
             cols = {n: cols[n] if mask is None else cols[n][mask] for n in names}
             n = len(next(iter(cols.values())))
@@ -549,54 +562,66 @@ class Activations:
         shuffle: bool = True,
         seed: int = 0,
         epochs: int = 1,
-        buffer_shards: int = 4,
+        buffer_rows: int = 262_144,
+        chunk_rows: int = 8192,
     ) -> Iterator[torch.Tensor]:
-        """Stream (batch_size, d_model) float32 batches with at most `buffer_shards` shards in memory.
+        """Stream (batch_size, d_model) float32 batches holding at most `buffer_rows` (+ a chunk) rows in memory.
 
-        Each epoch visits the shards in a fresh random order, concatenates `buffer_shards` of them and
-        permutes the rows; only the last batch of an epoch may be smaller. `shuffle=False` yields rows
-        in store order (the order of `load(split)`).
+        Each epoch cuts every shard into chunks of `chunk_rows` rows and visits the chunks of all shards in
+        a fresh random order, reading each straight from the memory-mapped file (a safetensors slice: no
+        shard, however large, has to fit in memory); chunks gather in one buffer of `buffer_rows` rows whose
+        rows are yielded in a random permutation, so batches mix tokens from many shards. Only the last
+        batch of an epoch may be smaller. `shuffle=False` yields rows in store order (that of `load(split)`).
+        A bf16 / fp16 store is widened to float32 here.
 
         Example:
             >>> for x in acts.batches(4096, split="train", epochs=2):   # doctest: +SKIP
             ...     loss = sae(x)                                       # x: (<=4096, d_model)
         """
-        if batch_size <= 0 or buffer_shards <= 0 or epochs <= 0:
-            raise FeatureTreeError("batch_size, buffer_shards and epochs must be positive integers")
+        if min(batch_size, buffer_rows, chunk_rows, epochs) <= 0:
+            raise FeatureTreeError("batch_size, buffer_rows, chunk_rows and epochs must be positive integers")
         self._split_mask(torch.zeros(0, dtype=torch.long), split)  # validate split early
+        sizes = self.meta["shard_sizes"]
+        chunks = [(i, a) for i, n in enumerate(sizes) for a in range(0, n, chunk_rows)]
+        buf = torch.empty(buffer_rows + chunk_rows + batch_size, self.d_model)  # reused by every fill
         for epoch in range(epochs):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            order = (
-                torch.randperm(len(self._shards), generator=gen).tolist()
-                if shuffle
-                else range(len(self._shards))
-            )
-            order = list(order)
-            carry = torch.empty(0, self.d_model)  # (< batch_size, d_model) rows left from the last buffer
-            for g in range(0, len(order), buffer_shards):
-                group = order[g : g + buffer_shards]
-                # one preallocated buffer filled shard by shard: peak memory is the buffer plus one shard
-                cap = len(carry) + sum(self.meta["shard_sizes"][i] for i in group)
-                buf = torch.empty(cap, self.d_model)  # (rows, d_model)
-                buf[: len(carry)] = carry
-                n = len(carry)
-                for i in group:
-                    cols = self._read(self._shards[i], ("acts", "doc_ids"))
-                    mask = self._split_mask(cols["doc_ids"], split)
-                    rows = cols["acts"] if mask is None else cols["acts"][mask]
-                    buf[n : n + len(rows)] = rows
-                    n += len(rows)
-                    del cols, rows
-                buf = buf[:n]
-                # batches gather through a permutation instead of materialising a shuffled copy
-                perm = torch.randperm(n, generator=gen) if shuffle else None
-                n_full = n // batch_size * batch_size
-                for s in range(0, n_full, batch_size):
-                    yield buf[s : s + batch_size] if perm is None else buf[perm[s : s + batch_size]]
-                carry = (buf[n_full:] if perm is None else buf[perm[n_full:]]).clone()
-                del buf, perm
-            if len(carry):
-                yield carry  # (< batch_size, d_model)
+            order = torch.randperm(len(chunks), generator=gen).tolist() if shuffle else range(len(chunks))
+            n = 0  # rows in buf; rows a fill left over (< batch_size) stay at its front
+            for c in order:
+                i, a = chunks[c]
+                rows = self._slice(i, a, a + chunk_rows, split)  # (<= chunk_rows, d_model)
+                buf[n : n + len(rows)] = rows
+                n += len(rows)
+                if n >= buffer_rows:
+                    yield from self._drain(buf, n, batch_size, gen if shuffle else None)
+                    n = n % batch_size
+            if n:
+                yield from self._drain(buf, n, batch_size, gen if shuffle else None, last=True)
+
+    @staticmethod
+    def _drain(buf: torch.Tensor, n: int, batch_size: int, gen, last: bool = False) -> Iterator[torch.Tensor]:
+        """Yield buf[:n] as batches (permuted with `gen`); the remainder (< batch_size) moves to buf's front."""
+        idx = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+        n_full = n if last else n // batch_size * batch_size
+        for s in range(0, n_full, batch_size):
+            yield buf.index_select(0, idx[s : s + batch_size])  # a copy: buf is refilled afterwards
+        if not last and n > n_full:
+            buf[: n - n_full] = buf.index_select(0, idx[n_full:n])
+
+    def _slice(self, i: int, a: int, b: int, split: str) -> torch.Tensor:
+        """Rows [a, b) of shard i that belong to `split`, as float32, read through the file's memory map."""
+        from safetensors import safe_open
+
+        shard = self._shards[i]
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                acts, doc_ids = f.get_slice("acts")[a:b], f.get_slice("doc_ids")[a:b]
+        except Exception as e:  # safetensors' own error types for damaged files
+            raise FeatureTreeError(f"{shard} is not a readable safetensors shard ({e}): rerun the same `featuretree "
+                                   "build` (or collect(..., resume=True)) to recompute it") from e
+        mask = self._split_mask(doc_ids, split)
+        return (acts if mask is None else acts[mask]).float()
 
     def load(self, split: str = "heldout", max_tokens: int | None = None) -> torch.Tensor:
         """All activations of `split` in store order, as one (n, d_model) float32 tensor.

@@ -28,7 +28,7 @@ RUN_FILE = "run.json"
 STAGES = ("harvest", "train", "link", "done")
 
 
-def run_inputs(cfg: Config, shard_size: int) -> dict:
+def run_inputs(cfg: Config, shard_size: int, store_dtype: str = "float32") -> dict:
     """What a run is made from besides its config: the corpus file and the model's files.
 
     Example:
@@ -39,7 +39,10 @@ def run_inputs(cfg: Config, shard_size: int) -> dict:
     from featuretree.corpus import _resolve
 
     corpus_path, _ = _resolve(cfg.corpus)
-    return {"corpus": file_sha256(corpus_path), "model": model_fingerprint(cfg.model), "shard_size": int(shard_size)}
+    inputs = {"corpus": file_sha256(corpus_path), "model": model_fingerprint(cfg.model), "shard_size": int(shard_size)}
+    if store_dtype != "float32":
+        inputs["store_dtype"] = store_dtype
+    return inputs
 
 
 def _settings(cfg: Config) -> dict:
@@ -69,7 +72,8 @@ def _differences(old: dict, cfg: Config, inputs: dict) -> str:
 
 
 def build(config: Config | None = None, *, out=None, force: bool = False, progress: bool = True,
-          checkpoint_every: float = 60.0, shard_size: int = 65536, **overrides) -> FeatureTree:
+          checkpoint_every: float = 60.0, shard_size: int = 65536, store_dtype: str = "float32",
+          **overrides) -> FeatureTree:
     """The whole pipeline: load_model -> load_corpus -> collect -> train_ladder -> link (+ labels).
 
     With `out` (a run directory) the activations, dictionaries, config, tree and sunburst.html are written
@@ -77,7 +81,8 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     ladder every `checkpoint_every` seconds): rerunning the same call after a kill resumes and returns the
     same tree. A finished run with the same settings is loaded instead of rebuilt. A directory holding a
     run of other settings (or inputs) is an error unless `force=True`, which starts over there (the
-    harvested activations are kept when the harvest settings match). Keyword overrides replace Config fields.
+    harvested activations are kept when the harvest settings match). `store_dtype="bfloat16"` halves the
+    activation store on disk (training reads it back as float32). Keyword overrides replace Config fields.
 
     Example:
         >>> tree = build(n_tokens=3000, widths=(32, 64), k=4, epochs=1)  # doctest: +SKIP
@@ -95,7 +100,7 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     if int(shard_size) <= 0:
         raise FeatureTreeError(f"shard_size={shard_size} must be a positive integer")
     run = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="featuretree-"))
-    inputs = run_inputs(cfg, shard_size)
+    inputs = run_inputs(cfg, shard_size, store_dtype)
     fp = fingerprint({"config": _settings(cfg), "inputs": inputs})
     record = _read_record(run)
     if record is None and (run / "config.json").is_file() and (run / "tree.json").is_file():
@@ -132,7 +137,7 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
 
     if record is None or STAGES.index(stage) < STAGES.index("train"):
         reach("harvest")
-    acts = _harvest(collect, model, cfg, corpus, run / "acts", shard_size, progress)
+    acts = _harvest(collect, model, cfg, corpus, run / "acts", shard_size, store_dtype, progress)
     if STAGES.index(stage) <= STAGES.index("train"):
         reach("train")
     saes = _trained(run, cfg, TopKSAE) if stage == "link" else None
@@ -158,10 +163,10 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     return tree
 
 
-def _harvest(collect, model, cfg: Config, corpus, acts_dir: Path, shard_size: int, progress: bool):
+def _harvest(collect, model, cfg: Config, corpus, acts_dir: Path, shard_size: int, store_dtype: str, progress: bool):
     """The run's activation store: resumed or verified when its recipe matches, else harvested anew."""
     kw = dict(n_tokens=cfg.n_tokens, out=acts_dir, max_length=cfg.max_length, seed=cfg.seed, shard_size=shard_size,
-              progress=progress)
+              dtype=store_dtype, progress=progress)
     from featuretree.activations import StoreMismatch
 
     try:

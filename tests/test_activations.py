@@ -179,30 +179,42 @@ def test_train_and_heldout_partition_by_document(store):
         store.load("test")
 
 
-def test_stream_memory_is_bounded_by_buffer_shards(store, monkeypatch):
-    reads = []
-    original = Activations._read
-    monkeypatch.setattr(
-        Activations, "_read", lambda self, shard, names: reads.append(shard) or original(self, shard, names)
-    )
-    it = store.batches(50, split="all", buffer_shards=2, seed=1)
-    gen = torch.Generator().manual_seed(1 * 1_000_003)  # the stream's shard order in epoch 0
-    order = torch.randperm(len(store.meta["shard_sizes"]), generator=gen).tolist()
-    first_buffer = sum(store.meta["shard_sizes"][i] for i in order[:2])
-    first = next(it)
-    assert len(reads) == 2  # the first batch needed only the first buffer of 2 shards
-    shard_of = {}
+def test_stream_reads_chunks_across_shards_within_a_bounded_buffer(store, monkeypatch):
     from safetensors.torch import load_file
 
-    for p in store.path.glob("shard_*.safetensors"):
-        for r in load_file(str(p))["acts"]:
-            shard_of[r.numpy().tobytes()] = p
-    assert {shard_of[r.numpy().tobytes()] for r in first} <= set(reads)
-    for _ in range(first_buffer // 50 - 1):  # the rest of the first buffer comes without reading more shards
-        next(it)
-    assert len(reads) == 2
-    list(it)
-    assert len(reads) == len(store.meta["shard_sizes"])
+    expected = sorted(map(tuple, store.load("all").tolist()))
+    shard_of = {r.numpy().tobytes(): i for i, name in enumerate(store.meta["shards"])
+                for r in load_file(str(store.path / name))["acts"]}
+    reads, whole = [], []
+    original = Activations._slice
+    monkeypatch.setattr(Activations, "_slice", lambda self, i, a, b, split: reads.append((i, a)) or
+                        original(self, i, a, b, split))
+    monkeypatch.setattr(Activations, "_read", lambda *a, **k: whole.append(a) or pytest.fail("a whole shard was read"))
+    # a buffer smaller than one shard: a shard never has to fit in memory
+    it = store.batches(50, split="all", buffer_rows=SHARD // 2, chunk_rows=50, seed=1)
+    first = next(it)
+    got = [min(50, store.meta["shard_sizes"][i] - a) for i, a in reads]
+    assert sum(got[:-1]) < SHARD // 2 <= sum(got)  # the first batch waited for one buffer's worth of chunks only
+    assert len({i for i, _ in reads}) > 1  # ... drawn from several shards
+    rows = [first, *it]
+    n_chunks = sum(-(-n // 50) for n in store.meta["shard_sizes"])
+    assert len(reads) == n_chunks and not whole
+    assert sorted(map(tuple, torch.cat(rows).tolist())) == expected  # every row once per epoch
+    assert len({shard_of[r.numpy().tobytes()] for r in first}) > 1  # one batch mixes shards
+
+
+def test_half_precision_store_halves_the_shards(model, texts, store, tmp_path):
+    kw = dict(n_tokens=N_TOKENS, batch_size=8, max_length=MAX_LENGTH, shard_size=SHARD, heldout_every=HELDOUT,
+              progress=False)
+    half = collect(model, LAYER, texts, out=tmp_path, dtype="bfloat16", **kw)
+    size = lambda acts: sum(i["bytes"] for i in acts.meta["shard_info"])  # noqa: E731
+    acts_bytes = N_TOKENS * 384 * 4
+    assert size(store) - size(half) == pytest.approx(acts_bytes / 2, rel=0.01)  # the activations take half
+    x, ref = half.load("all"), store.load("all")
+    assert x.dtype == torch.float32 and torch.equal(x, ref.to(torch.bfloat16).float())  # bf16 of the same numbers
+    assert next(half.batches(64)).dtype == torch.float32 and half.meta["dtype"] == "bfloat16"
+    with pytest.raises(FeatureTreeError, match="not a store dtype"):
+        collect(model, LAYER, texts, out=tmp_path / "x", dtype="int8", **kw)
 
 
 def test_decoder_model_collects(tmp_path):
