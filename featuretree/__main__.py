@@ -42,7 +42,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     cfg = Config.from_args(args)
     out = Path(args.out)
     tree = build(cfg, out=out, force=args.force, progress=not args.quiet, checkpoint_every=args.checkpoint_every,
-                 shard_size=args.shard_size, store_dtype=args.store_dtype)
+                 shard_size=args.shard_size, store_dtype=args.store_dtype, ray_address=args.ray_address)
     html = out / "sunburst.html"
     frame = to_frame(tree)
     for rung in _ladder(tree):
@@ -125,7 +125,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         shutil.rmtree(ckpt, ignore_errors=True)
     deep = refine(tree, args.node, width=args.width, depth=args.depth, k=args.k, min_tokens=args.min_tokens,
                   max_tokens=args.max_tokens, stream_tokens=args.stream_tokens, max_children=args.max_children,
-                  checkpoint=ckpt, progress=not args.quiet)
+                  checkpoint=ckpt, executor=args.executor, ray_address=args.ray_address, progress=not args.quiet)
     dest = _save_into(deep, args.run, args.out)
     lines = [f"{args.node}  {deep.graph.nodes[args.node].get('label', '')}", *_subtree_lines(deep, args.node, args.depth)]
     if args.html:
@@ -340,6 +340,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "(default: 60)")
     b.add_argument("--shard-size", type=int, default=65536,
                    help="tokens per activation shard, the harvest's checkpoint unit (default: 65536)")
+    b.add_argument("--ray-address", help="Ray cluster for --executor ray (default: the running or a new local one)")
     b.add_argument("--store-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype of the stored activations; bfloat16 halves the store (default: float32)")
     b.set_defaults(func=cmd_build)
@@ -381,6 +382,9 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--depth", type=int, default=1, help="levels of refinement below NODE (default: 1)")
     r.add_argument("--max-children", type=int, help="children refined further per node, largest first (default: all)")
     r.add_argument("--force", action="store_true", help="discard an unfinished refinement's checkpoint and start over")
+    r.add_argument("--executor", choices=("serial", "ray"),
+                   help="train sibling local dictionaries here or as Ray tasks (default: the run's executor)")
+    r.add_argument("--ray-address", help="Ray cluster for --executor ray (default: the running or a new local one)")
     refine_args(r, 500)
     r.set_defaults(func=cmd_refine)
 

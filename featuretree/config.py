@@ -88,6 +88,10 @@ class Config:
     seed: int = 0
     """Seed for corpus shuffling, batch order and dictionary initialisation."""
 
+    executor: str = "serial"
+    """Where rungs and sibling refinements train: "serial" (this process) or "ray" (one Ray task each, on the
+    cluster `ray.init` finds; pip install 'featuretree[ray]'). The results are the same either way."""
+
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded with the run (not used by the pipeline)."""
 
@@ -113,6 +117,8 @@ class Config:
         for name in ("min_coverage", "same_threshold", "fire_rel"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise FeatureTreeError(f"{name}={getattr(self, name)} must lie in [0, 1]")
+        if self.executor not in ("serial", "ray"):
+            raise FeatureTreeError(f"executor={self.executor!r} must be 'serial' or 'ray'")
         if not self.within_coverage > 0.0:
             raise FeatureTreeError(f"within_coverage={self.within_coverage} must be positive (> 1 turns it off)")
 

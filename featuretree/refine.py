@@ -369,18 +369,30 @@ diverged on a refinement region (w512/148 of the default run, 7.5k tokens, k=2: 
 0.49 at 1e-3; on 500-token regions 1e-3 and the rule reach about the same FVU)."""
 
 
-def _train_local(tree, node: str, region: Region, width: int, k: int, seed: int):
+def local_split(region: Region):
+    """(training rows, held-out mask or None) of a region: every tenth document is held out when there are
+    >= 1000 tokens with text (else the local dictionary is evaluated on what it trained on)."""
+    held = (region.tokens["doc_id"].to_numpy() % 10 == 0) if region.has_text and len(region) >= 1000 else None
+    if held is not None and (held.all() or not held.any()):
+        held = None
+    return region.x, held
+
+
+def fit_local(x, held, width: int, k: int, seed: int, batch_size: int, epochs: int):
+    """Train one local dictionary on rows `x` (held-out rows `held` evaluated, not trained on).
+
+    Example:
+        >>> import torch
+        >>> fit_local(torch.randn(600, 8), None, 16, 1, 0, 1024, 3).width
+        16
+    """
     import torch
 
     from featuretree.train import default_lr, train_ladder
 
-    cfg = tree.config
-    held = (region.tokens["doc_id"].to_numpy() % 10 == 0) if region.has_text and len(region) >= 1000 else None
-    if held is not None and (held.all() or not held.any()):
-        held = None
-    x_train = region.x if held is None else region.x[torch.from_numpy(~held)]
-    x_eval = region.x if held is None else region.x[torch.from_numpy(held)]
-    bs, epochs = _schedule(x_train.shape[0], cfg.batch_size if cfg else 1024, cfg.epochs if cfg else 3)
+    x_train = x if held is None else x[torch.from_numpy(~held)]
+    x_eval = x if held is None else x[torch.from_numpy(held)]
+    bs, epochs = _schedule(x_train.shape[0], batch_size, epochs)
     return train_ladder(x_train, (width,), k, epochs=epochs, batch_size=bs, seed=seed, progress=False,
                         lr=min(default_lr(width), LOCAL_MAX_LR), eval_acts=x_eval)[width]
 
@@ -447,7 +459,7 @@ def local_k(width: int, k: int = 16) -> int:
 def refine(tree, node: str, *, width: int = 64, depth: int = 1, k: int | None = None, min_tokens: int = 500,
            max_tokens: int = 20_000, stream_tokens: int = 100_000, max_children: int | None = None,
            acts=None, texts=None, model=None, layer: int | None = None, n_contexts: int = 5, seed: int | None = None,
-           checkpoint=None, progress: bool = True):
+           checkpoint=None, executor: str | None = None, ray_address: str | None = None, progress: bool = True):
     """A new tree in which `node` has children from a `width`-feature dictionary trained only where it fires.
 
     The region (see `collect_region`: the run's store, then up to `stream_tokens` more corpus tokens, at most
@@ -461,7 +473,8 @@ def refine(tree, node: str, *, width: int = 64, depth: int = 1, k: int | None = 
     width replaces that refinement. Save the result with `ft.save` like any tree. With `checkpoint` (a
     directory) the gathered region and every local dictionary are saved there as they are made; rerunning
     the same refinement after a kill picks them up and returns the same tree (the directory is removed at
-    the end).
+    the end). `executor="ray"` (default: the tree's `config.executor`) trains sibling local dictionaries as
+    parallel Ray tasks; the tree is assembled in the same depth-first order and equals the serial one.
 
     Example:
         >>> deep = refine(tree, "w512/7", width=64, depth=2)  # doctest: +SKIP
@@ -486,6 +499,9 @@ def refine(tree, node: str, *, width: int = 64, depth: int = 1, k: int | None = 
     if tree.node(node).get("virtual"):
         raise FeatureTreeError(f"{node!r} is the virtual root: refine a feature, e.g. one of tree.roots()")
     seed = int(seed if seed is not None else (cfg.seed if cfg else 0))
+    from featuretree.distributed import check_executor
+
+    executor = check_executor(executor or getattr(cfg, "executor", "serial") or "serial")
     saved = None
     if checkpoint is not None:
         saved = _RefineCheckpoint(checkpoint, tree, {
@@ -502,12 +518,29 @@ def refine(tree, node: str, *, width: int = 64, depth: int = 1, k: int | None = 
     new.graph.graph["refined"] = {r: dict(v) for r, v in (tree.graph.graph.get("refined") or {}).items()}
     bar = tqdm(desc=f"refine {node}", unit="dict", disable=not progress)
 
-    def grow(at: str, reg: Region, levels: int) -> None:
+    batch_size, epochs = (cfg.batch_size, cfg.epochs) if cfg else (1024, 3)
+    rung_seed = lambda rung: seed + zlib.crc32(rung.encode()) % 2**20  # noqa: E731  (independent of order)
+
+    def start(at: str, reg: Region):
+        """The local dictionary for `at`: saved by a killed run, else trained (a Ray future on executor='ray')."""
+        rung = f"{at}/r{width}"
+        sae = saved.sae(rung) if saved is not None else None
+        if sae is not None:
+            return sae
+        if executor == "ray":
+            from featuretree.distributed import ray_fit_local_many
+
+            return ray_fit_local_many([(*local_split(reg), width, k, rung_seed(rung), batch_size, epochs)],
+                                      ray_address)[0]
+        return fit_local(*local_split(reg), width, k, rung_seed(rung), batch_size, epochs)
+
+    def grow(at: str, reg: Region, levels: int, job) -> None:
+        from featuretree.distributed import ray_get
+
         rung = f"{at}/r{width}"
         _drop_subtree(new, rung)
-        sae = saved.sae(rung) if saved is not None else None
-        if sae is None:
-            sae = _train_local(new, at, reg, width, k, seed + zlib.crc32(rung.encode()) % 2**20)
+        sae = ray_get(job)
+        if "refined_from" not in sae.metadata:
             sae.metadata.update({"featuretree_rung": rung, "refined_from": at})
             if saved is not None:
                 saved.save_sae(rung, sae)
@@ -524,13 +557,17 @@ def refine(tree, node: str, *, width: int = 64, depth: int = 1, k: int | None = 
         counts = np.asarray(F.sum(0)).ravel()
         kids = [j for j in np.argsort(-counts, kind="stable") if counts[j] > 0
                 and new.graph.edges[next(iter(new.graph.predecessors(f"{rung}/{j}"))), f"{rung}/{j}"]["kind"] != "same"]
+        todo = []
         for j in kids[:max_children]:
             if counts[j] < min_tokens:
                 log.info("not refining %s/%d: %d tokens < min_tokens %d", rung, j, counts[j], min_tokens)
                 continue
-            grow(f"{rung}/{j}", reg.subset(np.asarray(F[:, j].todense()).ravel() > 0), levels - 1)
+            todo.append((f"{rung}/{j}", reg.subset(np.asarray(F[:, j].todense()).ravel() > 0)))
+        jobs = [start(child, sub) for child, sub in todo]  # siblings start together (in parallel on Ray) ...
+        for (child, sub), job in zip(todo, jobs):  # ... and join the tree in depth-first order
+            grow(child, sub, levels - 1, job)
 
-    grow(node, region, depth)
+    grow(node, region, depth, start(node, region))
     bar.close()
     if saved is not None:
         saved.remove()

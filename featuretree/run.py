@@ -47,7 +47,8 @@ def run_inputs(cfg: Config, shard_size: int, store_dtype: str = "float32") -> di
 
 def _settings(cfg: Config) -> dict:
     d = cfg.to_dict()
-    d.pop("extra", None)  # free-form notes do not change the results
+    for name in ("extra", "executor"):  # notes, and where the work runs, do not change the results
+        d.pop(name, None)
     return d
 
 
@@ -73,7 +74,7 @@ def _differences(old: dict, cfg: Config, inputs: dict) -> str:
 
 def build(config: Config | None = None, *, out=None, force: bool = False, progress: bool = True,
           checkpoint_every: float = 60.0, shard_size: int = 65536, store_dtype: str = "float32",
-          **overrides) -> FeatureTree:
+          ray_address: str | None = None, **overrides) -> FeatureTree:
     """The whole pipeline: load_model -> load_corpus -> collect -> train_ladder -> link (+ labels).
 
     With `out` (a run directory) the activations, dictionaries, config, tree and sunburst.html are written
@@ -82,7 +83,9 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     same tree. A finished run with the same settings is loaded instead of rebuilt. A directory holding a
     run of other settings (or inputs) is an error unless `force=True`, which starts over there (the
     harvested activations are kept when the harvest settings match). `store_dtype="bfloat16"` halves the
-    activation store on disk (training reads it back as float32). Keyword overrides replace Config fields.
+    activation store on disk (training reads it back as float32). With `Config.executor="ray"` the rungs
+    train as Ray tasks on the cluster at `ray_address` (default: the running or a new local one).
+    Keyword overrides replace Config fields.
 
     Example:
         >>> tree = build(n_tokens=3000, widths=(32, 64), k=4, epochs=1)  # doctest: +SKIP
@@ -146,7 +149,8 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         saes = train_ladder(acts, cfg.widths, cfg.k, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                             seed=cfg.seed, progress=progress, nested=cfg.nested, checkpoint=ckpt,
-                            checkpoint_every=checkpoint_every, keep_checkpoint=True)
+                            checkpoint_every=checkpoint_every, keep_checkpoint=True, executor=cfg.executor,
+                            ray_address=ray_address)
         for w, sae in saes.items():
             sae.save(run / "saes" / f"w{w}")
         reach("link")
@@ -193,6 +197,7 @@ def _legacy_record(run: Path, cfg: Config, inputs: dict, fp: str) -> dict | None
         old = json.loads((run / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    old.pop("extra", None)
+    for name in ("extra", "executor"):
+        old.pop(name, None)
     same = old == _settings(cfg)
     return {"fingerprint": fp if same else None, "config": old, "inputs": inputs if same else {}, "stage": "done"}

@@ -274,7 +274,8 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
                  seed: int = 0, out: str | os.PathLike | None = None, progress: bool = True,
                  eval_acts=None, shuffle: bool = True, callback=None, nested: bool = False,
                  checkpoint: str | os.PathLike | None = None, checkpoint_every: float = 60.0,
-                 keep_checkpoint: bool = False) -> dict[int, TopKSAE]:
+                 keep_checkpoint: bool = False, executor: str = "serial", ray_address: str | None = None,
+                 _seed_offset: int = 0) -> dict[int, TopKSAE]:
     """Train one TopK dictionary per width from a single pass over `acts` (all rungs see every batch).
 
     `acts` is an Activations store (its train split is streamed, its held-out split evaluated) or a
@@ -291,7 +292,8 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     same arguments and data resumes from it and returns the same dictionaries, bit for bit, as a run never
     interrupted. The file is removed when training ends (`keep_checkpoint=True` keeps it, marked finished,
     so that a call after a kill before the caller saved the result returns it at once); one written for
-    other settings is an error.
+    other settings is an error. `executor="ray"` trains each rung as a Ray task on the same stream
+    (featuretree.distributed; `ray_address` picks the cluster) and returns the same dictionaries.
 
     Example:
         >>> x = torch.randn(2048, 16)
@@ -304,6 +306,17 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
         raise FeatureTreeError(f"widths {widths} must be positive and strictly increasing, e.g. (512, 2048, 8192)")
     if not 0 < k < widths[0]:
         raise FeatureTreeError(f"k={k} must be at least 1 and below the narrowest width {widths[0]}")
+    from featuretree.distributed import check_executor
+
+    if check_executor(executor) == "ray" and not nested and callback is None and out is None:
+        from featuretree.distributed import ray_train_ladder
+
+        return ray_train_ladder(acts, widths, k, ray_address=ray_address, epochs=epochs, batch_size=batch_size,
+                                lr=lr, auxk_alpha=auxk_alpha, dead_tokens=dead_tokens, seed=seed,
+                                eval_acts=eval_acts, shuffle=shuffle, checkpoint=checkpoint,
+                                checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint)
+    if executor == "ray":
+        log.info("training serially: a nested ladder, a callback or out= needs one process")
     d_model = d_model_of(acts)
     n_train = n_rows(acts, "train")
     if n_train < batch_size:
@@ -317,8 +330,8 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
         rungs = {widths[-1]: _Rung(TopKSAE(d_model, widths[-1], k, seed=seed), lr or default_lr(widths[-1]),
                                    dead_tokens, auxk_alpha, prefixes=widths)}
     else:
-        rungs = {w: _Rung(TopKSAE(d_model, w, k, seed=seed + i), lr or default_lr(w), dead_tokens, auxk_alpha)
-                 for i, w in enumerate(widths)}
+        rungs = {w: _Rung(TopKSAE(d_model, w, k, seed=seed + _seed_offset + i), lr or default_lr(w), dead_tokens,
+                          auxk_alpha) for i, w in enumerate(widths)}
     first, step, seen, finished = True, 0, 0, False
     if checkpoint is not None:
         from featuretree.checkpoint import data_fingerprint, fingerprint, load_state, save_state
