@@ -51,6 +51,38 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """featuretree train: a ladder from an existing activation store; data parallel under torchrun."""
+    from featuretree.activations import Activations
+    from featuretree.ddp import Comm
+    from featuretree.train import train_ladder
+
+    store = Path(args.store)
+    if not (store / "meta.json").is_file() and (store / "acts" / "meta.json").is_file():
+        store = store / "acts"  # a run directory: its store
+    acts = Activations(store)
+    cfg = Config.from_args(args)
+    comm = Comm.from_env()
+    rank0 = comm is None or comm.rank == 0
+    out = Path(args.out)
+    saes = train_ladder(acts, cfg.widths, cfg.k, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                        seed=cfg.seed, nested=cfg.nested, executor=cfg.executor, comm=comm, out=out,
+                        checkpoint=out / "train.ckpt.safetensors", checkpoint_every=args.checkpoint_every,
+                        progress=rank0 and not args.quiet)
+    if rank0:
+        lines = [f"w{w:<9} FVU {s.metrics['fvu']:.4f}  L0 {s.metrics['l0']:.1f}  dead {100 * s.metrics['dead_fraction']:.1f}%"
+                 for w, s in saes.items()]
+        where = f" on {comm.world} processes" if comm is not None else ""
+        lines.append(f"wrote {out}/w<width>/ (SAELens layout){where}; link them with "
+                     f"ft.link([ft.TopKSAE.load(d) for d in ...], ft.Activations({str(store)!r}))")
+        sys.stdout.write("\n".join(lines) + "\n")
+    if comm is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """featuretree export: write a saved run as sunburst / icicle HTML, an explorer page, GraphML and/or CSV."""
     from featuretree.export import load, to_frame, to_graphml, write_explorer, write_sunburst
@@ -344,6 +376,18 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--store-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype of the stored activations; bfloat16 halves the store (default: float32)")
     b.set_defaults(func=cmd_build)
+
+    t = sub.add_parser("train", help="train a ladder from an existing activation store (data parallel under torchrun)",
+                       description="Train TopK dictionaries of the given widths from a store written by collect / "
+                                   "build (a store or a run directory) and save them to OUT/w<width>/. Launched with "
+                                   "`torchrun --nproc-per-node N -m featuretree train ...`, every batch is split "
+                                   "across the N processes and their gradients are summed (gloo on CPU, NCCL on GPUs).")
+    t.add_argument("store", help="activation store directory (or a run directory holding acts/)")
+    Config.add_arguments(t, ("widths", "k", "epochs", "batch_size", "lr", "nested", "seed", "executor"))
+    t.add_argument("--out", required=True, help="directory for the dictionaries (w<width>/ each) and metrics.json")
+    t.add_argument("--checkpoint-every", type=float, default=60.0,
+                   help="seconds between checkpoints (OUT/train.ckpt.safetensors); rerun to resume (default: 60)")
+    t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="export a saved run as HTML sunburst / GraphML / CSV",
                        description="Write a saved run in other formats. The HTML is self-contained (plotly.js "

@@ -136,8 +136,10 @@ class _Rung:
         self.k_aux = min(sae.d_model // 2, sae.width - sae.k)
         self.stats = {"fvu": 0.0, "aux": 0.0, "n": 0}
 
-    def step(self, x: Tensor, denom: Tensor) -> None:
+    def step(self, x: Tensor, denom: Tensor, comm=None, n_batch: int | None = None) -> None:
+        """One optimiser step on `x` (this rank's rows of a batch of `n_batch` rows whose variance is `denom`)."""
         sae = self.sae
+        n_batch = x.shape[0] if n_batch is None else n_batch
         values, indices = sae.encode(x)  # (n, k) each
         x_hat = sae.decode(values, indices)  # (n, d)
         err = x - x_hat
@@ -153,22 +155,37 @@ class _Rung:
             vals, idx = sae.encode(x, k=min(self.k_aux, int(dead.sum())), among=dead)  # (n, k_aux)
             aux_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum")  # (n, d)
             resid = err.detach()
-            aux = (resid - aux_hat).pow(2).sum() / resid.sub(resid.mean(0)).pow(2).sum().clamp_min(1e-8)
+            if comm is None:
+                resid_var = resid.sub(resid.mean(0)).pow(2).sum()
+            else:  # the whole batch's residual variance: sum, sum of squares and count over ranks
+                m = comm.sum_(torch.cat([resid.sum(0), resid.pow(2).sum().view(1), torch.tensor([resid.shape[0]],
+                                                                                                  dtype=resid.dtype)]))
+                resid_var = m[-2] - m[:-2].pow(2).sum() / m[-1].clamp_min(1)
+            aux = (resid - aux_hat).pow(2).sum() / resid_var.clamp_min(1e-8)
             loss = loss + self.auxk_alpha * aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if comm is not None:  # each rank's loss is its share of the batch's: summed gradients = the batch's
+            for p in sae.parameters():
+                if p.grad is not None:
+                    comm.sum_(p.grad)
         sae.remove_parallel_grad()
         self.opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
-            fired = torch.zeros(sae.width, dtype=torch.bool)
-            fired[indices[values > 0]] = True
-            self.since_fired += x.shape[0]
-            self.since_fired[fired] = 0
-        self.last_fvu = float(fvu.detach())
-        self.stats["fvu"] += self.last_fvu * x.shape[0]
-        self.stats["aux"] += float(aux.detach()) * x.shape[0]
-        self.stats["n"] += x.shape[0]
+            fired = torch.zeros(sae.width, dtype=torch.uint8)
+            fired[indices[values > 0]] = 1
+            if comm is not None:
+                comm.max_(fired)
+            self.since_fired += n_batch
+            self.since_fired[fired.bool()] = 0
+            logged = torch.stack([fvu.detach(), aux.detach()])
+            if comm is not None:
+                comm.sum_(logged)
+        self.last_fvu = float(logged[0])
+        self.stats["fvu"] += self.last_fvu * n_batch
+        self.stats["aux"] += float(logged[1]) * n_batch
+        self.stats["n"] += n_batch
 
 
 class _Prefix:
@@ -275,7 +292,7 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
                  eval_acts=None, shuffle: bool = True, callback=None, nested: bool = False,
                  checkpoint: str | os.PathLike | None = None, checkpoint_every: float = 60.0,
                  keep_checkpoint: bool = False, executor: str = "serial", ray_address: str | None = None,
-                 _seed_offset: int = 0) -> dict[int, TopKSAE]:
+                 comm=None, _seed_offset: int = 0) -> dict[int, TopKSAE]:
     """Train one TopK dictionary per width from a single pass over `acts` (all rungs see every batch).
 
     `acts` is an Activations store (its train split is streamed, its held-out split evaluated) or a
@@ -293,7 +310,9 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     interrupted. The file is removed when training ends (`keep_checkpoint=True` keeps it, marked finished,
     so that a call after a kill before the caller saved the result returns it at once); one written for
     other settings is an error. `executor="ray"` trains each rung as a Ray task on the same stream
-    (featuretree.distributed; `ray_address` picks the cluster) and returns the same dictionaries.
+    (featuretree.distributed; `ray_address` picks the cluster) and returns the same dictionaries. `comm`
+    (a featuretree.ddp.Comm, from torchrun) splits every batch across processes and sums their gradients:
+    data parallelism for one wide dictionary; only rank 0 writes `out` and the checkpoint.
 
     Example:
         >>> x = torch.randn(2048, 16)
@@ -364,13 +383,15 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
                 r.sae.b_dec.data.copy_(x.mean(0))
             first = False
         denom = (x - x.mean(0)).pow(2).sum().clamp_min(1e-8)
+        mine = x if comm is None else comm.part(x)  # data parallel: this rank's rows of the batch
         for r in rungs.values():
-            r.step(x, denom)
+            r.step(mine, denom, comm, x.shape[0])
         bar.update(x.shape[0])
         step, seen = step + 1, seen + x.shape[0]
         if checkpoint is not None and time.monotonic() - last_save >= checkpoint_every:
-            tensors, info = _pack(rungs)
-            save_state(checkpoint, tensors, {**info, "settings": settings, "step": step, "seen": seen})
+            if comm is None or comm.rank == 0:
+                tensors, info = _pack(rungs)
+                save_state(checkpoint, tensors, {**info, "settings": settings, "step": step, "seen": seen})
             last_save = time.monotonic()
         if callback is not None:
             callback(step, seen, {w: r.last_fvu for w, r in rungs.items()})
@@ -379,7 +400,7 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     bar.close()
     if first:
         raise FeatureTreeError("the activation stream is empty: collect more tokens before training")
-    if checkpoint is not None and keep_checkpoint and not finished:
+    if checkpoint is not None and keep_checkpoint and not finished and (comm is None or comm.rank == 0):
         tensors, info = _pack(rungs)
         save_state(checkpoint, tensors, {**info, "settings": settings, "step": step, "seen": seen, "finished": True})
 
@@ -404,11 +425,11 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
         log.info("rung w%d: FVU %.4f  L0 %.1f  dead %.1f%%", w, sae.metrics["fvu"], sae.metrics["l0"],
                  100 * sae.metrics["dead_fraction"])
         saes[w] = sae
-    if out is not None:
+    if out is not None and (comm is None or comm.rank == 0):
         out = Path(out)
         for w, sae in saes.items():
             sae.save(out / f"w{w}")
         write_json(out / "metrics.json", {f"w{w}": s.metrics for w, s in saes.items()})
-    if checkpoint is not None and not keep_checkpoint:
+    if checkpoint is not None and not keep_checkpoint and (comm is None or comm.rank == 0):
         Path(checkpoint).unlink(missing_ok=True)
     return saes
