@@ -322,7 +322,10 @@ class _Harvest:
         self.max_length, self.dtype = max_length, dtype
         self.special_ids = torch.tensor(_special_ids(tokenizer), dtype=torch.long)
         self.fast = bool(getattr(tokenizer, "is_fast", False))
-        self.device = next(model._module.parameters(), torch.zeros(0)).device
+        from featuretree.model import is_remote
+
+        self.remote = is_remote(model)  # then the weights live on NDIF; inputs go as CPU tensors
+        self.device = torch.device("cpu") if self.remote else next(model._module.parameters(), torch.zeros(0)).device
         self.accepted = _forward_args(model._module)
         self.docs = list(_doc_batches(texts, batch_size, seed))
         self.n_batches = len(self.docs)
@@ -341,8 +344,8 @@ class _Harvest:
             padding_side="right",
         )
         inputs = {k: v.to(self.device) for k, v in enc.items() if k in self.accepted}
-        with torch.inference_mode():
-            with self.model.trace(**inputs) as tracer:
+        with torch.inference_mode():  # the same trace runs locally, or on NDIF for a remote model
+            with self.model.trace(**inputs, **({"remote": True} if self.remote else {})) as tracer:
                 hidden = self.block.output.save()
                 tracer.stop()  # later blocks never run
         hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden

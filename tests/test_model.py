@@ -134,3 +134,30 @@ def test_longest_modulelist_fallback():
 
     nm = load_model(Net(), tokenizer=tiny_gpt2()[1])
     assert find_layers(nm)[0] == "blocks" and n_layers(nm) == 3
+
+
+def test_remote_models_trace_remotely_on_the_same_code_path(tmp_path):
+    """NDIF is out of reach here: a local model flagged remote must get `remote=True` on every trace, and
+    the store must equal the local one (the same code path); a remote repo id offline is a clear error."""
+    from featuretree.activations import collect
+    from featuretree.model import REMOTE_ATTR, is_remote
+
+    texts = ["a cat sat on the mat", "the dog barked", "birds sing in the tall tree"] * 4
+    local = collect(load_model(_tiny_gpt2(TINY_WORDS)), 0, texts, out=tmp_path / "local", progress=False)
+    nm = load_model(_tiny_gpt2(TINY_WORDS))
+    object.__setattr__(nm, REMOTE_ATTR, True)
+    calls, trace = [], nm.trace
+
+    def fake_remote_trace(*args, remote=False, **kwargs):
+        calls.append(remote)
+        return trace(*args, **kwargs)  # run it here instead of on NDIF
+
+    object.__setattr__(nm, "trace", fake_remote_trace)
+    assert is_remote(nm)
+    remote = collect(nm, 0, texts, out=tmp_path / "remote", progress=False)
+    assert calls and all(calls)  # every batch asked for remote execution
+    assert torch.equal(remote.load("all"), local.load("all"))
+    with pytest.raises(FeatureTreeError, match="remote=True needs network access"):
+        load_model("no-such-org/no-such-model", remote=True)
+    with pytest.raises(FeatureTreeError, match="repo id"):
+        load_model(_tiny_gpt2(TINY_WORDS), remote=True)
