@@ -53,7 +53,7 @@ def main() -> None:
         seen = []
         t0 = time.perf_counter()
         ft.train_ladder(acts, ws, k=args.k, epochs=1, batch_size=args.batch_size, progress=False,
-                        callback=lambda step, tokens, fvu: seen.append((time.perf_counter(), tokens)))
+                        callback=lambda step, tokens, fvu, seen=seen: seen.append((time.perf_counter(), tokens)))
         (t1, n1), (t2, n2) = seen[0], seen[-1]  # steady state: from the first step's end to the last's
         rows.append((f"train_ladder widths {','.join(map(str, ws))} k {args.k}", (n2 - n1) / (t2 - t1),
                      f"{time.perf_counter() - t0:.1f} s incl. held-out evaluation"))
