@@ -161,3 +161,17 @@ def test_remote_models_trace_remotely_on_the_same_code_path(tmp_path):
         load_model("no-such-org/no-such-model", remote=True)
     with pytest.raises(FeatureTreeError, match="repo id"):
         load_model(_tiny_gpt2(TINY_WORDS), remote=True)
+
+
+def test_device_map_loads_with_accelerate_or_says_what_is_missing(tmp_path):
+    import importlib.util
+
+    module, tok = _tiny_gpt2(TINY_WORDS)
+    module.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    if importlib.util.find_spec("accelerate") is None:
+        with pytest.raises(FeatureTreeError, match="device_map='auto' needs accelerate: pip install accelerate"):
+            load_model(str(tmp_path / "tiny"), device_map="auto")
+    else:  # pragma: no cover - accelerate is not a dependency; benchmarks/.venv has it
+        nm = load_model(str(tmp_path / "tiny"), device_map="auto")
+        assert n_layers(nm) == 2
