@@ -677,11 +677,13 @@ def search(tree, query, *, start: str | None = None, max_depth: int = 6, negativ
     """Targeted depth-first search: from the top, step to the child that answers `query` best, refining leaves.
 
     At each step the children of the current node (the tree's top-level features first, or `start`'s
-    children: a node such as a "biology" feature to search under, which is then the path's first row) are
-    scored with `find`'s score; the best child that fires on the query more than it usually does (score > 0)
-    is taken.
-    A node without children is refined (`refine(..., depth=1)`, `width`, `k`, token limits) when
-    `refine_leaves`, so the search goes below the ladder only along the branch it follows (`texts`: what
+    children: a node such as a "biology" feature to search under, which is then the path's first row) that
+    fire on the query more than they usually do (`find`'s score > 0) are candidates, and the one whose branch
+    leads to the best score (through such nodes) is taken: a broad ancestor of a very specific feature wins
+    over a sibling that only scores well itself.
+    A node none of whose children answers (a leaf, or one whose ladder children miss the query) is refined
+    (`refine(..., depth=1)`, `width`, `k`, token limits) when `refine_leaves`, so the search goes below the
+    ladder only along the branch it follows (`texts`: what
     refinement streams instead of the run's corpus). Stops after `max_depth` steps, when no child
     answers, or when a leaf has too few tokens to refine. Returns the path as a DataFrame (step, node,
     label, score, query_rate, freq, refined); `path.attrs["tree"]` is the tree with the refinements made.
@@ -711,9 +713,13 @@ def search(tree, query, *, start: str | None = None, max_depth: int = 6, negativ
                      "freq": float(tree.graph.nodes[start].get("freq") or 0.0),
                      "refined": bool(tree.graph.nodes[start].get("refined", False))})
         current = start
+    refined_here: set[str] = set()
     for step in range(len(rows), len(rows) + int(max_depth)):
         kids = _children(tree, current)
-        if not kids and refine_leaves and current != ROOT:
+        answer = _answering(kids, scores)
+        if not answer and refine_leaves and current != ROOT and current not in refined_here:
+            # no finer level answers (none, or the ladder's children miss the query): make one where it fires
+            refined_here.add(current)
             try:
                 tree = refine(tree, current, width=width, k=k, depth=1, min_tokens=min_tokens, max_tokens=max_tokens,
                               stream_tokens=stream_tokens, texts=texts, model=model, layer=layer, progress=progress)
@@ -722,11 +728,12 @@ def search(tree, query, *, start: str | None = None, max_depth: int = 6, negativ
                 break
             scores = score(tree)
             kids = _children(tree, current)
-        answer = [c for c in kids if c in scores.index and scores.at[c, "score"] > 0 and scores.at[c, "query_rate"] > 0]
+            answer = _answering(kids, scores)
         if not answer:
             log.info("search stops at %s: none of its %d children answers %r", current, len(kids), query)
             break
-        best = max(answer, key=lambda c: (scores.at[c, "score"], scores.at[c, "query_rate"]))
+        reach = _reach(tree, scores)  # the best score each branch leads to through answering nodes
+        best = max(answer, key=lambda c: (reach[c], scores.at[c, "score"], scores.at[c, "query_rate"]))
         r = scores.loc[best]
         rows.append({"step": step, "node": best, "label": r["label"], "score": float(r["score"]),
                      "query_rate": float(r["query_rate"]), "freq": float(r["freq"]),
@@ -735,6 +742,29 @@ def search(tree, query, *, start: str | None = None, max_depth: int = 6, negativ
     path = pd.DataFrame(rows, columns=["step", "node", "label", "score", "query_rate", "freq", "refined"])
     path.attrs["tree"] = tree
     return path
+
+
+def _answering(nodes: list[str], scores: pd.DataFrame) -> list[str]:
+    """The nodes that fire on the query more than they usually do (score > 0, query rate > 0)."""
+    return [c for c in nodes if c in scores.index and scores.at[c, "score"] > 0 and scores.at[c, "query_rate"] > 0]
+
+
+def _reach(tree, scores: pd.DataFrame) -> dict[str, float]:
+    """For every answering node, the best score in its subtree reachable through answering nodes only.
+
+    Choosing the child with the best reach instead of the best own score finds a specific feature the
+    greedy walk misses when its branch starts with a broad, weaker-scoring ancestor.
+    """
+    import networkx as nx
+
+    g = tree.graph
+    ok = set(_answering(list(g.nodes), scores))
+    reach: dict[str, float] = {}
+    for n in reversed(list(nx.topological_sort(g))):
+        if n in ok:
+            below = [reach[c] for c in g.successors(n) if c in reach]
+            reach[n] = max([float(scores.at[n, "score"]), *below])
+    return reach
 
 
 # ---- query firing rates (used by find and novel) ------------------------------------------------------

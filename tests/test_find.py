@@ -128,3 +128,21 @@ def test_refine_streams_texts_beyond_the_store(run):
     with pytest.raises(FeatureTreeError, match="would add about"):
         refine(tree, node, width=8, k=1, texts=extra, model=model, layer=0, min_tokens=10**6, max_tokens=10**7,
                stream_tokens=5_000, progress=False)
+
+
+def test_search_follows_the_branch_that_leads_to_the_best_score():
+    """A weak broad feature above a very specific one beats a sibling that only scores well itself."""
+    import networkx as nx
+    import pandas as pd
+
+    from featuretree.refine import _answering, _reach
+    from featuretree.tree import FeatureTree
+
+    g = nx.DiGraph([("w2/0", "w8/0"), ("w2/0", "w8/1"), ("w2/1", "w8/2"), ("w8/2", "w32/5")])
+    scores = pd.DataFrame({"score": [1.0, 2.5, 0.4, -1.0, 0.8, 3.9], "query_rate": [0.9, 0.9, 0.3, 0.0, 0.5, 0.5]},
+                          index=["w2/0", "w2/1", "w8/0", "w8/1", "w8/2", "w32/5"])
+    reach = _reach(FeatureTree(g), scores)
+    assert reach["w2/0"] == 1.0 and reach["w2/1"] == 3.9 and reach["w8/2"] == 3.9 and "w8/1" not in reach
+    assert _answering(["w8/0", "w8/1"], scores) == ["w8/0"]
+    scores.loc["w8/2", "score"] = -0.5  # a branch through a node that does not answer does not count
+    assert _reach(FeatureTree(g), scores)["w2/1"] == 2.5
