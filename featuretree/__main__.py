@@ -433,9 +433,10 @@ def make_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_refine)
 
     s = sub.add_parser("search", help="targeted depth-first search: follow the branch that answers a query",
-                       description="From the top-level features down, step to the child that fires most over its "
-                                   "usual rate on the query (ft.find's score), refining a node that has no children "
-                                   "yet. Prints the path; refinements made on the way are saved into the run (or --out).")
+                       description="From the top-level features down, step to the child, among those firing more "
+                                   "than usual on the query (ft.find's score), whose branch leads to the best score; "
+                                   "refine a node none of whose children answers. Prints the path; refinements made "
+                                   "on the way are saved into the run (or --out).")
     s.add_argument("run", help="run directory written by `featuretree build`")
     s.add_argument("query", nargs="+", help="a word or phrase; several arguments are several example texts")
     s.add_argument("--start", help="node to search under, e.g. a biology feature (default: the top-level features)")

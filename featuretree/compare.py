@@ -31,6 +31,7 @@ from featuretree.config import FeatureTreeError
 from featuretree.sae import TopKSAE
 from featuretree.train import _is_store, iter_batches
 from featuretree.tree import FeatureTree, encode_all
+from featuretree.utils import quiet
 
 log = logging.getLogger(__name__)
 
@@ -171,28 +172,23 @@ def aligned_activations(texts, model_a, layer_a: int, model_b, layer_b: int, *, 
 
     texts = _as_texts(texts)
     same = _same_model(model_a, model_b)
-    quiet = logging.getLogger("featuretree.activations")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "the corpus has only N tokens" is expected: the texts are all there is
-    try:
-        with tempfile.TemporaryDirectory(prefix="featuretree-match-") as tmp:
-            model_a = load_model(model_a)
-            acts_a = collect(model_a, layer_a, texts, n_tokens=max_tokens, out=f"{tmp}/a", progress=False,
-                             max_length=max_length)
-            if same and layer_a == layer_b:
-                return acts_a.load("all"), None
-            model_b = model_a if same else load_model(model_b)
-            acts_b = collect(model_b, layer_b, texts, n_tokens=max_tokens, out=f"{tmp}/b", progress=False,
-                             max_length=max_length)
-            both = _span_table(acts_a).merge(_span_table(acts_b), on=["text", "start", "end"], suffixes=("_a", "_b"))
-            if both.empty:
-                raise FeatureTreeError("no token of the texts has the same character span in both models' "
-                                       "tokenizations: pass longer texts of ordinary words")
-            both = both.sort_values("row_a")
-            x_a = acts_a.load("all")[torch.from_numpy(both["row_a"].to_numpy(copy=True))]  # (n, d_a)
-            x_b = acts_b.load("all")[torch.from_numpy(both["row_b"].to_numpy(copy=True))]  # (n, d_b)
-    finally:
-        quiet.setLevel(level)
+    # "the corpus has only N tokens" is expected: the texts are all there is
+    with quiet(), tempfile.TemporaryDirectory(prefix="featuretree-match-") as tmp:
+        model_a = load_model(model_a)
+        acts_a = collect(model_a, layer_a, texts, n_tokens=max_tokens, out=f"{tmp}/a", progress=False,
+                         max_length=max_length)
+        if same and layer_a == layer_b:
+            return acts_a.load("all"), None
+        model_b = model_a if same else load_model(model_b)
+        acts_b = collect(model_b, layer_b, texts, n_tokens=max_tokens, out=f"{tmp}/b", progress=False,
+                         max_length=max_length)
+        both = _span_table(acts_a).merge(_span_table(acts_b), on=["text", "start", "end"], suffixes=("_a", "_b"))
+        if both.empty:
+            raise FeatureTreeError("no token of the texts has the same character span in both models' "
+                                   "tokenizations: pass longer texts of ordinary words")
+        both = both.sort_values("row_a")
+        x_a = acts_a.load("all")[torch.from_numpy(both["row_a"].to_numpy(copy=True))]  # (n, d_a)
+        x_b = acts_b.load("all")[torch.from_numpy(both["row_b"].to_numpy(copy=True))]  # (n, d_b)
     log.info("aligned %d tokens across the two models (%d and %d harvested)", len(both), len(acts_a), len(acts_b))
     return x_a, x_b
 

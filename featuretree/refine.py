@@ -19,7 +19,7 @@ import random
 import re
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from featuretree.config import FeatureTreeError
-from featuretree.utils import rung_key, store_path
+from featuretree.utils import quiet, rung_key, store_path
 
 if TYPE_CHECKING:  # imported inside the functions: `import featuretree` imports this module and must stay light
     import scipy.sparse as sp
@@ -163,18 +163,6 @@ class Region:
     @property
     def has_text(self) -> bool:
         return bool(self.docs) and len(self.tokens) == len(self)
-
-
-@contextlib.contextmanager
-def _quiet(name: str = "featuretree.activations") -> Iterator[None]:
-    """Silence a logger's warnings (e.g. "the corpus has only N tokens", expected for small chunks)."""
-    quiet = logging.getLogger(name)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        quiet.setLevel(level)
 
 
 def _model_of(tree, model):
@@ -319,7 +307,7 @@ def collect_region(tree, node: str, *, acts=None, texts=None, model=None, layer:
             if col.n >= max_tokens or col.n_scanned >= budget:
                 break
             chunk = [pool[i] for i in order[s:s + chunk_docs]]
-            with _quiet(), tempfile.TemporaryDirectory(prefix="featuretree-stream-") as tmp:
+            with quiet(), tempfile.TemporaryDirectory(prefix="featuretree-stream-") as tmp:
                 from featuretree.activations import collect
 
                 part = collect(wrapped, at, chunk, n_tokens=10**12, out=tmp, progress=False, max_length=max_length)
@@ -699,10 +687,11 @@ def search(tree, query, *, start: str | None = None, max_depth: int = 6, negativ
     model = _model_of(tree, model)
     layer = _layer_of(tree, layer)
 
-    def score(t) -> pd.DataFrame:
-        return find(t, query, negatives=negatives, model=model, layer=layer, top=None, **find_kw).set_index("node")
+    def score(t) -> tuple[pd.DataFrame, dict[str, float]]:  # every node's score, and where each branch leads
+        s = find(t, query, negatives=negatives, model=model, layer=layer, top=None, **find_kw).set_index("node")
+        return s, _reach(t, s)
 
-    scores = score(tree)
+    scores, reach = score(tree)
     rows, current = [], ROOT
     if start is not None and start != ROOT:
         tree.node(start)  # an unknown id is a clear error
@@ -726,13 +715,12 @@ def search(tree, query, *, start: str | None = None, max_depth: int = 6, negativ
             except FeatureTreeError as e:
                 log.info("search stops at %s: %s", current, e)
                 break
-            scores = score(tree)
+            scores, reach = score(tree)
             kids = _children(tree, current)
             answer = _answering(kids, scores)
         if not answer:
             log.info("search stops at %s: none of its %d children answers %r", current, len(kids), query)
             break
-        reach = _reach(tree, scores)  # the best score each branch leads to through answering nodes
         best = max(answer, key=lambda c: (reach[c], scores.at[c, "score"], scores.at[c, "query_rate"]))
         r = scores.loc[best]
         rows.append({"step": step, "node": best, "label": r["label"], "score": float(r["score"]),
@@ -795,7 +783,7 @@ def query_rates(tree, texts: list[str], *, model=None, layer: int | None = None,
     wrapped = _model_of(tree, model)
     layer = _layer_of(tree, layer)
     cfg = tree.config
-    with _quiet(), tempfile.TemporaryDirectory(prefix="featuretree-query-") as tmp:
+    with quiet(), tempfile.TemporaryDirectory(prefix="featuretree-query-") as tmp:
         acts = collect(wrapped, layer, texts, n_tokens=10**9, out=tmp, progress=False,
                        max_length=cfg.max_length if cfg is not None else 128)
         x = acts.load("all")

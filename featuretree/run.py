@@ -92,11 +92,9 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
         >>> tree.rungs  # doctest: +SKIP
         ['w32', 'w64']
     """
-    from featuretree.activations import collect
     from featuretree.corpus import load_corpus
     from featuretree.export import load, save, write_sunburst
     from featuretree.model import check_layer, load_model
-    from featuretree.sae import TopKSAE
     from featuretree.train import train_ladder
 
     cfg = Config.from_dict({**(config.to_dict() if config else {}), **overrides})
@@ -140,10 +138,10 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
 
     if record is None or STAGES.index(stage) < STAGES.index("train"):
         reach("harvest")
-    acts = _harvest(collect, model, cfg, corpus, run / "acts", shard_size, store_dtype, progress)
+    acts = _harvest(model, cfg, corpus, run / "acts", shard_size, store_dtype, progress)
     if STAGES.index(stage) <= STAGES.index("train"):
         reach("train")
-    saes = _trained(run, cfg, TopKSAE) if stage == "link" else None
+    saes = _trained(run, cfg) if stage == "link" else None
     if saes is None:
         ckpt = run / "ckpt" / "train.safetensors"
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -167,11 +165,12 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     return tree
 
 
-def _harvest(collect, model, cfg: Config, corpus, acts_dir: Path, shard_size: int, store_dtype: str, progress: bool):
+def _harvest(model, cfg: Config, corpus, acts_dir: Path, shard_size: int, store_dtype: str, progress: bool):
     """The run's activation store: resumed or verified when its recipe matches, else harvested anew."""
+    from featuretree.activations import StoreMismatch, collect
+
     kw = dict(n_tokens=cfg.n_tokens, out=acts_dir, max_length=cfg.max_length, seed=cfg.seed, shard_size=shard_size,
               dtype=store_dtype, progress=progress)
-    from featuretree.activations import StoreMismatch
 
     try:
         return collect(model, cfg.layer, corpus, resume=True, **kw)
@@ -180,8 +179,10 @@ def _harvest(collect, model, cfg: Config, corpus, acts_dir: Path, shard_size: in
         return collect(model, cfg.layer, corpus, resume=False, **kw)
 
 
-def _trained(run: Path, cfg: Config, TopKSAE) -> dict | None:
+def _trained(run: Path, cfg: Config) -> dict | None:
     """The ladder a killed run saved before linking, or None (then it is trained again) if any rung is damaged."""
+    from featuretree.sae import TopKSAE
+
     try:
         return {w: TopKSAE.load(run / "saes" / f"w{w}") for w in cfg.widths}
     except FeatureTreeError as e:

@@ -352,6 +352,7 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
         rungs = {w: _Rung(TopKSAE(d_model, w, k, seed=seed + _seed_offset + i), lr or default_lr(w), dead_tokens,
                           auxk_alpha) for i, w in enumerate(widths)}
     first, step, seen, finished = True, 0, 0, False
+    writer = comm is None or comm.rank == 0  # data parallel: one rank writes files, every rank computes
     if checkpoint is not None:
         from featuretree.checkpoint import data_fingerprint, fingerprint, load_state, save_state
 
@@ -389,7 +390,7 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
         bar.update(x.shape[0])
         step, seen = step + 1, seen + x.shape[0]
         if checkpoint is not None and time.monotonic() - last_save >= checkpoint_every:
-            if comm is None or comm.rank == 0:
+            if writer:
                 tensors, info = _pack(rungs)
                 save_state(checkpoint, tensors, {**info, "settings": settings, "step": step, "seen": seen})
             last_save = time.monotonic()
@@ -400,7 +401,7 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     bar.close()
     if first:
         raise FeatureTreeError("the activation stream is empty: collect more tokens before training")
-    if checkpoint is not None and keep_checkpoint and not finished and (comm is None or comm.rank == 0):
+    if checkpoint is not None and keep_checkpoint and not finished and writer:
         tensors, info = _pack(rungs)
         save_state(checkpoint, tensors, {**info, "settings": settings, "step": step, "seen": seen, "finished": True})
 
@@ -425,11 +426,11 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
         log.info("rung w%d: FVU %.4f  L0 %.1f  dead %.1f%%", w, sae.metrics["fvu"], sae.metrics["l0"],
                  100 * sae.metrics["dead_fraction"])
         saes[w] = sae
-    if out is not None and (comm is None or comm.rank == 0):
+    if out is not None and writer:
         out = Path(out)
         for w, sae in saes.items():
             sae.save(out / f"w{w}")
         write_json(out / "metrics.json", {f"w{w}": s.metrics for w, s in saes.items()})
-    if checkpoint is not None and not keep_checkpoint and (comm is None or comm.rank == 0):
+    if checkpoint is not None and not keep_checkpoint and writer:
         Path(checkpoint).unlink(missing_ok=True)
     return saes

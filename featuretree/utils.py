@@ -1,4 +1,5 @@
-"""Tiny shared helpers: atomic file writes (temp file + fsync + rename), safetensors saving, rung order, tree edge."""
+"""Tiny shared helpers: atomic file writes (temp file + fsync + rename), safetensors saving, rung order, tree edge,
+a quiet logger."""
 
 from __future__ import annotations
 
@@ -9,6 +10,28 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+@contextlib.contextmanager
+def quiet(name: str = "featuretree.activations") -> Iterator[None]:
+    """Silence a logger below errors inside the block (e.g. collect's "the corpus has only N tokens", expected
+    when a few query or streamed texts are all there is).
+
+    Example:
+        >>> import logging
+        >>> with quiet("x"):
+        ...     logging.getLogger("x").level
+        40
+    """
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _umask() -> int:
