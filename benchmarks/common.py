@@ -121,11 +121,12 @@ def harvest(n_tokens: int, cache: Path = CACHE, *, layer: int = 3, log=print):
     Reuses `cache/wordnet-l<layer>-<n_tokens>/` when it holds a complete store (meta.json).
     """
     import featuretree as ft
+    from featuretree.activations import Activations
 
     out = Path(cache) / f"wordnet-l{layer}-{n_tokens}"
     if (out / "meta.json").exists():
         try:
-            return ft.Activations(out)
+            return Activations(out)
         except ft.FeatureTreeError:
             pass  # incomplete: harvest again
     log(f"harvesting {n_tokens} tokens into {out} ...")

@@ -38,16 +38,16 @@ LAYER = 3
 def doc_batches(texts: list[str], batch_size: int, seed: int = 0):
     """The doc batches collect uses (shuffled corpus, length-sorted within chunks of 16 batches)."""
     try:
-        from featuretree.activations import _doc_batches
+        from featuretree.activations import doc_batches
     except ImportError:  # same rule, should the private helper move
-        def _doc_batches(texts, batch_size, seed):
+        def doc_batches(texts, batch_size, seed):
             order = list(range(len(texts)))
             random.Random(seed).shuffle(order)
             for c in range(0, len(order), batch_size * 16):
                 docs = sorted(order[c:c + batch_size * 16], key=lambda i: len(texts[i]))
                 for b in range(0, len(docs), batch_size):
                     yield docs[b:b + batch_size]
-    return _doc_batches(texts, batch_size, seed)
+    return doc_batches(texts, batch_size, seed)
 
 
 class _Stop(Exception):

@@ -14,6 +14,7 @@ import time
 import torch
 
 import featuretree as ft
+from featuretree.explore import write_sunburst
 
 
 def main(argv=None):
@@ -44,7 +45,7 @@ def main(argv=None):
     rows.append(("link + labels", time.perf_counter() - t, acts.n_rows("heldout")))
 
     t = time.perf_counter()
-    ft.write_sunburst(tree, f"{out}/sunburst.html")
+    write_sunburst(tree, f"{out}/sunburst.html")
     rows.append(("sunburst html", time.perf_counter() - t, None))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, n_tokens {len(acts)}, k {cfg.k}")

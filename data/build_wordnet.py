@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Build data/wordnet.jsonl.gz: one JSON record per WordNet 3.0 synset, parsed from the data.* files.
+"""Build featuretree/data/wordnet.jsonl.gz: one JSON record per WordNet 3.0 synset, parsed from the data.* files.
 
 Standalone and stdlib only (no nltk). The output is deterministic, so rebuilding on any machine with the
 same WordNet files gives a byte-identical file: records sorted by (pos n, v, a, r; then offset), JSON with
 sorted keys, gzip with mtime=0 and no file name in the header.
 
-    python data/build_wordnet.py                       # finds WordNet via dpkg or /usr/share/wordnet
+    python data/build_wordnet.py                       # finds WordNet via dpkg or /usr/share/wordnet;
+                                                       # writes featuretree/data/ (the package data)
     python data/build_wordnet.py --wordnet-dir ~/WordNet-3.0/dict --out /tmp/wordnet.jsonl.gz
 
 Record fields: id ("n02084071"), pos (n/v/a/r; adjective satellites "s" are folded into "a"), lemmas,
@@ -27,6 +28,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# The corpus is package data: it lives inside the package so that a built wheel ships it.
+PACKAGE_DATA = HERE.parent / "featuretree" / "data"
 
 # Data files in output order; the pos letter of each is the one used in ids.
 DATA_FILES = (("n", "data.noun"), ("v", "data.verb"), ("a", "data.adj"), ("r", "data.adv"))
@@ -224,7 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="directory with data.noun etc. (default: via dpkg -L wordnet-base, else /usr/share/wordnet)",
     )
-    parser.add_argument("--out", type=Path, default=HERE / "wordnet.jsonl.gz", help="output .jsonl.gz")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=PACKAGE_DATA / "wordnet.jsonl.gz",
+        help="output .jsonl.gz (default: featuretree/data/wordnet.jsonl.gz)",
+    )
     parser.add_argument(
         "--license-out",
         type=Path,

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 import featuretree as ft
+from featuretree.explore import write_explorer, write_sunburst
 
 
 def run_args(p: argparse.ArgumentParser) -> None:
@@ -76,8 +77,8 @@ def main(argv=None):
 
     out = Path(args.out)
     ft.save(deep, out)
-    ft.write_sunburst(deep, out / "sunburst.html", root=node)
-    ft.write_explorer(deep, out / "explorer.html", root=node, max_depth=None)
+    write_sunburst(deep, out / "sunburst.html", root=node)
+    write_explorer(deep, out / "explorer.html", root=node, max_depth=None)
     print(f"\nsaved {out}/; open {out}/sunburst.html or {out}/explorer.html (click a sector to zoom in)")
     return deep, node
 

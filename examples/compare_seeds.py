@@ -1,7 +1,7 @@
 """Feature universality: train the run's ladder again with another seed and match the two feature by feature.
 
 Each rung of the run is paired one-to-one with the same rung of the new ladder by the correlation of their
-activations on the run's held-out tokens (`ft.match`); the shared fraction says how much of a dictionary is
+activations on the run's held-out tokens (`match`); the shared fraction says how much of a dictionary is
 "the same features", the pairs say which. A rung against the next wider one of the same ladder shows
 splitting: fewer one-to-one partners, because a parent's tokens are divided among its children.
 
@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 
 import featuretree as ft
+from featuretree.activations import Activations
+from featuretree.compare import match
 
 
 def main(argv=None):
@@ -28,7 +30,7 @@ def main(argv=None):
 
     tree = ft.build(ft.Config.from_args(args), out=args.run)  # loads the run if it is there with these settings
     cfg = tree.config
-    acts = ft.Activations(Path(args.run) / tree.graph.graph.get("acts", "acts"))
+    acts = Activations(Path(args.run) / tree.graph.graph.get("acts", "acts"))
     ladder = [r for r in tree.rungs if "/" not in r]  # the ladder's rungs (not refinements)
     other = ft.train_ladder(acts, cfg.widths, k=cfg.k, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                             seed=args.other_seed, nested=cfg.nested)
@@ -39,7 +41,7 @@ def main(argv=None):
     results = {}
     print(f"seed {cfg.seed} vs seed {args.other_seed}, on the run's held-out tokens:")
     for rung in ladder:
-        m = ft.match(tree, twin, acts, rung_a=rung, rung_b=rung, threshold=args.threshold)
+        m = match(tree, twin, acts, rung_a=rung, rung_b=rung, threshold=args.threshold)
         results[rung] = m
         print(f"  {m.summary()}; median corr of pairs {m.pairs['corr'].median():.3f}")
     for rung, m in results.items():
@@ -50,7 +52,7 @@ def main(argv=None):
         print("\nsplitting: each rung against the next wider one of the same ladder (seed "
               f"{cfg.seed}) shares fewer features one-to-one:")
         for narrow, wide in zip(ladder, ladder[1:]):
-            m = ft.match(tree, tree, acts, rung_a=narrow, rung_b=wide, threshold=args.threshold)
+            m = match(tree, tree, acts, rung_a=narrow, rung_b=wide, threshold=args.threshold)
             print(f"  {m.summary()}")
             results[f"{narrow}->{wide}"] = m
     return results

@@ -8,6 +8,7 @@ import argparse
 import logging
 
 import featuretree as ft
+from featuretree.explore import write_sunburst
 
 
 def main(argv=None):
@@ -29,7 +30,7 @@ def main(argv=None):
     tree = ft.link(saes, acts, min_coverage=cfg.min_coverage)
     tree.config = cfg
     ft.save(tree, args.out)
-    ft.write_sunburst(tree, f"{args.out}/sunburst.html")
+    write_sunburst(tree, f"{args.out}/sunburst.html")
 
     frame = ft.to_frame(tree)
     print(frame.groupby("rung")[["freq"]].count().rename(columns={"freq": "live features"}))

@@ -17,6 +17,7 @@ from pathlib import Path
 from biology_dfs import refine_args, run_args, run_tree
 
 import featuretree as ft
+from featuretree.explore import write_explorer
 
 
 def main(argv=None):
@@ -44,7 +45,7 @@ def main(argv=None):
     deep = path.attrs["tree"]
     out = Path(args.out)
     ft.save(deep, out)
-    ft.write_explorer(deep, out / "explorer.html", root=path.node.iloc[0], max_depth=None)
+    write_explorer(deep, out / "explorer.html", root=path.node.iloc[0], max_depth=None)
     print(f"saved {out}/; open {out}/explorer.html")
     return path
 

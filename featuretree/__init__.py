@@ -1,63 +1,51 @@
 """featuretree: harvest activations once, train a ladder of TopK dictionaries, link features into a tree.
 
-Most public names are imported on first use (PEP 562), so `import featuretree` does not load torch,
-and importing `featuretree.export` never pulls in training code.
+The public API is the names in `__all__`; specialists stay in their modules (e.g.
+`featuretree.compare.match`, `featuretree.eval.planted_hierarchy`, `featuretree.explore.write_explorer`).
+Most names are imported on first use (PEP 562), so `import featuretree` does not load torch.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
 from featuretree.config import Config, FeatureTreeError
 
 # Imported eagerly, not lazily: nnsight patches a `save` method onto every object, modules included,
-# which would shadow a lazy `featuretree.save` once nnsight is loaded. export does not import torch.
-from featuretree.export import (
-    from_frame,
-    from_graphml,
-    icicle,
-    load,
-    save,
-    sunburst,
-    to_frame,
-    to_graphml,
-    write_explorer,
-    write_sunburst,
-)
+# which would shadow a lazy `featuretree.save` once nnsight is loaded. Neither module imports torch.
+from featuretree.explore import sunburst
+from featuretree.export import load, save, to_frame
 
-# Eager too: the modules `refine` and `find` share their names with their functions, and importing a
+# Eager too: the modules `find` and `refine` share their names with their functions, and importing a
 # submodule sets the package attribute, which would shadow a lazy function. Neither imports torch at import.
-from featuretree.find import find
-from featuretree.refine import refine, search
+from featuretree.find import find, search
+from featuretree.refine import refine
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("featuretree")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _LAZY = {
-    "Activations": "activations", "collect": "activations",
-    "Corpus": "corpus", "load_corpus": "corpus",
+    "collect": "harvest",
+    "load_corpus": "corpus",
     "load_model": "model",
     "TopKSAE": "sae",
     "train_ladder": "train",
-    "FeatureTree": "tree", "link": "tree", "build": "run",
-    "planted_hierarchy": "eval", "edge_scores": "eval",
-    "label_tree": "label", "CausalLMLabeler": "label",
-    "match": "compare", "novel": "compare",
+    "FeatureTree": "tree", "link": "tree",
+    "build": "run",
 }
 
 __all__ = [
-    "Activations", "CausalLMLabeler", "Config", "Corpus", "FeatureTree", "FeatureTreeError", "TopKSAE",
-    "__version__", "build", "collect", "edge_scores", "find", "from_frame", "from_graphml", "icicle", "label_tree", "link",
-    "load", "load_corpus", "load_model", "match", "novel", "planted_hierarchy", "refine", "save", "search",
-    "sunburst", "to_frame", "to_graphml", "train_ladder", "write_explorer", "write_sunburst",
+    "Config", "FeatureTree", "FeatureTreeError", "TopKSAE", "__version__", "build", "collect", "find", "link",
+    "load", "load_corpus", "load_model", "refine", "save", "search", "sunburst", "to_frame", "train_ladder",
 ]
 
 if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs; at run time they load on first use
-    from featuretree.activations import Activations, collect  # noqa: F401
-    from featuretree.compare import match, novel  # noqa: F401
-    from featuretree.corpus import Corpus, load_corpus  # noqa: F401
-    from featuretree.eval import edge_scores, planted_hierarchy  # noqa: F401
-    from featuretree.label import CausalLMLabeler, label_tree  # noqa: F401
+    from featuretree.corpus import load_corpus  # noqa: F401
+    from featuretree.harvest import collect  # noqa: F401
     from featuretree.model import load_model  # noqa: F401
     from featuretree.run import build  # noqa: F401
     from featuretree.sae import TopKSAE  # noqa: F401
@@ -68,7 +56,9 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs; at run time the
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'featuretree' has no attribute {name!r}")
+        raise AttributeError(f"module 'featuretree' has no attribute {name!r}: the public names are "
+                             f"{', '.join(n for n in __all__ if not n.startswith('_'))}; specialist functions live "
+                             "in their modules (featuretree.compare.match, featuretree.explore.write_explorer, ...)")
     value = getattr(importlib.import_module(f"featuretree.{module}"), name)
     globals()[name] = value
     return value

@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from featuretree.config import Config, FeatureTreeError
+from featuretree.config import Config, FeatureTreeError, RefineConfig, TrainConfig, list_flag
 
 log = logging.getLogger("featuretree")
 
@@ -37,12 +37,13 @@ def _ladder(tree) -> list[str]:
 def cmd_build(args: argparse.Namespace) -> int:
     """featuretree build: harvest, train the ladder, link, save the run and write its sunburst."""
     from featuretree.export import to_frame
-    from featuretree.run import build
+    from featuretree.scale import build
 
     cfg = Config.from_args(args)
     out = Path(args.out)
-    tree = build(cfg, out=out, force=args.force, progress=not args.quiet, checkpoint_every=args.checkpoint_every,
-                 shard_size=args.shard_size, store_dtype=args.store_dtype, ray_address=args.ray_address)
+    tree = build(cfg, executor=args.executor, address=args.ray_address, out=out, force=args.force,
+                 progress=not args.quiet, checkpoint_every=args.checkpoint_every, shard_size=args.shard_size,
+                 store_dtype=args.store_dtype)
     html = out / "sunburst.html"
     frame = to_frame(tree)
     for rung in _ladder(tree):
@@ -54,27 +55,34 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """featuretree train: a ladder from an existing activation store; data parallel under torchrun."""
     from featuretree.activations import Activations
-    from featuretree.ddp import Comm
-    from featuretree.train import train_ladder
+    from featuretree.checkpoint import Resume
+    from featuretree.config import TrainConfig
+    from featuretree.scale import Comm, train_ladder
 
     store = Path(args.store)
     if not (store / "meta.json").is_file() and (store / "acts" / "meta.json").is_file():
         store = store / "acts"  # a run directory: its store
     acts = Activations(store)
-    cfg = Config.from_args(args)
+    cfg = TrainConfig.from_args(args)
     comm = Comm.from_env()
     rank0 = comm is None or comm.rank == 0
     out = Path(args.out)
-    saes = train_ladder(acts, cfg.widths, cfg.k, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                        seed=cfg.seed, nested=cfg.nested, executor=cfg.executor, comm=comm, out=out,
-                        checkpoint=out / "train.ckpt.safetensors", checkpoint_every=args.checkpoint_every,
-                        progress=rank0 and not args.quiet)
+    resume = Resume(out / "train.ckpt.safetensors", every=args.checkpoint_every)
+    if comm is not None:  # data parallel: one process group, every rank trains its slice of each batch
+        from featuretree.train import train_ladder as serial
+
+        saes = serial(acts, config=cfg, comm=comm, out=out, checkpoint=resume, progress=rank0 and not args.quiet)
+    else:
+        saes = train_ladder(acts, config=cfg, executor=args.executor, address=args.ray_address, checkpoint=resume,
+                            progress=not args.quiet)
+        for w, sae in saes.items():
+            sae.save(out / f"w{w}")
     if rank0:
         lines = [f"w{w:<9} FVU {s.metrics['fvu']:.4f}  L0 {s.metrics['l0']:.1f}  dead {100 * s.metrics['dead_fraction']:.1f}%"
                  for w, s in saes.items()]
         where = f" on {comm.world} processes" if comm is not None else ""
         lines.append(f"wrote {out}/w<width>/ (SAELens layout){where}; link them with "
-                     f"ft.link([ft.TopKSAE.load(d) for d in ...], ft.Activations({str(store)!r}))")
+                     f"ft.link([ft.TopKSAE.load(d) for d in ...], featuretree.activations.Activations({str(store)!r}))")
         sys.stdout.write("\n".join(lines) + "\n")
     if comm is not None:
         import torch.distributed as dist
@@ -85,7 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """featuretree export: write a saved run as sunburst / icicle HTML, an explorer page, GraphML and/or CSV."""
-    from featuretree.export import load, to_frame, to_graphml, write_explorer, write_sunburst
+    from featuretree.explore import write_explorer, write_sunburst
+    from featuretree.export import load, to_frame, to_graphml
 
     tree = load(args.run)
     if not any((args.html, args.explorer, args.graphml, args.csv)):
@@ -136,7 +145,8 @@ def _subtree_lines(tree, node: str, depth: int, indent: str = "  ") -> list[str]
 
 def _save_into(tree, run: str, out: str | None) -> Path:
     """Save a tree refined from run RUN into --out (default: RUN itself) and write its sunburst there."""
-    from featuretree.export import save, write_sunburst
+    from featuretree.explore import write_sunburst
+    from featuretree.export import save
 
     dest = Path(out) if out else Path(run)
     save(tree, dest)
@@ -146,8 +156,10 @@ def _save_into(tree, run: str, out: str | None) -> Path:
 
 def cmd_refine(args: argparse.Namespace) -> int:
     """featuretree refine: train a local dictionary where NODE fires, attach its features, recurse; save the run."""
-    from featuretree.export import load, write_explorer
-    from featuretree.refine import refine
+    from featuretree.config import RefineConfig
+    from featuretree.explore import write_explorer
+    from featuretree.export import load
+    from featuretree.scale import refine
 
     tree = load(args.run)
     ckpt = Path(args.out or args.run) / "ckpt" / "refine"
@@ -155,11 +167,11 @@ def cmd_refine(args: argparse.Namespace) -> int:
         import shutil
 
         shutil.rmtree(ckpt, ignore_errors=True)
-    deep = refine(tree, args.node, width=args.width, depth=args.depth, k=args.k, min_tokens=args.min_tokens,
-                  max_tokens=args.max_tokens, stream_tokens=args.stream_tokens, max_children=args.max_children,
-                  checkpoint=ckpt, executor=args.executor, ray_address=args.ray_address, progress=not args.quiet)
+    rc = RefineConfig.from_args(args)
+    deep = refine(tree, args.node, rc, executor=args.executor, address=args.ray_address, checkpoint=ckpt,
+                  progress=not args.quiet)
     dest = _save_into(deep, args.run, args.out)
-    lines = [f"{args.node}  {deep.graph.nodes[args.node].get('label', '')}", *_subtree_lines(deep, args.node, args.depth)]
+    lines = [f"{args.node}  {deep.graph.nodes[args.node].get('label', '')}", *_subtree_lines(deep, args.node, rc.depth)]
     if args.html:
         write_explorer(deep, args.html, root=args.node, max_depth=None)
         lines.append(f"wrote {args.html}")
@@ -170,14 +182,16 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """featuretree search: targeted depth-first search for QUERY, refining the branch it follows; save the run."""
-    from featuretree.export import load, write_explorer
-    from featuretree.refine import search
+    from featuretree.config import RefineConfig
+    from featuretree.explore import write_explorer
+    from featuretree.export import load
+    from featuretree.find import SEARCH_REFINE, search
 
     tree = load(args.run)
     query = args.query[0] if len(args.query) == 1 else args.query
-    path = search(tree, query, start=args.start, max_depth=args.max_depth, negatives=args.negative or None, width=args.width, k=args.k,
-                  refine_leaves=not args.no_refine, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
-                  stream_tokens=args.stream_tokens, progress=not args.quiet)
+    path = search(tree, query, RefineConfig.from_args(args, SEARCH_REFINE), start=args.start,
+                  max_depth=args.max_depth, negatives=args.negative or None, refine_leaves=not args.no_refine,
+                  progress=not args.quiet)
     deep = path.attrs["tree"]
     if not len(path):
         raise FeatureTreeError(f"no top-level feature fires on {args.query[0]!r} more than it usually does: "
@@ -224,8 +238,8 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 def cmd_novel(args: argparse.Namespace) -> int:
     """featuretree novel: the nodes of a saved run whose firing on new texts departs most from the corpus."""
-    from featuretree.compare import novel
     from featuretree.export import load
+    from featuretree.find import novel
 
     path = Path(args.textfile)
     if not path.is_file():
@@ -300,7 +314,8 @@ def _eval_refine(args: argparse.Namespace) -> int:
     tree = load(args.run)
     acts = Activations(Path(args.run) / tree.graph.graph.get("acts", "acts"))
     df = refine_purity(tree, acts, load_corpus("wordnet").labels, args.nodes, widths=args.widths, ks=args.ks,
-                       progress=not args.quiet, stream_tokens=args.stream_tokens)
+                       progress=not args.quiet,
+                       stream_tokens=RefineConfig.from_args(args).stream_tokens)
     sys.stdout.write(df.to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n")
     if args.csv:
         from featuretree.utils import write_text
@@ -339,6 +354,13 @@ def _eval_wordnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def scale_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """--executor and --ray-address: where the work runs (featuretree.scale), chosen above the pipeline."""
+    parser.add_argument("--executor", choices=("serial", "ray"), default="serial",
+                        help=f"{what} (default: serial; ray needs pip install 'featuretree[ray]')")
+    parser.add_argument("--ray-address", help="Ray cluster for --executor ray (default: the running or a new local one)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argparse parser for all subcommands (exposed for docs and tests).
 
@@ -346,6 +368,8 @@ def make_parser() -> argparse.ArgumentParser:
         >>> make_parser().parse_args(["info", "runs/x"]).run
         'runs/x'
     """
+    from featuretree.find import SEARCH_REFINE
+
     p = argparse.ArgumentParser(
         prog="featuretree",
         description="Explore how features split inside neural networks: harvest one layer's activations, "
@@ -372,7 +396,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "(default: 60)")
     b.add_argument("--shard-size", type=int, default=65536,
                    help="tokens per activation shard, the harvest's checkpoint unit (default: 65536)")
-    b.add_argument("--ray-address", help="Ray cluster for --executor ray (default: the running or a new local one)")
+    scale_args(b, "train the ladder's rungs here or each as a Ray task")
     b.add_argument("--store-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype of the stored activations; bfloat16 halves the store (default: float32)")
     b.set_defaults(func=cmd_build)
@@ -383,7 +407,8 @@ def make_parser() -> argparse.ArgumentParser:
                                    "`torchrun --nproc-per-node N -m featuretree train ...`, every batch is split "
                                    "across the N processes and their gradients are summed (gloo on CPU, NCCL on GPUs).")
     t.add_argument("store", help="activation store directory (or a run directory holding acts/)")
-    Config.add_arguments(t, ("widths", "k", "epochs", "batch_size", "lr", "nested", "seed", "executor"))
+    TrainConfig.add_arguments(t)
+    scale_args(t, "train the rungs here or each as a Ray task (without torchrun)")
     t.add_argument("--out", required=True, help="directory for the dictionaries (w<width>/ each) and metrics.json")
     t.add_argument("--checkpoint-every", type=float, default=60.0,
                    help="seconds between checkpoints (OUT/train.ckpt.safetensors); rerun to resume (default: 60)")
@@ -404,14 +429,8 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--explorer", help="write the explorer page (figure beside the clicked feature's contexts)")
     e.set_defaults(func=cmd_export)
 
-    def refine_args(q: argparse.ArgumentParser, min_tokens: int) -> None:
-        q.add_argument("--width", type=int, default=64, help="features of each local dictionary (default: 64)")
-        q.add_argument("--k", type=int, help="active features per token locally (default: max(1, width // 64))")
-        q.add_argument("--min-tokens", type=int, default=min_tokens,
-                       help=f"tokens a node needs to be refined (default: {min_tokens})")
-        q.add_argument("--max-tokens", type=int, default=20_000, help="tokens gathered per region at most (default: 20000)")
-        q.add_argument("--stream-tokens", type=int, default=100_000,
-                       help="corpus tokens streamed through the model beyond the run's store (default: 100000)")
+    def refine_args(q: argparse.ArgumentParser, fields: tuple[str, ...], base: RefineConfig) -> None:
+        RefineConfig.add_arguments(q, fields, base)
         q.add_argument("--out", help="run directory to save the refined tree in (default: RUN itself)")
         q.add_argument("--html", help="also write an explorer page of the result to this .html file")
 
@@ -423,13 +442,9 @@ def make_parser() -> argparse.ArgumentParser:
                                    "dictionary are checkpointed: rerun the same command after a kill to resume.")
     r.add_argument("run", help="run directory written by `featuretree build`")
     r.add_argument("node", help="node id to refine, e.g. w512/7 (find one with `featuretree find RUN WORD`)")
-    r.add_argument("--depth", type=int, default=1, help="levels of refinement below NODE (default: 1)")
-    r.add_argument("--max-children", type=int, help="children refined further per node, largest first (default: all)")
     r.add_argument("--force", action="store_true", help="discard an unfinished refinement's checkpoint and start over")
-    r.add_argument("--executor", choices=("serial", "ray"),
-                   help="train sibling local dictionaries here or as Ray tasks (default: the run's executor)")
-    r.add_argument("--ray-address", help="Ray cluster for --executor ray (default: the running or a new local one)")
-    refine_args(r, 500)
+    scale_args(r, "train sibling local dictionaries here or as Ray tasks")
+    refine_args(r, (), RefineConfig())
     r.set_defaults(func=cmd_refine)
 
     s = sub.add_parser("search", help="targeted depth-first search: follow the branch that answers a query",
@@ -444,7 +459,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--negative", action="append", help="a text the feature should not fire on (repeatable)")
     s.add_argument("--no-refine", action="store_true", help="only walk the existing tree; never train")
     s.add_argument("--no-save", action="store_true", help="do not save the refinements made on the way")
-    refine_args(s, 300)
+    refine_args(s, ("width", "k", "min_tokens", "max_tokens", "stream_tokens"), SEARCH_REFINE)
     s.set_defaults(func=cmd_search)
 
     v = sub.add_parser("eval", help="measure how true linking is on planted hierarchies (precision / recall)",
@@ -458,14 +473,13 @@ def make_parser() -> argparse.ArgumentParser:
                    help="planted: linking rules on planted hierarchies; wordnet: purity of a WordNet run's nodes; "
                         "refine: purity of refined children vs their parent per local width and k")
     v.add_argument("run", nargs="?", help="(wordnet, refine) a run directory built on the WordNet corpus")
-    v.add_argument("--nodes", nargs="+", help="(refine) nodes to refine, e.g. w512/148 w128/66")
-    v.add_argument("--widths", nargs="+", type=int, default=[32, 64], help="(refine) local widths (default: 32 64)")
-    v.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 8], help="(refine) local k (default: 1 2 4 8)")
-    v.add_argument("--stream-tokens", type=int, default=100_000,
-                   help="(refine) corpus tokens streamed beyond the store per region (default: 100000)")
-    v.add_argument("--configs", nargs="+", default=None,
+    v.add_argument("--nodes", **list_flag(str), help="(refine) nodes to refine, e.g. w512/148 w128/66")
+    v.add_argument("--widths", **list_flag(int), default=(32, 64), help="(refine) local widths (default: 32 64)")
+    v.add_argument("--ks", **list_flag(int), default=(1, 2, 4, 8), help="(refine) local k (default: 1 2 4 8)")
+    RefineConfig.add_arguments(v, ("stream_tokens",))
+    v.add_argument("--configs", **list_flag(str), default=None,
                    help="planted configurations (default: all of featuretree.eval.PLANTED_CONFIGS)")
-    v.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    v.add_argument("--seeds", **list_flag(int), default=(0, 1, 2), help="seeds (default: 0 1 2)")
     v.add_argument("--csv", help="also write the per-run table as CSV")
     v.add_argument("--nested", action="store_true",
                    help="(planted) also score a nested (Matryoshka) ladder linked by the combined rule")

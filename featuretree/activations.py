@@ -1,39 +1,45 @@
-"""Activations: harvest one layer's token activations into safetensors shards, and stream them back.
+"""Activations: the on-disk store of one layer's token activations, and every way to stream it (or a Tensor).
 
-`collect` runs the model (nnsight trace, stopped right after the layer) over length-bucketed batches
-of a shuffled corpus, keeps real tokens only (no padding, no special tokens; [UNK] is kept) and writes
-`shard_00000.safetensors`, ... (`acts` (n, d_model) float32, `token_ids`, `doc_ids`, `positions`,
-`starts`, `ends`), `docs.jsonl`, `vocab.json` and, last, `meta.json`: a directory without meta.json
-is an incomplete store. Documents with `doc_id % heldout_every == 0` are held out, so no document
-is split between train and held-out.
+A store is a directory of `shard_00000.safetensors`, ... (`acts` (n, d_model), `token_ids`, `doc_ids`,
+`positions`, `starts`, `ends`), `docs.jsonl`, `vocab.json` and `meta.json` (written last by
+featuretree.harvest.collect: a directory without it is unfinished). `batches` reads row chunks straight from
+the memory-mapped shards in a random order across all of them into one bounded buffer; documents with
+`doc_id % heldout_every == 0` form the held-out split. `iter_batches`, `n_rows` and `d_model_of` treat a
+store and a plain Tensor [n, d_model] alike.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import random
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from featuretree.checkpoint import file_matches
 from featuretree.config import FeatureTreeError
-from featuretree.utils import save_tensors, write_json, write_text
+
+__all__ = ["Activations", "as_texts", "d_model_of", "is_store", "iter_batches", "n_rows", "SPLITS"]
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "heldout", "all")
 _COLUMNS = ("token_ids", "doc_ids", "positions", "starts", "ends")
-_CHUNK_BATCHES = 16  # docs are length-sorted within chunks of this many batches
 
 
-def _as_texts(texts: Any) -> list[str]:
+def as_texts(texts: Any) -> list[str]:
+    """`texts` (a list of strings, or an object with a `.texts` list such as a Corpus) as a list of strings,
+    or a clear error for a single string, an empty list or a non-string item.
+
+    Example:
+        >>> as_texts(["a cat", "a dog"])
+        ['a cat', 'a dog']
+    """
     texts = getattr(texts, "texts", texts)
     if isinstance(texts, (str, bytes)):
         raise FeatureTreeError("texts must be a list of strings, not a single string: wrap it as [text]")
@@ -44,401 +50,6 @@ def _as_texts(texts: Any) -> list[str]:
     if bad is not None:
         raise FeatureTreeError(f"texts[{bad}] is a {type(texts[bad]).__name__}, not a str")
     return texts
-
-
-def _shard_name(i: int) -> str:
-    return f"shard_{i:05d}.safetensors"
-
-
-STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class StoreMismatch(FeatureTreeError):
-    """collect(resume=True) found a store harvested with other settings in its directory."""
-
-
-def texts_fingerprint(texts: Sequence[str]) -> str:
-    """sha256 of the texts in order (each followed by a NUL): which corpus a store or run was made from.
-
-    Example:
-        >>> texts_fingerprint(["a", "b"]) == texts_fingerprint(["a", "b"]) != texts_fingerprint(["ab"])
-        True
-    """
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x"; _ = p.write_bytes(b"abc")
-        >>> file_sha256(p)[:12]
-        'ba7816bf8f01'
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _shard_ok(out: Path, info: dict) -> bool:
-    """Whether the shard file exists with the recorded size and checksum (a killed or damaged write fails)."""
-    p = out / info["name"]
-    try:
-        return p.stat().st_size == info["bytes"] and file_sha256(p) == info["sha256"]
-    except OSError:
-        return False
-
-
-def collect(
-    model: Any,
-    layer: int,
-    texts: Any,
-    n_tokens: int = 300_000,
-    out: str | os.PathLike | None = None,
-    *,
-    batch_size: int = 64,
-    max_length: int = 128,
-    shard_size: int = 65536,
-    heldout_every: int = 10,
-    seed: int = 0,
-    dtype: str = "float32",
-    resume: bool = False,
-    progress: bool = True,
-) -> Activations:
-    """Harvest the output of block `layer` for up to `n_tokens` real tokens of `texts` into store `out`.
-
-    `model` is what `load_model` returns (anything `load_model` accepts is loaded first); `texts` is a
-    list of strings or an object with a `.texts` list. Doc order is shuffled with `seed`, so a partial
-    harvest samples the whole corpus; `out=None` writes to a fresh temp dir. A shard is written (atomically,
-    with its size and sha256 recorded in `progress.json`) once `shard_size` rows have gathered, at a batch
-    boundary. `resume=True` continues a store at `out` that was killed mid-harvest, or checks a finished
-    one, and recomputes any shard that is missing, truncated or fails its checksum: the result is the same
-    store, bit for bit, as one harvest never interrupted. A store made with other settings (model, layer,
-    texts, n_tokens, batch_size, max_length, shard_size, heldout_every, seed) is then an error; without
-    `resume` an existing store at `out` is overwritten. `dtype="bfloat16"` (or "float16") stores activations
-    at half the disk and read bandwidth; they are widened to float32 when read.
-
-    Example:
-        >>> from featuretree.model import load_model
-        >>> acts = collect(load_model(), 3, ["A cat sat on the mat.", "Dogs bark."], progress=False)
-        >>> acts.d_model, len(acts)
-        (384, 10)
-    """
-    import nnsight
-    from tqdm.auto import tqdm
-
-    from featuretree import __version__
-    from featuretree.model import (
-        check_layer,
-        find_layers,
-        get_tokenizer,
-        layer_module,
-        load_model,
-        model_name,
-    )
-
-    if not isinstance(model, nnsight.NNsight):
-        model = load_model(model)
-    texts = _as_texts(texts)
-    for name, value in (
-        ("n_tokens", n_tokens),
-        ("batch_size", batch_size),
-        ("max_length", max_length),
-        ("shard_size", shard_size),
-    ):
-        if int(value) <= 0:
-            raise FeatureTreeError(f"{name}={value} must be a positive integer")
-    if heldout_every < 0:
-        raise FeatureTreeError(f"heldout_every={heldout_every} must be >= 0 (0 holds nothing out)")
-    if dtype not in STORE_DTYPES:
-        raise FeatureTreeError(f"dtype={dtype!r} is not a store dtype: use one of {sorted(STORE_DTYPES)}")
-    layer_index = check_layer(model, layer)
-    harvest = _Harvest(model, layer_module(model, layer_index), get_tokenizer(model), texts, batch_size, max_length,
-                       seed, STORE_DTYPES[dtype])
-    recipe = {"model": model_name(model), "layer": layer_index, "texts": texts_fingerprint(texts),
-              "n_tokens": int(n_tokens), "batch_size": int(batch_size), "max_length": int(max_length),
-              "shard_size": int(shard_size), "heldout_every": int(heldout_every), "seed": int(seed)}
-    if dtype != "float32":  # (stores from before the option are float32 and their recipes lack the key)
-        recipe["dtype"] = dtype
-
-    out = Path(tempfile.mkdtemp(prefix="featuretree-acts-")) if out is None else Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".*.tmp"):  # a write a kill cut short: never read, cleared here
-        tmp.unlink(missing_ok=True)
-    state = _saved_state(out, recipe) if resume else None
-    if state is None:
-        _clear_store(out)
-        state = {"shards": [], "next_batch": 0, "n_done": 0, "done": False}
-    repaired = False
-    for i, info in enumerate(state["shards"]):  # a shard a kill or a disk fault damaged is recomputed
-        if not _shard_ok(out, info):
-            log.warning("shard %s is missing, truncated or corrupt: recomputing it", info["name"])
-            rows = harvest.rows_of(*info["batches"], limit=info["rows"])
-            state["shards"][i] = _write_shard(out, info["name"], rows, info["batches"])
-            repaired = True
-    if state["done"]:
-        if repaired:  # the same bytes in principle; record what is on disk in any case
-            meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-            meta.update(shard_info=state["shards"], shard_sizes=[info["rows"] for info in state["shards"]])
-            write_json(out / "meta.json", meta)
-        log.info("the store at %s is complete and every shard checks out", out)
-        return Activations(out)
-    if state["shards"]:
-        log.info("resuming the harvest in %s at batch %d (%d tokens already in %d shards)", out,
-                 state["next_batch"], state["n_done"], len(state["shards"]))
-
-    pending: list[dict[str, torch.Tensor]] = []  # rows of the batches since the last shard
-    n_pending = 0
-
-    def flush(upto_batch: int) -> None:  # one shard of the pending rows, then the checkpoint that records it
-        nonlocal pending, n_pending
-        rows = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
-        info = _write_shard(out, _shard_name(len(state["shards"])), rows, [state["next_batch"], upto_batch])
-        state["shards"].append(info)
-        state["next_batch"] = upto_batch
-        write_json(out / PROGRESS_FILE, {"recipe": recipe, **{k: state[k] for k in ("shards", "next_batch", "n_done")}})
-        pending, n_pending = [], 0
-
-    bar = tqdm(total=n_tokens, initial=state["n_done"], unit="tok", desc=f"harvest layer {layer_index}",
-               disable=not progress)
-    with bar:
-        last = state["next_batch"] - 1
-        for last, rows in harvest.batches(start=state["next_batch"]):
-            rows = _first(rows, n_tokens - state["n_done"])
-            pending.append(rows)
-            n_pending += len(rows["acts"])
-            state["n_done"] += len(rows["acts"])
-            bar.update(len(rows["acts"]))
-            if n_pending >= shard_size or state["n_done"] >= n_tokens:
-                flush(last + 1)
-            if state["n_done"] >= n_tokens:
-                break
-        if n_pending:
-            flush(last + 1)
-    n_done = state["n_done"]
-    if n_done == 0:
-        raise FeatureTreeError("the texts yielded no tokens besides special tokens: pass non-empty texts")
-    if n_done < n_tokens:
-        log.warning("the corpus has only %d real tokens (asked for %d): collected them all", n_done, n_tokens)
-
-    harvested_docs: list[int] = []
-    for info in state["shards"]:  # every doc lies in one batch, so first appearance = harvest order
-        doc_ids = Activations._read_file(out / info["name"], ("doc_ids",))["doc_ids"]
-        harvested_docs.extend(torch.unique_consecutive(doc_ids).tolist())
-    write_text(
-        out / "docs.jsonl",
-        "".join(
-            json.dumps({"doc_id": i, "text": texts[i]}, ensure_ascii=False) + "\n" for i in harvested_docs
-        ),
-    )
-    write_json(out / "vocab.json", harvest.tokenizer.convert_ids_to_tokens(list(range(len(harvest.tokenizer)))))
-    meta = {
-        "d_model": _d_model_of(out / state["shards"][0]["name"]),
-        "n_tokens": n_done,
-        "n_shards": len(state["shards"]),
-        "shard_sizes": [info["rows"] for info in state["shards"]],
-        "shards": [info["name"] for info in state["shards"]],
-        "shard_info": state["shards"],
-        "n_docs": len(harvested_docs),
-        "model": recipe["model"],
-        "layer": layer_index,
-        "hook_name": f"{find_layers(model)[0]}.{layer_index}",  # the block whose output was harvested
-        "heldout_every": heldout_every,
-        "max_length": max_length,
-        "dtype": dtype,
-        "seed": seed,
-        "recipe": recipe,
-        "created_by": f"featuretree {__version__}",
-    }
-    write_json(out / "meta.json", meta)  # last: its presence marks a complete store
-    (out / PROGRESS_FILE).unlink(missing_ok=True)
-    log.info(
-        "collected %d tokens of %d docs at layer %d into %s", n_done, len(harvested_docs), layer_index, out
-    )
-    return Activations(out)
-
-
-PROGRESS_FILE = "progress.json"  # an unfinished harvest: its recipe, finished shards and the next batch
-
-
-def _saved_state(out: Path, recipe: dict) -> dict | None:
-    """What is already harvested in `out` for `recipe`: a finished store or a killed harvest's progress."""
-    for name, done in (("meta.json", True), (PROGRESS_FILE, False)):
-        p = out / name
-        if not p.is_file():
-            continue
-        try:
-            saved = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            log.warning("%s is unreadable: harvesting %s from the start", p, out)
-            return None
-        old = saved.get("recipe")
-        if old is None:  # a store from before recipes were recorded: it cannot be checked, so redo it
-            return None
-        if old != recipe:
-            diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in recipe.items() if old.get(k) != v)
-            raise StoreMismatch(
-                f"the activation store in {out} was harvested with other settings ({diff}): resume only "
-                "continues the same harvest; choose another directory or collect without resume to overwrite it")
-        shards = saved["shard_info"] if done else saved["shards"]
-        n_done = saved["n_tokens"] if done else saved["n_done"]
-        return {"shards": list(shards), "next_batch": shards[-1]["batches"][1] if shards else 0,
-                "n_done": int(n_done), "done": done}
-    return None
-
-
-def _write_shard(out: Path, name: str, rows: dict[str, torch.Tensor], batches: list[int]) -> dict:
-    """Write one shard atomically and return its record: name, rows, bytes, sha256, batch range [b0, b1)."""
-    save_tensors(out / name, rows)
-    p = out / name
-    return {"name": name, "rows": int(len(rows["acts"])), "bytes": p.stat().st_size, "sha256": file_sha256(p),
-            "batches": [int(batches[0]), int(batches[1])]}
-
-
-def _d_model_of(shard: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(shard), framework="pt") as f:
-        return int(f.get_slice("acts").get_shape()[1])
-
-
-def _first(rows: dict[str, torch.Tensor], limit: int) -> dict[str, torch.Tensor]:
-    return rows if len(rows["acts"]) <= limit else {k: v[:limit] for k, v in rows.items()}
-
-
-class _Harvest:
-    """The model side of `collect`: doc batches in a fixed order, and the real-token rows of any of them."""
-
-    def __init__(self, model, block, tokenizer, texts: list[str], batch_size: int, max_length: int, seed: int,
-                 dtype: torch.dtype = torch.float32):
-        self.model, self.block, self.tokenizer, self.texts = model, block, tokenizer, texts
-        self.max_length, self.dtype = max_length, dtype
-        self.special_ids = torch.tensor(_special_ids(tokenizer), dtype=torch.long)
-        self.fast = bool(getattr(tokenizer, "is_fast", False))
-        from featuretree.model import is_remote
-
-        self.remote = is_remote(model)  # then the weights live on NDIF; inputs go as CPU tensors
-        self.device = torch.device("cpu") if self.remote else next(model._module.parameters(), torch.zeros(0)).device
-        self.accepted = _forward_args(model._module)
-        self.docs = list(_doc_batches(texts, batch_size, seed))
-        self.n_batches = len(self.docs)
-
-    def rows(self, b: int) -> dict[str, torch.Tensor]:
-        """Store columns of the real tokens of batch `b` (no padding, no special tokens)."""
-        batch_docs = self.docs[b]
-        enc = self.tokenizer(
-            [self.texts[i] for i in batch_docs],
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-            return_special_tokens_mask=True,
-            return_offsets_mapping=self.fast,
-            padding_side="right",
-        )
-        inputs = {k: v.to(self.device) for k, v in enc.items() if k in self.accepted}
-        with torch.inference_mode():  # the same trace runs locally, or on NDIF for a remote model
-            with self.model.trace(**inputs, **({"remote": True} if self.remote else {})) as tracer:
-                hidden = self.block.output.save()
-                tracer.stop()  # later blocks never run
-        hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
-        rows = _real_rows(enc, hidden, batch_docs, self.special_ids)
-        if not torch.isfinite(rows["acts"]).all():
-            raise FeatureTreeError(
-                "the layer produced NaN/Inf activations: check the model's dtype (load it in float32) and weights"
-            )
-        rows["acts"] = rows["acts"].to(self.dtype)
-        return rows
-
-    def batches(self, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        for b in range(start, self.n_batches):
-            yield b, self.rows(b)
-
-    def rows_of(self, b0: int, b1: int, limit: int) -> dict[str, torch.Tensor]:
-        """The rows of batches [b0, b1), the first `limit` of them (a shard recomputed)."""
-        parts = [self.rows(b) for b in range(b0, b1)]
-        return _first({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, limit)
-
-
-def _doc_batches(texts: list[str], batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Doc ids in batches: shuffled corpus order, sorted by length within chunks of a few batches.
-
-    Length-bucketed batches carry far less padding (nearly 2x harvest speed, FINDINGS.md), while the
-    shuffle keeps a partial harvest a sample of the whole corpus.
-    """
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    chunk = batch_size * _CHUNK_BATCHES
-    for c in range(0, len(order), chunk):
-        docs = sorted(order[c : c + chunk], key=lambda i: len(texts[i]))
-        for b in range(0, len(docs), batch_size):
-            yield docs[b : b + batch_size]
-
-
-def _real_rows(
-    enc: Any, hidden: torch.Tensor, batch_docs: list[int], special_ids: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """The real tokens of a padded batch (no padding, no special tokens) as store columns."""
-    mask = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()
-    mask &= ~torch.isin(enc["input_ids"], special_ids)  # (b, seq)
-    rows, cols = mask.nonzero(as_tuple=True)  # row-major: doc by doc, each in token order
-    if "offset_mapping" in enc:
-        offsets = enc["offset_mapping"][rows, cols].long()  # (n, 2)
-        starts, ends = offsets[:, 0], offsets[:, 1]
-    else:
-        starts = ends = torch.full((len(rows),), -1, dtype=torch.long)
-    return {
-        "acts": hidden[rows.to(hidden.device), cols.to(hidden.device)].to(
-            "cpu", torch.float32
-        ),  # (n, d_model)
-        "token_ids": enc["input_ids"][rows, cols].long(),
-        "doc_ids": torch.tensor(batch_docs, dtype=torch.long)[rows],
-        # index into the doc's own tokenization, whatever the padding side
-        "positions": (enc["attention_mask"].cumsum(1) - 1)[rows, cols].long(),
-        "starts": starts,
-        "ends": ends,
-    }
-
-
-def _special_ids(tokenizer: Any) -> list[int]:
-    """Ids dropped from the harvest: every special token except [UNK], which stands for real text."""
-    ids = set(tokenizer.all_special_ids)
-    unk = getattr(tokenizer, "unk_token_id", None)
-    roles = ("bos_token_id", "eos_token_id", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
-    if unk is not None and unk not in {getattr(tokenizer, r, None) for r in roles}:
-        ids.discard(unk)  # GPT-2's unk is its eos, which stays dropped
-    return sorted(ids)
-
-
-def _forward_args(module: torch.nn.Module) -> set[str]:
-    """Tokenizer outputs the model's forward takes (GPT-2 takes no token_type_ids from some tokenizers)."""
-    import inspect
-
-    params = inspect.signature(module.forward).parameters
-    wanted = {"input_ids", "attention_mask", "token_type_ids"}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return wanted
-    return wanted & set(params)
-
-
-def _clear_store(out: Path) -> None:
-    """Remove a previous store's files (meta.json first, so the dir reads as incomplete meanwhile)."""
-    meta = out / "meta.json"
-    if meta.exists():
-        log.info("overwriting the activation store in %s", out)
-        meta.unlink()
-    for p in out.glob("shard_*.safetensors"):
-        p.unlink()
-    for name in ("docs.jsonl", "vocab.json", PROGRESS_FILE):
-        if (out / name).exists():
-            (out / name).unlink()
 
 
 class Activations:
@@ -485,7 +96,7 @@ class Activations:
             >>> acts.verify()                                 # doctest: +SKIP
             []
         """
-        return [info["name"] for info in self.meta.get("shard_info", []) if not _shard_ok(self.path, info)]
+        return [info["name"] for info in self.meta.get("shard_info", []) if not file_matches(self.path / info["name"], info)]
 
     def __repr__(self) -> str:
         return (
@@ -512,7 +123,7 @@ class Activations:
             >>> acts.n_rows("heldout") + acts.n_rows("train") == len(acts)   # doctest: +SKIP
             True
         """
-        return sum(len(c["doc_ids"]) for c in self._rows(split, ("doc_ids",), None))
+        return sum(len(c["doc_ids"]) for c in self.rows(split, ("doc_ids",), None))
 
     def _split_mask(self, doc_ids: torch.Tensor, split: str) -> torch.Tensor | None:
         if split not in SPLITS:
@@ -537,7 +148,7 @@ class Activations:
     def _read(self, shard: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return self._read_file(shard, names)
 
-    def _rows(
+    def rows(
         self, split: str, names: Sequence[str], max_tokens: int | None
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Shard-by-shard columns of `split` in store order, stopping after `max_tokens` rows."""
@@ -634,7 +245,7 @@ class Activations:
             >>> x.shape                                       # doctest: +SKIP
             torch.Size([10000, 384])
         """
-        parts = [c["acts"] for c in self._rows(split, ("acts",), max_tokens)]
+        parts = [c["acts"] for c in self.rows(split, ("acts",), max_tokens)]
         return torch.cat(parts) if parts else torch.empty(0, self.d_model)  # (n, d_model)
 
     def tokens(self, split: str = "all", max_tokens: int | None = None):
@@ -650,7 +261,7 @@ class Activations:
         """
         import pandas as pd
 
-        parts = list(self._rows(split, _COLUMNS, max_tokens))
+        parts = list(self.rows(split, _COLUMNS, max_tokens))
         empty = torch.empty(0, dtype=torch.long)
         # "token_ids" -> "token_id", "positions" -> "position", ...
         return pd.DataFrame(
@@ -678,3 +289,56 @@ class Activations:
             self._vocab = json.loads((self.path / "vocab.json").read_text(encoding="utf-8"))
         ids = torch.as_tensor(ids).reshape(-1).tolist()
         return [self._vocab[i] or "" for i in ids]
+
+
+def is_store(acts) -> bool:
+    """True for an Activations store (anything with `batches` and `d_model`), False for a Tensor.
+
+    Example:
+        >>> is_store(torch.zeros(2, 3))
+        False
+    """
+    return hasattr(acts, "batches") and hasattr(acts, "d_model")
+
+
+def iter_batches(acts, batch_size: int, *, split: str = "train", epochs: int = 1, seed: int = 0,
+                 shuffle: bool = True) -> Iterator[Tensor]:
+    """Shuffled (b, d_model) float32 batches from an Activations store or a Tensor [n, d_model].
+
+    A Tensor is used whole (`split` is ignored); a store yields its `split` part.
+
+    Example:
+        >>> [b.shape[0] for b in iter_batches(torch.randn(10, 4), 4)]
+        [4, 4, 2]
+    """
+    if is_store(acts):
+        yield from acts.batches(batch_size, split=split, shuffle=shuffle, seed=seed, epochs=epochs)
+        return
+    x = torch.as_tensor(acts)
+    if x.ndim != 2:
+        raise FeatureTreeError(f"activations must be a 2-D tensor [n, d_model]; got shape {tuple(x.shape)}")
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=gen) if shuffle else torch.arange(x.shape[0])
+        for i in range(0, x.shape[0], batch_size):
+            yield x[order[i:i + batch_size]].float()
+
+
+def n_rows(acts, split: str = "train") -> int:
+    """Number of rows `iter_batches` yields per epoch.
+
+    Example:
+        >>> n_rows(torch.zeros(7, 3))
+        7
+    """
+    return acts.n_rows(split) if is_store(acts) else int(acts.shape[0])
+
+
+def d_model_of(acts) -> int:
+    """Width of the activation vectors.
+
+    Example:
+        >>> d_model_of(torch.zeros(7, 3))
+        3
+    """
+    return int(acts.d_model) if is_store(acts) else int(acts.shape[1])

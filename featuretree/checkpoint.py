@@ -1,10 +1,12 @@
-"""Resume after a kill: fingerprints of what a run is made from, and state files written atomically.
+"""Resume after a kill: the ONE scheme every long step uses (harvest, ladder training, refinement, build).
 
-A run directory records `run.json`: the config, a fingerprint of the config and of its inputs (the corpus
-texts, the model's files) and how far the run got. Long steps save their state as one safetensors file
-(tensors, plus a JSON header in its metadata) through a temporary file, fsync and rename, so a kill at any
-moment leaves the previous state or the new one, never half of one. Resuming compares fingerprints: state
-written for other settings is refused, never mixed in.
+A step's progress is a `Checkpoint`: one file, written atomically (temp file, fsync, rename), holding what
+the step has done (a JSON `info` dict, and tensors when there are any, as safetensors) together with the
+fingerprint of the settings that produced it: sha256 of their canonical JSON (`fingerprint`). Reopening a
+checkpoint with other settings is refused, naming what differs, never mixed in; `finished=True` marks a
+step that completed (a rerun returns its result at once). Inputs are identified by `data_fingerprint`
+(an activation store's recipe and shard checksums, or a Tensor's bytes), `model_fingerprint` (a model's
+files) and `file_record` / `file_matches` (a finished file's size and sha256).
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from featuretree.config import FeatureTreeError
 from featuretree.utils import save_tensors
+
+__all__ = ["Checkpoint", "data_fingerprint", "differences", "file_matches", "file_record", "file_sha256",
+           "fingerprint", "load_state", "model_fingerprint", "Resume", "save_state"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +97,121 @@ def _ends_sha256(path: Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+class SettingsMismatch(FeatureTreeError):
+    """A checkpoint (or a finished step's record) was made with other settings than the ones asked for now."""
+
+
+@dataclass
+class Resume:
+    """Where and how often a long step saves its progress: `path`, every `every` seconds (0: every step);
+    `keep` keeps the state when the step ends, marked finished, so a rerun returns its result at once.
+
+    Example:
+        >>> Resume("ckpt/train.safetensors", every=30).every
+        30
+    """
+
+    path: str | os.PathLike
+    every: float = 60.0
+    keep: bool = False
+
+
+class Checkpoint:
+    """The saved progress of one resumable step, tied to the settings that made it.
+
+    Parameters
+    ----------
+    path : str or Path
+        The state file: "*.json" holds `info` only, anything else a safetensors file of tensors + info.
+    settings : dict
+        Everything that changes the step's result (JSON-able); its fingerprint tags the file.
+    what : str
+        The step, for messages ("the harvest", "the ladder's training", ...).
+    how_to_reset : str
+        What the user does to start over when the saved state belongs to other settings.
+    where : path, optional
+        What the message names (default: `path`), e.g. the run directory that holds the file.
+
+    Example:
+        >>> import tempfile
+        >>> c = Checkpoint(Path(tempfile.mkdtemp()) / "p.json", {"n": 1}, "a step")
+        >>> c.load() is None
+        True
+        >>> c.save({"done": 3}); c.load()[1]["done"]
+        3
+        >>> Checkpoint(c.path, {"n": 2}, "a step").load()
+        Traceback (most recent call last):
+        ...
+        featuretree.checkpoint.SettingsMismatch: ... holds a step with other settings (n 1 -> 2): ...
+    """
+
+    def __init__(self, path, settings: dict, what: str = "a step",
+                 how_to_reset: str = "delete it (or choose another directory) to start over", where=None) -> None:
+        self.path = Path(path)
+        self.settings = json.loads(json.dumps(settings, default=str))  # as it reads back from the file
+        self.fingerprint = fingerprint(self.settings)
+        self.what, self.how_to_reset = what, how_to_reset
+        self.where = Path(where) if where is not None else self.path
+
+    @property
+    def is_json(self) -> bool:
+        return self.path.suffix == ".json"
+
+    def load(self) -> tuple[dict, dict] | None:
+        """(tensors, info) saved for these settings, None if nothing is saved; other settings raise
+        SettingsMismatch, a damaged file FeatureTreeError."""
+        if not self.path.is_file():
+            return None
+        if self.is_json:
+            try:
+                info, tensors = json.loads(self.path.read_text(encoding="utf-8")), {}
+            except (OSError, ValueError) as e:
+                raise FeatureTreeError(f"the saved state {self.path} is damaged ({e}): {self.how_to_reset}") from e
+        else:
+            tensors, info = load_state(self.path)
+        if info.get("fingerprint") != self.fingerprint:
+            diff = ", ".join(differences(info.get("settings") or {}, self.settings))
+            raise SettingsMismatch(f"{self.where} holds {self.what} with other settings ({diff or 'another version'}): "
+                                   f"{self.how_to_reset}")
+        return tensors, info
+
+    def save(self, info: dict, tensors: dict | None = None, *, finished: bool = False) -> None:
+        """Write `info` (and `tensors`) atomically, tagged with the settings' fingerprint."""
+        info = {**info, "fingerprint": self.fingerprint, "settings": self.settings, "finished": bool(finished)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.is_json:
+            from featuretree.utils import write_json
+
+            write_json(self.path, info)
+        else:
+            save_state(self.path, tensors or {}, info)
+
+    def remove(self) -> None:
+        """Delete the saved state (the step is over and its result is saved elsewhere)."""
+        self.path.unlink(missing_ok=True)
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """What changed from `old` to `new` settings, one phrase per key ("k 16 -> 8", "inputs.corpus changed").
+
+    Example:
+        >>> differences({"k": 16, "inputs": {"corpus": "a" * 64}}, {"k": 8, "inputs": {"corpus": "b" * 64}})
+        ['k 16 -> 8', 'inputs.corpus changed']
+    """
+    out = []
+    for key in [*new, *(k for k in old if k not in new)]:
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif len(repr(a)) + len(repr(b)) > 60:
+            out.append(f"{prefix}{key} changed")
+        else:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out
+
+
 def save_state(path: str | os.PathLike, tensors: dict, info: dict) -> None:
     """Write tensors and a JSON-able `info` dict as one safetensors file, atomically.
 
@@ -121,3 +242,46 @@ def load_state(path: str | os.PathLike) -> tuple[dict, dict]:
             return {k: f.get_tensor(k) for k in f.keys()}, info
     except Exception as e:  # safetensors' own error types, KeyError, JSON errors
         raise FeatureTreeError(f"the saved state {path} is damaged ({e}): delete it to start that step over") from e
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x"; _ = p.write_bytes(b"abc")
+        >>> file_sha256(p)[:12]
+        'ba7816bf8f01'
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: str | os.PathLike) -> dict:
+    """What a finished file is: {"bytes": size, "sha256": checksum}, to check it against later.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x"; _ = p.write_bytes(b"abc")
+        >>> file_record(p)["bytes"]
+        3
+    """
+    return {"bytes": Path(path).stat().st_size, "sha256": file_sha256(path)}
+
+
+def file_matches(path: str | os.PathLike, record: dict) -> bool:
+    """Whether `path` exists with the size and checksum of `record` (a killed or damaged write fails).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x"; _ = p.write_bytes(b"abc")
+        >>> file_matches(p, file_record(p)), file_matches(p, {"bytes": 3, "sha256": "0"})
+        (True, False)
+    """
+    try:
+        return Path(path).stat().st_size == record["bytes"] and file_sha256(path) == record["sha256"]
+    except OSError:
+        return False

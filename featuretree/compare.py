@@ -16,7 +16,6 @@ texts' content tokens against the corpus rate `freq`; a feature firing for the f
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -27,11 +26,14 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from featuretree.activations import is_store, iter_batches
 from featuretree.config import FeatureTreeError
+from featuretree.firing import encode_all
 from featuretree.sae import TopKSAE
-from featuretree.train import _is_store, iter_batches
-from featuretree.tree import FeatureTree, encode_all
+from featuretree.tree import FeatureTree
 from featuretree.utils import quiet
+
+__all__ = ["aligned_activations", "assign", "correlations", "DENSE_MAX", "Match", "match", "sparse_codes"]
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,7 @@ def _pick(obj: Any, rung: Any, which: str) -> tuple[TopKSAE, str, Any]:
 
 def _rows(acts: Any, max_tokens: int, what: str) -> torch.Tensor:
     """(n, d_model) float32 rows: a store's held-out split (all of it if nothing is held out), or a Tensor."""
-    if _is_store(acts):
+    if is_store(acts):
         split = "heldout" if acts.n_rows("heldout") > 0 else "all"
         return acts.load(split, max_tokens=max_tokens)
     x = torch.as_tensor(acts)
@@ -167,10 +169,11 @@ def aligned_activations(texts, model_a, layer_a: int, model_b, layer_b: int, *, 
         >>> xa.shape[0] == xb.shape[0]  # doctest: +SKIP
         True
     """
-    from featuretree.activations import _as_texts, collect
+    from featuretree.activations import as_texts
+    from featuretree.harvest import collect
     from featuretree.model import load_model
 
-    texts = _as_texts(texts)
+    texts = as_texts(texts)
     same = _same_model(model_a, model_b)
     # "the corpus has only N tokens" is expected: the texts are all there is
     with quiet(), tempfile.TemporaryDirectory(prefix="featuretree-match-") as tmp:
@@ -312,8 +315,8 @@ def match(a, b, acts=None, *, acts_b=None, texts=None, rung_a=None, rung_b=None,
     Example:
         >>> import featuretree as ft
         >>> x = torch.randn(4000, 16)
-        >>> m = ft.match(ft.train_ladder(x, (32,), k=4, seed=0, progress=False),
-        ...              ft.train_ladder(x, (32,), k=4, seed=1, progress=False), x)
+        >>> m = match(ft.train_ladder(x, (32,), k=4, seed=0, progress=False),
+        ...           ft.train_ladder(x, (32,), k=4, seed=1, progress=False), x)
         >>> m.pairs.columns.tolist()[:5], 0 <= m.shared_fraction <= 1
         (['a', 'b', 'corr', 'cos', 'shared'], True)
     """
@@ -383,44 +386,3 @@ def _supported(A: sp.csr_matrix, min_tokens: int) -> sp.csr_matrix:
 
 def _label(g, n: str) -> str:
     return str(g.nodes[n].get("label", n)) if g is not None and n in g else n
-
-
-def novel(tree: FeatureTree, texts, *, model=None, layer: int | None = None, top: int | None = 20,
-          min_rate: float = 1e-3) -> pd.DataFrame:
-    """Nodes whose firing rate on `texts` departs most from their corpus rate, most over-firing first.
-
-    DataFrame (node, label, freq, rate, log_ratio, direction): `rate` is the share of the texts' content
-    tokens on which the node fires (`refine.query_rates`), `freq` its corpus rate, log_ratio =
-    log((rate + eps) / (freq + eps)) with eps = 1 / (content tokens), direction "up" or "down". Nodes below
-    `min_rate` both in the texts and in the corpus are left out; `top` keeps the nodes of largest
-    |log_ratio| (None: all), still sorted by log_ratio descending. `model` / `layer` default to the tree's config.
-
-    Example:
-        >>> novel(tree, ["a zebra crossed the savanna"]).iloc[0].direction  # doctest: +SKIP
-        'up'
-    """
-    from featuretree.refine import query_rates
-
-    texts = [texts] if isinstance(texts, str) else [t for t in texts if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise FeatureTreeError("no texts to compare with the corpus: pass a list of non-empty strings")
-    rates = query_rates(tree, texts, model=model, layer=layer)
-    n_tokens = rates.pop("_n_tokens")
-    eps = 1.0 / n_tokens
-    rows = []
-    for n, d in tree.graph.nodes(data=True):
-        if d.get("virtual"):
-            continue
-        freq, rate = float(d.get("freq") or 0.0), rates.get(n, 0.0)
-        if max(freq, rate) < min_rate:
-            continue
-        ratio = math.log((rate + eps) / (freq + eps))
-        rows.append({"node": n, "label": d.get("label", n), "freq": freq, "rate": rate, "log_ratio": ratio,
-                     "direction": "up" if ratio > 0 else "down"})
-    df = pd.DataFrame(rows, columns=["node", "label", "freq", "rate", "log_ratio", "direction"])
-    if top is not None:
-        df = df.loc[df["log_ratio"].abs().sort_values(ascending=False, kind="stable").index[:top]]
-    df = df.sort_values(["log_ratio", "rate"], ascending=False, kind="stable").reset_index(drop=True)
-    log.info("novel: %d content tokens; %s", int(n_tokens),
-             f"{df.node.iloc[0]} fires {df.rate.iloc[0]:.1%} vs {df.freq.iloc[0]:.2%} usually" if len(df) else "no nodes")
-    return df

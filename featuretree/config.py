@@ -1,15 +1,22 @@
-"""Config: every setting of a featuretree run in one validated dataclass (the CLI parses the same fields).
+"""The settings, as one small dataclass per operation, composed into Config (the CLI parses the same fields).
 
-A run is: harvest `n_tokens` activations of `layer` of `model` on `corpus`, train one TopK dictionary per
-width in `widths` from that single stream, and link each rung's features to the next narrower rung.
+A run is: harvest `n_tokens` activations of `layer` of `model` on `corpus` (HarvestConfig), train one TopK
+dictionary per width in `widths` from that single stream (TrainConfig), and link each rung's features to
+the narrower rungs (LinkConfig). Config is all three plus where the work runs; refinement and search take a
+RefineConfig. Every field is documented once, under its definition; `add_arguments` turns fields into CLI
+flags with that text as help, so the CLI never repeats a default.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+__all__ = ["DEFAULT_MODEL", "Config", "FeatureTreeError", "HarvestConfig", "LinkConfig", "RefineConfig",
+           "TrainConfig", "field_docs", "list_flag", "settings"]
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
@@ -25,14 +32,133 @@ class FeatureTreeError(ValueError):
     """
 
 
-@dataclass
-class Config:
-    """Settings of one featuretree run; every field has a default, so `Config()` runs offline on CPU.
+class _Settings:
+    """What every settings dataclass shares: validation of each part, dict / JSON round trips, CLI flags."""
+
+    def __post_init__(self) -> None:
+        for cls in reversed(type(self).__mro__):  # every part checks its own fields, once
+            check = cls.__dict__.get("_check")
+            if check is not None:
+                check(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict.
+
+        Example:
+            >>> Config(k=8).to_dict()["k"]
+            8
+        """
+        d = dataclasses.asdict(self)
+        for name, v in d.items():
+            if isinstance(v, tuple):
+                d[name] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Rebuild from `to_dict()` output; unknown keys are an error naming them.
+
+        Example:
+            >>> Config.from_dict({"k": 8}).k
+            8
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise FeatureTreeError(f"unknown {cls.__name__} fields {unknown}; valid fields are {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def add_arguments(cls, parser, fields: tuple[str, ...] | None = None, base=None) -> None:
+        """Add one `--flag` per field to an argparse parser (help = the field's docstring).
+
+        Flags default to None, so `from_args` keeps the default of every flag not given. `fields` limits the
+        flags (default: every field but `extra`); `base` holds the defaults shown (default: `cls()`). List fields
+        take `--widths 512,2048` or `--widths 512 2048`.
+
+        Example:
+            >>> import argparse
+            >>> p = argparse.ArgumentParser(); Config.add_arguments(p)
+            >>> Config.from_args(p.parse_args(["--widths", "64", "256", "--k", "8"])).widths
+            (64, 256)
+        """
+        docs, defaults = field_docs(cls), base if base is not None else cls()
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        for name in fields or [f.name for f in dataclasses.fields(cls) if f.name != "extra"]:
+            default = getattr(defaults, name)
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            kw: dict[str, Any] = {"default": None, "help": f"{docs.get(name, '')} (default: {shown})"}
+            if "tuple" in types[name]:
+                kw.update(list_flag(next((t for t in (float, str) if t.__name__ in types[name]), int)))
+            elif "bool" in types[name]:
+                kw["action"] = argparse.BooleanOptionalAction
+            elif "float" in types[name]:
+                kw["type"] = float
+            elif "int" in types[name]:
+                kw["type"] = int
+            parser.add_argument("--" + name.replace("_", "-"), **kw)
+
+    @classmethod
+    def from_args(cls, args, base=None):
+        """Settings from parsed `add_arguments` flags: the flags given, over `base` (default: the defaults).
+
+        Example:
+            >>> import argparse
+            >>> Config.from_args(argparse.Namespace(k=4, layer=None)).k
+            4
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        given = {n: v for n, v in vars(args).items() if n in names and v is not None}
+        return cls.from_dict({**(base or cls()).to_dict(), **given})
+
+    def to_json(self) -> str:
+        """The settings as indented JSON text.
+
+        Example:
+            >>> '"k": 16' in Config().to_json()
+            True
+        """
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def settings(cls, config=None, **overrides):
+    """An instance of settings class `cls`: the fields of `config` (any settings object sharing them, e.g. a
+    whole Config for a TrainConfig) with `overrides` on top. Unknown overrides are an error naming them.
+
+    Parameters
+    ----------
+    cls : type
+        The settings dataclass wanted, e.g. TrainConfig.
+    config : settings object, optional
+        Where the fields come from (None: the defaults).
+    **overrides
+        Field values that replace those of `config`; None means "keep".
 
     Example:
-        >>> cfg = Config(widths=(64, 256), k=8, n_tokens=20_000)
-        >>> cfg.widths
-        (64, 256)
+        >>> settings(TrainConfig, Config(k=4), epochs=1).k, settings(TrainConfig, epochs=1).epochs
+        (4, 1)
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise FeatureTreeError(f"unknown {cls.__name__} settings {unknown}; valid ones are {sorted(names)}")
+    base = {n: getattr(config, n) for n in names if config is not None and hasattr(config, n)}
+    return cls(**{**base, **{n: v for n, v in overrides.items() if v is not None}})
+
+
+@dataclass
+class _Seeded(_Settings):
+    seed: int = 0
+    """Seed for corpus shuffling, batch order and dictionary initialisation."""
+
+
+@dataclass
+class HarvestConfig(_Seeded):
+    """Where activations come from: model, layer, corpus, how many tokens.
+
+    Example:
+        >>> HarvestConfig(layer=2).n_tokens
+        600000
     """
 
     model: str = DEFAULT_MODEL
@@ -46,6 +172,24 @@ class Config:
 
     n_tokens: int = 600_000
     """Activations to harvest (padding and special tokens excluded); a tenth is held out for linking."""
+
+    max_length: int = 128
+    """Tokenizer truncation length for each text during harvest."""
+
+    def _check(self) -> None:
+        for name in ("n_tokens", "max_length"):
+            if int(getattr(self, name)) <= 0:
+                raise FeatureTreeError(f"{name}={getattr(self, name)} must be a positive integer")
+
+
+@dataclass
+class TrainConfig(_Seeded):
+    """How the ladder trains: widths, k, epochs, batch size, learning rate, AuxK.
+
+    Example:
+        >>> TrainConfig(widths=(64, 256), k=8).widths
+        (64, 256)
+    """
 
     widths: tuple[int, ...] = (128, 512, 2048, 8192)
     """Dictionary widths of the ladder, strictly increasing; each rung is linked to the one before it."""
@@ -66,6 +210,50 @@ class Config:
     """Train one Matryoshka dictionary whose prefixes are the rungs, instead of one dictionary per width
     (docs/EVAL.md compares the trees)."""
 
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss, which lets the top dead features reconstruct the residual so they revive."""
+
+    dead_tokens: int | None = None
+    """A feature is dead after this many tokens without firing; None: a fifth of an epoch (at most 10M)."""
+
+    shuffle: bool = True
+    """Shuffle the training stream; --no-shuffle streams rows in store order (benchmarks feed identical
+    batches to other trainers that way)."""
+
+    def _check(self) -> None:
+        self.widths = tuple(int(w) for w in self.widths)
+        if not self.widths:
+            raise FeatureTreeError("widths is empty: give at least one dictionary width, e.g. widths=(512, 2048)")
+        if any(w <= 0 for w in self.widths):
+            raise FeatureTreeError(f"widths {self.widths} contain a width <= 0: every width must be a positive integer")
+        if list(self.widths) != sorted(set(self.widths)):
+            raise FeatureTreeError(
+                f"widths {self.widths} must be strictly increasing without duplicates, e.g. (512, 2048, 8192)"
+            )
+        if not 0 < self.k < self.widths[0]:
+            raise FeatureTreeError(
+                f"k={self.k} must be at least 1 and below the narrowest width {self.widths[0]}: lower k or widen the ladder"
+            )
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) <= 0:
+                raise FeatureTreeError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.lr is not None and not self.lr > 0:
+            raise FeatureTreeError(f"lr={self.lr} must be positive (or None for the width-scaled default)")
+        if self.auxk_alpha < 0:
+            raise FeatureTreeError(f"auxk_alpha={self.auxk_alpha} must be >= 0 (0 turns AuxK off)")
+        if self.dead_tokens is not None and int(self.dead_tokens) <= 0:
+            raise FeatureTreeError(f"dead_tokens={self.dead_tokens} must be a positive integer (or None)")
+
+
+@dataclass
+class LinkConfig(_Settings):
+    """How features are linked into a tree: coverage thresholds and the firing rule.
+
+    Example:
+        >>> LinkConfig().min_coverage
+        0.5
+    """
+
     min_coverage: float = 0.5
     """A feature gets a parent only if that parent fires on at least this fraction of its firing tokens
     (P(parent | child)); features no narrower feature covers are "novel". docs/EVAL.md: flat on planted
@@ -82,135 +270,116 @@ class Config:
     """A feature "fires" on a token when its activation is at least this times its 90th-percentile
     activation: TopK fills k slots on every token and the weakest are noise that blurs co-activation."""
 
-    max_length: int = 128
-    """Tokenizer truncation length for each text during harvest."""
+    def _check(self) -> None:
+        for name in ("min_coverage", "same_threshold", "fire_rel"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise FeatureTreeError(f"{name}={getattr(self, name)} must lie in [0, 1]")
+        if not self.within_coverage > 0.0:
+            raise FeatureTreeError(f"within_coverage={self.within_coverage} must be positive (> 1 turns it off)")
 
-    seed: int = 0
-    """Seed for corpus shuffling, batch order and dictionary initialisation."""
 
-    executor: str = "serial"
-    """Where rungs and sibling refinements train: "serial" (this process) or "ray" (one Ray task each, on the
-    cluster `ray.init` finds; pip install 'featuretree[ray]'). The results are the same either way."""
+@dataclass
+class Config(LinkConfig, TrainConfig, HarvestConfig):
+    """Settings of one featuretree run; every field has a default, so `Config()` runs offline on CPU.
+
+    The harvest, training and linking settings (HarvestConfig, TrainConfig, LinkConfig) and free-form notes.
+    Where the work runs (this process, Ray, torchrun) is chosen above the run: featuretree.scale.
+
+    Example:
+        >>> cfg = Config(widths=(64, 256), k=8, n_tokens=20_000)
+        >>> cfg.widths
+        (64, 256)
+    """
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded with the run (not used by the pipeline)."""
 
-    def __post_init__(self) -> None:
-        self.widths = tuple(int(w) for w in self.widths)
-        if not self.widths:
-            raise FeatureTreeError("widths is empty: give at least one dictionary width, e.g. widths=(512, 2048)")
-        if any(w <= 0 for w in self.widths):
-            raise FeatureTreeError(f"widths {self.widths} contain a width <= 0: every width must be a positive integer")
-        if list(self.widths) != sorted(set(self.widths)):
-            raise FeatureTreeError(
-                f"widths {self.widths} must be strictly increasing without duplicates, e.g. (512, 2048, 8192)"
-            )
-        if not 0 < self.k < self.widths[0]:
-            raise FeatureTreeError(
-                f"k={self.k} must be at least 1 and below the narrowest width {self.widths[0]}: lower k or widen the ladder"
-            )
-        for name in ("n_tokens", "epochs", "batch_size", "max_length"):
-            if int(getattr(self, name)) <= 0:
-                raise FeatureTreeError(f"{name}={getattr(self, name)} must be a positive integer")
-        if self.lr is not None and not self.lr > 0:
-            raise FeatureTreeError(f"lr={self.lr} must be positive (or None for the width-scaled default)")
-        for name in ("min_coverage", "same_threshold", "fire_rel"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise FeatureTreeError(f"{name}={getattr(self, name)} must lie in [0, 1]")
-        if self.executor not in ("serial", "ray"):
-            raise FeatureTreeError(f"executor={self.executor!r} must be 'serial' or 'ray'")
-        if not self.within_coverage > 0.0:
-            raise FeatureTreeError(f"within_coverage={self.within_coverage} must be positive (> 1 turns it off)")
 
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict.
+@dataclass
+class RefineConfig(_Settings):
+    """How a node is refined: the local dictionary and the region it trains on.
 
-        Example:
-            >>> Config(k=8).to_dict()["k"]
-            8
-        """
-        d = dataclasses.asdict(self)
-        d["widths"] = list(self.widths)
-        return d
+    Example:
+        >>> RefineConfig().width, RefineConfig().max_tokens
+        (64, 20000)
+    """
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Config:
-        """Rebuild a Config from `to_dict()` output; unknown keys are an error naming them.
+    width: int = 64
+    """Features of each local dictionary trained where the node fires."""
 
-        Example:
-            >>> Config.from_dict({"k": 8}).k
-            8
-        """
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise FeatureTreeError(f"unknown config fields {unknown}; valid fields are {sorted(names)}")
-        return cls(**d)
+    depth: int = 1
+    """Levels of refinement below the node (children with enough tokens are refined again)."""
 
-    @classmethod
-    def add_arguments(cls, parser, fields: tuple[str, ...] | None = None) -> None:
-        """Add one `--flag` per Config field to an argparse parser (help = the field's docstring).
+    k: int | None = None
+    """Active features per token of a local dictionary; None: max(1, width // 64), which gave children purer
+    than their parent (docs/EVAL.md)."""
 
-        Flags default to None, so `from_args` keeps the Config default of every flag not given. `fields`
-        limits the flags (default: every field but `extra`).
+    min_tokens: int = 500
+    """Fewest tokens a region may have to train a local dictionary (fewer is an error, or a leaf in search)."""
 
-        Example:
-            >>> import argparse
-            >>> p = argparse.ArgumentParser(); Config.add_arguments(p)
-            >>> Config.from_args(p.parse_args(["--widths", "64,256", "--k", "8"])).widths
-            (64, 256)
-        """
-        docs, defaults = field_docs(cls), cls()
-        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-        for name in fields or [f.name for f in dataclasses.fields(cls) if f.name != "extra"]:
-            default = getattr(defaults, name)
-            shown = ",".join(map(str, default)) if name == "widths" else default
-            kw: dict[str, Any] = {"default": None, "help": f"{docs.get(name, '')} (default: {shown})"}
-            if name == "widths":
-                kw["type"] = _widths
-            elif "bool" in types[name]:
-                kw["action"] = "store_true"
-            elif "float" in types[name]:
-                kw["type"] = float
-            elif "int" in types[name]:
-                kw["type"] = int
-            parser.add_argument("--" + name.replace("_", "-"), **kw)
+    max_tokens: int = 20_000
+    """Most tokens gathered into a region."""
 
-    @classmethod
-    def from_args(cls, args, base: Config | None = None) -> Config:
-        """A Config from parsed `add_arguments` flags: the flags given, over `base` (default: the defaults).
+    stream_tokens: int = 100_000
+    """Most corpus tokens streamed through the model beyond the run's store while gathering a region."""
 
-        Example:
-            >>> import argparse
-            >>> Config.from_args(argparse.Namespace(k=4, layer=None)).k
-            4
-        """
-        names = {f.name for f in dataclasses.fields(cls)}
-        given = {n: v for n, v in vars(args).items() if n in names and v is not None}
-        return cls.from_dict({**(base or cls()).to_dict(), **given})
+    max_children: int | None = None
+    """With depth > 1, refine at most this many children of each node (largest first); None: all."""
 
-    def to_json(self) -> str:
-        """The config as indented JSON text.
+    n_contexts: int = 5
+    """Contexts kept on each new node for its label and the explorer."""
 
-        Example:
-            >>> '"k": 16' in Config().to_json()
-            True
-        """
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+    def _check(self) -> None:
+        if int(self.depth) < 1:
+            raise FeatureTreeError(f"depth={self.depth} must be at least 1 (levels of refinement)")
+        if int(self.width) < 2:
+            raise FeatureTreeError(f"width={self.width} must be at least 2 features")
+        if self.k is not None and not 0 < int(self.k) < int(self.width):
+            raise FeatureTreeError(f"k={self.k} must be at least 1 and below width={self.width}")
+        if self.min_tokens < 1 or self.max_tokens < self.min_tokens:
+            raise FeatureTreeError(f"need 1 <= min_tokens ({self.min_tokens}) <= max_tokens ({self.max_tokens})")
 
 
-def _widths(text: str) -> tuple[int, ...]:
-    import argparse
+def list_flag(item: type = int) -> dict[str, Any]:
+    """argparse keywords for a list-valued flag: items separated by commas, spaces, or a mix of both.
 
-    try:
-        return tuple(int(w) for w in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--widths {text!r}: give integers separated by commas, e.g. 512,2048,8192") from None
+    `--widths 512,2048,8192`, `--widths 512 2048 8192` and `--widths 512,2048 8192` all give
+    (512, 2048, 8192): every word up to the next flag is split at commas, each piece converted with `item`.
+    Config's list fields use it (`add_arguments`), and so do the CLI's own list flags. The flag takes every
+    word after it, so a positional argument goes before it (or after `--`).
+
+    Example:
+        >>> p = argparse.ArgumentParser(); _ = p.add_argument("--ks", **list_flag(int))
+        >>> p.parse_args(["--ks", "1,2", "4", "8"]).ks
+        (1, 2, 4, 8)
+    """
+    what, e = {int: ("an integer", "512,2048,8192"), float: ("a number", "0.5,0.9")}.get(item, ("a value", "a,b"))
+
+    def items(text: str) -> list:
+        out = []
+        for piece in text.replace(",", " ").split():
+            try:
+                out.append(item(piece))
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{piece!r} is not {what}: give a list separated by commas or spaces, e.g. {e} or "
+                    f"{e.replace(',', ' ')} (a list flag takes every word after it: put positional arguments "
+                    f"before it, or end the list with --)") from None
+        return out
+
+    items.__name__ = item.__name__  # argparse names the type in some of its messages
+    return {"type": items, "nargs": "+", "action": _Flatten}
+
+
+class _Flatten(argparse.Action):
+    """`--widths 512,2048 8192` -> (512, 2048, 8192): every value's items, in order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, tuple(w for v in values for w in v))
 
 
 def field_docs(cls: type = Config) -> dict[str, str]:
-    """Docstrings written under each dataclass field (used for CLI help).
+    """Docstrings written under each dataclass field of `cls` and the classes it is made of (used for CLI help).
 
     Example:
         >>> "embedded" in field_docs()["model"]
@@ -220,6 +389,13 @@ def field_docs(cls: type = Config) -> dict[str, str]:
     import inspect
     import textwrap
 
+    docs: dict[str, str] = {}
+    for part in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        docs.update(_own_field_docs(part, ast, inspect, textwrap))
+    return docs
+
+
+def _own_field_docs(cls: type, ast, inspect, textwrap) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.resources
 import json
 import logging
 import os
@@ -17,6 +18,9 @@ import numpy as np
 import pandas as pd
 
 from featuretree.config import FeatureTreeError
+
+__all__ = ["Corpus", "corpus_file", "corpus_texts", "data_dir", "load_corpus", "SUFFIXES", "WORDNET_FILE",
+           "WORDNET_LABELS"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +60,20 @@ class Corpus:
 
 
 def data_dir() -> Path:
-    """The directory holding bundled data: $FEATURETREE_DATA if set, else `data/` beside the package.
+    """The directory holding bundled data: $FEATURETREE_DATA if set, else the package's own `featuretree/data/`.
+
+    The bundled files are package data (they ship inside the wheel), found with `importlib.resources`, so
+    they are read the same from a checkout, an editable install or an installed wheel, from any cwd.
 
     Example:
-        >>> (data_dir() / "wordnet.jsonl.gz").name
-        'wordnet.jsonl.gz'
+        >>> (data_dir() / "wordnet.jsonl.gz").is_file()
+        True
     """
     env = os.environ.get("FEATURETREE_DATA")
     if env:
         return Path(env).expanduser()
-    import featuretree
-
-    return Path(featuretree.__file__).resolve().parents[1] / "data"
+    # featuretree is a regular package installed as files (not zipped), so the Traversable is a real path
+    return Path(str(importlib.resources.files("featuretree") / "data"))
 
 
 def load_corpus(
@@ -236,3 +242,13 @@ def _from_list(items: Sequence[Any]) -> list[tuple[int, str, dict[str, Any]]]:
         if text := item.replace("\0", "").strip():
             rows.append((i, text, {}))
     return rows
+
+
+def corpus_file(source: str | os.PathLike) -> Path:
+    """The file a corpus source names ('wordnet' -> the bundled file), or a clear error for a bad one.
+
+    Example:
+        >>> corpus_file("wordnet").name
+        'wordnet.jsonl.gz'
+    """
+    return _resolve(source)[0]

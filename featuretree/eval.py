@@ -19,7 +19,12 @@ import scipy.sparse as sp
 import torch
 
 from featuretree.config import FeatureTreeError
-from featuretree.tree import FeatureTree, fire
+from featuretree.firing import fire, fire_rungs, gate_of
+from featuretree.tree import FeatureTree
+
+__all__ = ["compare_rules", "edge_scores", "jaccard", "label_purity", "link_by_cosine", "match_features",
+           "Planted", "PLANTED_CONFIGS", "planted_hierarchy", "purity_gain", "refine_purity", "SWEEP_GRID",
+           "sweep_thresholds"]
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +159,6 @@ def match_features(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 
         >>> match_features(tree, planted)["w64/3"]  # doctest: +SKIP
         17
     """
-    from featuretree.refine import fire_rungs, gate_of
 
     out: dict[str, int] = {}
     refined = fire_rungs(tree, planted.acts, [r for r in tree.saes if gate_of(tree, r) is not None])
@@ -258,7 +262,7 @@ def compare_rules(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), *, n_train: i
     from featuretree.tree import link
 
     rows = []
-    for name, seed, saes, train, held in _planted_ladders(configs, seeds, n_train, n_eval, epochs, progress):
+    for name, seed, saes, train, held in planted_ladders(configs, seeds, n_train, n_eval, epochs, progress):
         trees = {"cos": link_by_cosine(saes, held.acts),
                  "coverage": link(saes, held.acts, within_coverage=2.0),  # > 1: no within-rung edges
                  "combined": link(saes, held.acts)}
@@ -274,7 +278,7 @@ def compare_rules(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), *, n_train: i
     return pd.DataFrame(rows)
 
 
-def _planted_ladders(configs, seeds, n_train: int, n_eval: int, epochs: int, progress: bool):
+def planted_ladders(configs, seeds, n_train: int, n_eval: int, epochs: int, progress: bool):
     """(config name, seed, ladder, training Planted, held-out Planted) for every planted configuration and seed."""
     from featuretree.train import train_ladder
 
@@ -321,7 +325,7 @@ def sweep_thresholds(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), grid=None,
     if bad:
         raise FeatureTreeError(f"cannot sweep {bad}: choose from min_coverage, within_coverage, same_threshold, fire_rel")
     rows = []
-    for name, seed, saes, _, held in _planted_ladders(configs, seeds, n_train, n_eval, epochs, progress):
+    for name, seed, saes, _, held in planted_ladders(configs, seeds, n_train, n_eval, epochs, progress):
         for threshold, values in grid.items():
             for value in values:
                 s = edge_scores(link(saes, held.acts, labels=False, **{threshold: value}), held)
@@ -356,7 +360,6 @@ def label_purity(tree: FeatureTree, acts, labels, *, column: str = "lexname", mi
     codes, names = pd.factorize(ex.astype(str))
     pos = ex.index.to_numpy()
     L = sp.csr_matrix((np.ones(len(codes), dtype=np.float32), (pos, codes)), shape=(len(doc_ids), len(names)))
-    from featuretree.refine import fire_rungs
 
     rows = []
     for rung, F in fire_rungs(tree, x).items():  # F (n, width)

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     import networkx as nx
     import plotly.graph_objects as go
 
+__all__ = ["COLORS", "icicle", "KINDS", "refinements", "sunburst", "write_explorer", "write_sunburst"]
+
 log = logging.getLogger(__name__)
 
 KINDS = ("sunburst", "icicle")

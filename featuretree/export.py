@@ -2,7 +2,7 @@
 
 On disk a tree is `config.json`, `tree.json` (networkx node-link JSON) and `saes/<rung>/` (SAELens
 layout); every file is written atomically and nothing else in the directory is touched. The figures
-(sunburst, icicle, write_sunburst, write_explorer) live in featuretree.explore and are re-exported here.
+(sunburst, icicle, write_sunburst, write_explorer) live in featuretree.explore.
 torch, the tree module and plotly are imported inside the functions that need them, so tables and
 GraphML work on a bare nx.DiGraph and importing this module never pulls in training code.
 """
@@ -20,7 +20,6 @@ import networkx as nx
 import pandas as pd
 
 from featuretree.config import Config, FeatureTreeError
-from featuretree.explore import icicle, sunburst, write_explorer, write_sunburst  # noqa: F401 (re-exported)
 from featuretree.utils import (
     atomic_path,
     graph_of,
@@ -34,6 +33,8 @@ from featuretree.utils import (
 
 if TYPE_CHECKING:
     from featuretree.tree import FeatureTree
+
+__all__ = ["from_frame", "from_graphml", "load", "save", "to_frame", "to_graphml"]
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,11 @@ def _check_rung_name(rung: str) -> str:
 
 
 # ---- save / load -------------------------------------------------------------------------------------
-def save(tree: FeatureTree, path: str | os.PathLike) -> Path:
+def save(tree: FeatureTree, path: str | os.PathLike, *, dictionaries: bool = True) -> Path:
     """Write `tree` to directory `path`: config.json, tree.json (node-link) and saes/<rung>/ per dictionary.
 
     Other files in `path` (e.g. an `acts/` store) are left alone; tree.json is written last.
+    `dictionaries=False` leaves saes/ as it is (a caller that has just written every rung there, as build does).
 
     Example:
         >>> import tempfile, networkx as nx
@@ -88,7 +90,10 @@ def save(tree: FeatureTree, path: str | os.PathLike) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     rungs = sorted(tree.saes, key=rung_key)
     for rung in rungs:
-        tree.saes[rung].save(path / SAES_DIR / _check_rung_name(rung))
+        if dictionaries:
+            tree.saes[rung].save(path / SAES_DIR / _check_rung_name(rung))
+        else:
+            _check_rung_name(rung)
     write_json(path / CONFIG_FILE, tree.config.to_dict() if tree.config is not None else {})
     data = _plain(nx.node_link_data(tree.graph, edges="edges"))
     store = store_path(tree)

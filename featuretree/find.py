@@ -1,12 +1,15 @@
-"""find: which nodes of a tree answer a query (a phrase or example texts), by how much more they fire on it.
+"""find, search and novel: which nodes answer a query, a depth-first search down the answering branch, and
+which nodes new texts make fire unusually. One scorer serves all three:
 
-    score(node) = log((rate_query + eps) / (freq + eps)) - max(0, log((rate_neg + eps) / (freq + eps)))
-                  + label_weight * (query words found in the node's label, top tokens or distinctive words)
+    lift(node) = log((rate + eps) / (freq + eps))
 
-`rate_query` is the share of the query's tokens on which the node fires (the tree's firing rule, refined
-nodes gated by their parents), `freq` its firing rate on the run's held-out tokens (the baseline),
-`rate_neg` the share on the negative examples; eps = 1 / (number of query tokens) keeps a node that never
-fires on the query from scoring.
+`rate` is the share of the query's tokens on which the node fires (the tree's firing rule, refined nodes
+gated by their parents), `freq` its firing rate on the run's held-out tokens (the baseline), and
+eps = 1 / (number of query tokens) keeps a node that never fires on the query from scoring. find adds
+label matches and subtracts the lift on negative examples:
+
+    score(node) = lift(query) - max(0, lift(negatives)) + label_weight * (query words in its label, top tokens
+                  or distinctive words)
 """
 
 from __future__ import annotations
@@ -18,11 +21,31 @@ from typing import Any
 
 import pandas as pd
 
-from featuretree.config import FeatureTreeError
-from featuretree.refine import _model_of, query_rates
+from featuretree.config import FeatureTreeError, RefineConfig, settings
 from featuretree.utils import rung_key
 
+__all__ = ["SEARCH_REFINE", "find", "lift", "novel", "search"]
+
 log = logging.getLogger(__name__)
+
+
+def lift(rate: float, freq: float, eps: float) -> float:
+    """How much more (or less) a node fires on a query than usual: log((rate + eps) / (freq + eps)).
+
+    Parameters
+    ----------
+    rate : float
+        Share of the query's tokens on which the node fires.
+    freq : float
+        The node's usual firing rate (on the run's held-out tokens).
+    eps : float
+        Smoothing, 1 / (number of query tokens).
+
+    Example:
+        >>> round(lift(0.5, 0.01, 0.01), 3)
+        3.239
+    """
+    return math.log((rate + eps) / (freq + eps))
 
 _WORD = re.compile(r"[a-z][a-z-]{2,}")
 
@@ -73,9 +96,11 @@ def find(tree, query, *, negatives=None, rungs=None, model=None, layer: int | No
         >>> hits.iloc[0].node  # doctest: +SKIP
         'w512/148'
     """
+    from featuretree.firing import query_rates, tree_model
+
     texts = _texts(query, "query")
     only = _rung_filter(tree, rungs)
-    model = _model_of(tree, model)  # loaded once for the query and the negatives
+    model = tree_model(tree, model)  # loaded once for the query and the negatives
     words = set(_WORD.findall(" ".join(texts).lower()))  # label matches use the query's own words
     span = None
     if isinstance(query, str) and tree.config is not None and n_contexts > 0:
@@ -99,9 +124,9 @@ def find(tree, query, *, negatives=None, rungs=None, model=None, layer: int | No
             continue
         freq = float(d.get("freq") or 0.0)
         rate = rates.get(n, 0.0)
-        score = math.log((rate + eps) / (freq + eps))
+        score = lift(rate, freq, eps)
         if neg:
-            score -= max(0.0, math.log((neg.get(n, 0.0) + eps) / (freq + eps)))
+            score -= max(0.0, lift(neg.get(n, 0.0), freq, eps))
         text = " ".join([str(d.get("label", "")), *map(str, d.get("top_tokens") or []), *map(str, d.get("words") or [])])
         hits = len(words & set(_WORD.findall(text.lower())))
         rows.append({"node": n, "score": score + label_weight * hits, "label": d.get("label", n), "freq": freq,
@@ -111,3 +136,179 @@ def find(tree, query, *, negatives=None, rungs=None, model=None, layer: int | No
     log.info("find %r: %d query tokens; best %s (score %.2f)", texts[0][:40], int(n_q),
              df.node.iloc[0] if len(df) else None, df.score.iloc[0] if len(df) else float("nan"))
     return df.head(top) if top is not None else df
+
+
+def _children(tree, n: str) -> list[str]:
+    from featuretree.tree import ROOT
+
+    if n == ROOT:
+        return tree.roots()
+    return [c for c in tree.graph.successors(n) if not tree.graph.nodes[c].get("virtual")]
+
+
+SEARCH_REFINE = RefineConfig(min_tokens=300)
+"""How search refines a node none of whose children answers: depth 1, and regions from 300 tokens (a query's
+branch narrows fast, so leaves are smaller than the nodes one refines by hand)."""
+
+
+def search(tree, query, config: RefineConfig | None = None, *, start: str | None = None, max_depth: int = 6,
+           negatives=None, refine_leaves: bool = True, texts=None, model=None, layer: int | None = None,
+           progress: bool = True, **overrides) -> pd.DataFrame:
+    """Targeted depth-first search: from the top, step to the child that answers `query` best, refining leaves.
+
+    At each step the children of the current node (the tree's top-level features first, or `start`'s
+    children) that fire on the query more than they usually do (`find`'s score > 0) are candidates, and the
+    one whose branch leads to the best score (through such nodes) is taken: a broad ancestor of a very
+    specific feature wins over a sibling that only scores well itself. A node none of whose children answers
+    (a leaf, or one whose ladder children miss the query) is refined (depth 1) when `refine_leaves`, so the
+    search goes below the ladder only along the branch it follows. Stops after `max_depth` steps, when no
+    child answers, or when a leaf has too few tokens to refine.
+
+    Parameters
+    ----------
+    tree : FeatureTree
+    query : str or list of str
+        A word or phrase (looked up in the corpus, as `find` does), or example texts.
+    config : RefineConfig, optional
+        How leaves are refined (default SEARCH_REFINE); `overrides` (width=, k=, min_tokens=, ...) replace fields.
+    start : str, optional
+        A node to search under (e.g. a "biology" feature); it is then the path's first row.
+    max_depth : int
+        Steps down at most.
+    negatives : str or list of str, optional
+        Texts the wanted feature should not fire on.
+    refine_leaves : bool
+        False only walks the existing tree.
+    texts : list of str, optional
+        What refinement streams instead of the run's corpus.
+    model, layer : optional
+        Default: the tree's config.
+    progress : bool
+
+    Returns
+    -------
+    DataFrame
+        The path (step, node, label, score, query_rate, freq, refined); `path.attrs["tree"]` is the tree with
+        the refinements made.
+
+    Example (the default run; the last step is a feature of a dictionary trained where w8192/8012 fires):
+        >>> path = search(tree, "malaria")  # doctest: +SKIP
+        >>> path[["node", "label"]].values.tolist()[-1]  # doctest: +SKIP
+        ['w8192/8012/r64/51', 'parasite · malaria · parasites | mosquito']
+    """
+    rc = settings(RefineConfig, config if config is not None else SEARCH_REFINE, **overrides)
+    from featuretree.firing import tree_layer, tree_model
+    from featuretree.refine import refine
+    from featuretree.tree import ROOT
+
+    model = tree_model(tree, model)
+    layer = tree_layer(tree, layer)
+
+    def score(t) -> tuple[pd.DataFrame, dict[str, float]]:  # every node's score, and where each branch leads
+        s = find(t, query, negatives=negatives, model=model, layer=layer, top=None).set_index("node")
+        return s, branch_reach(t, s)
+
+    scores, reach = score(tree)
+    rows, current = [], ROOT
+    if start is not None and start != ROOT:
+        tree.node(start)  # an unknown id is a clear error
+        r = scores.loc[start] if start in scores.index else None
+        rows.append({"step": 0, "node": start, "label": tree.graph.nodes[start].get("label", start),
+                     "score": float(r["score"]) if r is not None else float("nan"),
+                     "query_rate": float(r["query_rate"]) if r is not None else 0.0,
+                     "freq": float(tree.graph.nodes[start].get("freq") or 0.0),
+                     "refined": bool(tree.graph.nodes[start].get("refined", False))})
+        current = start
+    refined_here: set[str] = set()
+    for step in range(len(rows), len(rows) + int(max_depth)):
+        kids = _children(tree, current)
+        answer = answering(kids, scores)
+        if not answer and refine_leaves and current != ROOT and current not in refined_here:
+            # no finer level answers (none, or the ladder's children miss the query): make one where it fires
+            refined_here.add(current)
+            try:
+                tree = refine(tree, current, rc, depth=1, texts=texts, model=model, layer=layer, progress=progress)
+            except FeatureTreeError as e:
+                log.info("search stops at %s: %s", current, e)
+                break
+            scores, reach = score(tree)
+            kids = _children(tree, current)
+            answer = answering(kids, scores)
+        if not answer:
+            log.info("search stops at %s: none of its %d children answers %r", current, len(kids), query)
+            break
+        best = max(answer, key=lambda c: (reach[c], scores.at[c, "score"], scores.at[c, "query_rate"]))
+        r = scores.loc[best]
+        rows.append({"step": step, "node": best, "label": r["label"], "score": float(r["score"]),
+                     "query_rate": float(r["query_rate"]), "freq": float(r["freq"]),
+                     "refined": bool(tree.graph.nodes[best].get("refined", False))})
+        current = best
+    path = pd.DataFrame(rows, columns=["step", "node", "label", "score", "query_rate", "freq", "refined"])
+    path.attrs["tree"] = tree
+    return path
+
+
+def answering(nodes: list[str], scores: pd.DataFrame) -> list[str]:
+    """The nodes that fire on the query more than they usually do (score > 0, query rate > 0)."""
+    return [c for c in nodes if c in scores.index and scores.at[c, "score"] > 0 and scores.at[c, "query_rate"] > 0]
+
+
+def branch_reach(tree, scores: pd.DataFrame) -> dict[str, float]:
+    """For every answering node, the best score in its subtree reachable through answering nodes only.
+
+    Choosing the child with the best reach instead of the best own score finds a specific feature the
+    greedy walk misses when its branch starts with a broad, weaker-scoring ancestor.
+    """
+    import networkx as nx
+
+    g = tree.graph
+    ok = set(answering(list(g.nodes), scores))
+    reach: dict[str, float] = {}
+    for n in reversed(list(nx.topological_sort(g))):
+        if n in ok:
+            below = [reach[c] for c in g.successors(n) if c in reach]
+            reach[n] = max([float(scores.at[n, "score"]), *below])
+    return reach
+
+
+def novel(tree, texts, *, model=None, layer: int | None = None, top: int | None = 20,
+          min_rate: float = 1e-3) -> pd.DataFrame:
+    """Nodes whose firing rate on `texts` departs most from their corpus rate, most over-firing first.
+
+    DataFrame (node, label, freq, rate, log_ratio, direction): `rate` is the share of the texts' content
+    tokens on which the node fires (`featuretree.firing.query_rates`), `freq` its corpus rate, log_ratio =
+    log((rate + eps) / (freq + eps)) with eps = 1 / (content tokens), direction "up" or "down". Nodes below
+    `min_rate` both in the texts and in the corpus are left out; `top` keeps the nodes of largest
+    |log_ratio| (None: all), still sorted by log_ratio descending. `model` / `layer` default to the tree's config.
+
+    Example:
+        >>> novel(tree, ["a zebra crossed the savanna"]).iloc[0].direction  # doctest: +SKIP
+        'up'
+    """
+    from featuretree.firing import query_rates
+
+    texts = [texts] if isinstance(texts, str) else [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise FeatureTreeError("no texts to compare with the corpus: pass a list of non-empty strings")
+    rates = query_rates(tree, texts, model=model, layer=layer)
+    n_tokens = rates.pop("_n_tokens")
+    eps = 1.0 / n_tokens
+    rows = []
+    for n, d in tree.graph.nodes(data=True):
+        if d.get("virtual"):
+            continue
+        freq, rate = float(d.get("freq") or 0.0), rates.get(n, 0.0)
+        if max(freq, rate) < min_rate:
+            continue
+        ratio = lift(rate, freq, eps)
+        rows.append({"node": n, "label": d.get("label", n), "freq": freq, "rate": rate, "log_ratio": ratio,
+                     "direction": "up" if ratio > 0 else "down"})
+    df = pd.DataFrame(rows, columns=["node", "label", "freq", "rate", "log_ratio", "direction"])
+    if top is not None:
+        df = df.loc[df["log_ratio"].abs().sort_values(ascending=False, kind="stable").index[:top]]
+    df = df.sort_values(["log_ratio", "rate"], ascending=False, kind="stable").reset_index(drop=True)
+    log.info("novel: %d content tokens; %s", int(n_tokens),
+             f"{df.node.iloc[0]} fires {df.rate.iloc[0]:.1%} vs {df.freq.iloc[0]:.2%} usually" if len(df) else "no nodes")
+    return df
+
+

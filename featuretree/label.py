@@ -20,6 +20,9 @@ import pandas as pd
 
 from featuretree.utils import tree_edge
 
+__all__ = ["annotate", "CausalLMLabeler", "context", "contrast_scores", "DEFAULT_PROMPT", "family_words",
+           "feature_table", "label_tree", "Labeler", "labeler_prompt", "make_label", "node_facts"]
+
 log = logging.getLogger(__name__)
 
 _WS = re.compile(r"\s+")

@@ -17,6 +17,9 @@ from torch import nn
 
 from featuretree.config import DEFAULT_MODEL, FeatureTreeError
 
+__all__ = ["check_layer", "EMBEDDED_NAMES", "find_layers", "get_tokenizer", "is_remote", "layer_module",
+           "load_model", "model_name", "n_layers", "REMOTE_ATTR", "resolve_model_dir"]
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAMES = (DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2")

@@ -31,6 +31,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+__all__ = ["available", "cache_dir", "cpu_flags", "csr_pattern", "csr_tensor", "dots", "fast_int8_matmul",
+           "int8_candidates", "quantize_int8", "refine_topk", "sampled_dots", "topk_indices"]
+
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("_topk.cpp")

@@ -33,6 +33,8 @@ from featuretree.native import (
 )
 from featuretree.utils import SAFETENSORS_HINT, check_safetensors, save_tensors, write_json
 
+__all__ = ["CFG_FILE", "INT8_MARGIN", "INT8_MIN_WIDTH", "SPARSIFY_WEIGHTS", "TopKSAE", "WEIGHTS_FILE"]
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "sae_weights.safetensors"

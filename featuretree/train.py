@@ -9,11 +9,11 @@ unless given; decoder rows are unit-norm after every step and their gradient's r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -21,9 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from featuretree.config import FeatureTreeError
+from featuretree.activations import d_model_of, is_store, iter_batches, n_rows
+from featuretree.checkpoint import Checkpoint, Resume, data_fingerprint
+from featuretree.config import FeatureTreeError, TrainConfig, settings
 from featuretree.sae import TopKSAE
 from featuretree.utils import write_json
+
+__all__ = ["default_lr", "evaluate", "evaluate_many", "fit_local", "local_k", "LOCAL_MAX_LR", "train_ladder",
+           "tune_malloc"]
 
 log = logging.getLogger(__name__)
 
@@ -71,56 +76,9 @@ def tune_malloc() -> bool:
     return ok
 
 
-def _is_store(acts) -> bool:
-    return hasattr(acts, "batches") and hasattr(acts, "d_model")
-
-
 def _check_finite(x: Tensor) -> None:
     if not torch.isfinite(x).all():
         raise FeatureTreeError("activations contain NaN or Inf: check the model's dtype or drop the bad rows before training")
-
-
-def iter_batches(acts, batch_size: int, *, split: str = "train", epochs: int = 1, seed: int = 0,
-                 shuffle: bool = True) -> Iterator[Tensor]:
-    """Shuffled (b, d_model) float32 batches from an Activations store or a Tensor [n, d_model].
-
-    A Tensor is used whole (`split` is ignored); a store yields its `split` part.
-
-    Example:
-        >>> [b.shape[0] for b in iter_batches(torch.randn(10, 4), 4)]
-        [4, 4, 2]
-    """
-    if _is_store(acts):
-        yield from acts.batches(batch_size, split=split, shuffle=shuffle, seed=seed, epochs=epochs)
-        return
-    x = torch.as_tensor(acts)
-    if x.ndim != 2:
-        raise FeatureTreeError(f"activations must be a 2-D tensor [n, d_model]; got shape {tuple(x.shape)}")
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(x.shape[0], generator=gen) if shuffle else torch.arange(x.shape[0])
-        for i in range(0, x.shape[0], batch_size):
-            yield x[order[i:i + batch_size]].float()
-
-
-def n_rows(acts, split: str = "train") -> int:
-    """Number of rows `iter_batches` yields per epoch.
-
-    Example:
-        >>> n_rows(torch.zeros(7, 3))
-        7
-    """
-    return acts.n_rows(split) if _is_store(acts) else int(acts.shape[0])
-
-
-def d_model_of(acts) -> int:
-    """Width of the activation vectors.
-
-    Example:
-        >>> d_model_of(torch.zeros(7, 3))
-        3
-    """
-    return int(acts.d_model) if _is_store(acts) else int(acts.shape[1])
 
 
 class _Rung:
@@ -278,7 +236,7 @@ def _unpack(rungs: dict[int, _Rung], tensors: dict[str, Tensor], info: dict) -> 
 
 def _source_of(acts) -> dict:
     """SAELens' metadata fields for where the activations came from (a store knows; a Tensor does not)."""
-    if not _is_store(acts):
+    if not is_store(acts):
         return {}
     m = acts.meta
     out = {"model_name": m.get("model"), "hook_name": m.get("hook_name"), "hook_layer": m.get("layer"),
@@ -286,88 +244,88 @@ def _source_of(acts) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: int = 3, batch_size: int = 1024,
-                 lr: float | None = None, auxk_alpha: float = 1 / 32, dead_tokens: int | None = None,
-                 seed: int = 0, out: str | os.PathLike | None = None, progress: bool = True,
-                 eval_acts=None, shuffle: bool = True, callback=None, nested: bool = False,
-                 checkpoint: str | os.PathLike | None = None, checkpoint_every: float = 60.0,
-                 keep_checkpoint: bool = False, executor: str = "serial", ray_address: str | None = None,
-                 comm=None, _seed_offset: int = 0) -> dict[int, TopKSAE]:
+def train_ladder(acts, widths=None, k: int | None = None, *, config: TrainConfig | None = None, out=None,
+                 eval_acts=None, callback=None, checkpoint=None, init: dict | None = None, comm=None,
+                 progress: bool = True, **overrides) -> dict[int, TopKSAE]:
     """Train one TopK dictionary per width from a single pass over `acts` (all rungs see every batch).
 
-    `acts` is an Activations store (its train split is streamed, its held-out split evaluated) or a
-    Tensor [n, d_model] (trained on, and evaluated on `eval_acts` or itself). Each returned SAE has
-    `.metrics` (fvu, l0, dead_fraction, n_tokens, train_fvu); with `out` every rung is saved to
-    `out/w<width>/` and the metrics to `out/metrics.json`. `shuffle=False` streams rows in order
-    (benchmarks use it to feed identical batches to other trainers). `callback(step, tokens, fvu)`, if
-    given, runs after every step with the step number, the tokens seen so far and {width: batch FVU}
-    (for live logging or timing). `nested=True` trains ONE dictionary of the widest width whose first w
-    features must also reconstruct the input alone, for every width w (a Matryoshka SAE); the rungs returned
-    are its prefixes (`TopKSAE.prefix`), so a narrow rung's features are literally a wide rung's first ones.
-    With `checkpoint` (a file path) the whole ladder's state (weights, Adam moments, dead-feature clocks,
-    step) is saved there atomically every `checkpoint_every` seconds (0: every step); a later call with the
-    same arguments and data resumes from it and returns the same dictionaries, bit for bit, as a run never
-    interrupted. The file is removed when training ends (`keep_checkpoint=True` keeps it, marked finished,
-    so that a call after a kill before the caller saved the result returns it at once); one written for
-    other settings is an error. `executor="ray"` trains each rung as a Ray task on the same stream
-    (featuretree.distributed; `ray_address` picks the cluster) and returns the same dictionaries. `comm`
-    (a featuretree.ddp.Comm, from torchrun) splits every batch across processes and sums their gradients:
-    data parallelism for one wide dictionary; only rank 0 writes `out` and the checkpoint.
+    Each returned SAE has `.metrics` (fvu, l0, dead_fraction, n_tokens, train_fvu). `nested=True` trains ONE
+    dictionary of the widest width whose first w features must also reconstruct the input alone, for every
+    width w (a Matryoshka SAE); the rungs returned are its prefixes (`TopKSAE.prefix`).
+
+    Parameters
+    ----------
+    acts : Activations or Tensor
+        A store (its train split is streamed, its held-out split evaluated) or a Tensor [n, d_model]
+        (trained on, and evaluated on `eval_acts` or itself).
+    widths, k : optional
+        Shorthands for the TrainConfig fields of the same names (a settings object as `widths` is `config`).
+    config : TrainConfig or Config, optional
+        widths, k, epochs, batch_size, lr, nested, seed, auxk_alpha, dead_tokens, shuffle (see TrainConfig);
+        `overrides` (field=value) replace fields.
+    out : path, optional
+        Save every rung to `out/w<width>/` and the metrics to `out/metrics.json`.
+    eval_acts : Tensor, optional
+        Rows to evaluate on instead of the store's held-out split.
+    callback : callable, optional
+        `callback(step, tokens, {width: batch FVU})` after every step (live logging, timing).
+    checkpoint : path or featuretree.checkpoint.Resume, optional
+        Save the whole ladder's state (weights, Adam moments, dead-feature clocks, step) there atomically
+        every `Resume.every` seconds (a path: every 60 s); a later call with the same settings and data
+        resumes from it and returns the same dictionaries, bit for bit, as a run never interrupted. The
+        file is removed at the end unless `Resume.keep` (then it is marked finished and a rerun returns at
+        once); one written for other settings is an error.
+    init : dict, optional
+        {width: TopKSAE} to start from instead of freshly initialised dictionaries (e.g. one rung of a
+        ladder trained alone, as featuretree.scale does).
+    comm : optional
+        A process group from featuretree.scale (torchrun): every batch is split across processes and their
+        gradients summed; only rank 0 writes `out` and the checkpoint.
+    progress : bool
+        Show a tqdm bar.
 
     Example:
         >>> x = torch.randn(2048, 16)
-        >>> saes = train_ladder(x, widths=(32, 64), k=4, epochs=1, batch_size=256, progress=False)
+        >>> saes = train_ladder(x, (32, 64), k=4, epochs=1, batch_size=256, progress=False)
         >>> sorted(saes), saes[64].width
         ([32, 64], 64)
     """
-    widths = tuple(int(w) for w in widths)
-    if not widths or list(widths) != sorted(set(widths)) or widths[0] <= 0:
-        raise FeatureTreeError(f"widths {widths} must be positive and strictly increasing, e.g. (512, 2048, 8192)")
-    if not 0 < k < widths[0]:
-        raise FeatureTreeError(f"k={k} must be at least 1 and below the narrowest width {widths[0]}")
-    from featuretree.distributed import check_executor
-
-    if check_executor(executor) == "ray" and not nested and callback is None and out is None:
-        from featuretree.distributed import ray_train_ladder
-
-        return ray_train_ladder(acts, widths, k, ray_address=ray_address, epochs=epochs, batch_size=batch_size,
-                                lr=lr, auxk_alpha=auxk_alpha, dead_tokens=dead_tokens, seed=seed,
-                                eval_acts=eval_acts, shuffle=shuffle, checkpoint=checkpoint,
-                                checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint)
-    if executor == "ray":
-        log.info("training serially: a nested ladder, a callback or out= needs one process")
+    if dataclasses.is_dataclass(widths):  # train_ladder(acts, cfg)
+        config, widths = widths, None
+    cfg = settings(TrainConfig, config, widths=widths, k=k, **overrides)
+    widths, k, epochs, batch_size, seed, nested = cfg.widths, cfg.k, cfg.epochs, cfg.batch_size, cfg.seed, cfg.nested
+    lr, auxk_alpha, shuffle = cfg.lr, cfg.auxk_alpha, cfg.shuffle
     d_model = d_model_of(acts)
     n_train = n_rows(acts, "train")
     if n_train < batch_size:
         log.warning("only %d training tokens for batch_size %d: using one batch of all of them", n_train, batch_size)
         batch_size = max(1, n_train)
     # A feature is dead after ~ a fifth of an epoch without firing (sparsify uses 10M tokens at scale).
-    dead_tokens = int(dead_tokens if dead_tokens is not None else max(batch_size, min(10_000_000, n_train // 5)))
+    dead_tokens = int(cfg.dead_tokens if cfg.dead_tokens is not None else max(batch_size, min(10_000_000, n_train // 5)))
     tune_malloc()
     torch.manual_seed(seed)
     if nested:
         rungs = {widths[-1]: _Rung(TopKSAE(d_model, widths[-1], k, seed=seed), lr or default_lr(widths[-1]),
                                    dead_tokens, auxk_alpha, prefixes=widths)}
     else:
-        rungs = {w: _Rung(TopKSAE(d_model, w, k, seed=seed + _seed_offset + i), lr or default_lr(w), dead_tokens,
-                          auxk_alpha) for i, w in enumerate(widths)}
+        init = init or {}
+        rungs = {w: _Rung(init[w] if w in init else TopKSAE(d_model, w, k, seed=seed + i), lr or default_lr(w),
+                          dead_tokens, auxk_alpha) for i, w in enumerate(widths)}
     first, step, seen, finished = True, 0, 0, False
     writer = comm is None or comm.rank == 0  # data parallel: one rank writes files, every rank computes
-    if checkpoint is not None:
-        from featuretree.checkpoint import data_fingerprint, fingerprint, load_state, save_state
-
-        settings = fingerprint({"widths": widths, "k": k, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                                "auxk_alpha": auxk_alpha, "dead_tokens": dead_tokens, "seed": seed,
-                                "shuffle": shuffle, "nested": nested, "data": data_fingerprint(acts)})
-        if Path(checkpoint).is_file():
-            tensors, info = load_state(checkpoint)
-            if info.get("settings") != settings:
-                raise FeatureTreeError(f"the training checkpoint {checkpoint} was written for other settings or data: "
-                                       "delete it (or choose another run directory) to train from the start")
+    resume = None if checkpoint is None else (checkpoint if isinstance(checkpoint, Resume) else Resume(checkpoint))
+    if resume is not None:
+        state = Checkpoint(resume.path, {**cfg.to_dict(), "dead_tokens": dead_tokens, "batch_size": batch_size,
+                                         "data": data_fingerprint(acts)},
+                           "the training state of a ladder", "it was written for other settings or data: delete it (or choose "
+                           "another run directory) to train from the start")
+        saved = state.load()
+        if saved is not None:
+            tensors, info = saved
             _unpack(rungs, tensors, info)
             first, step, seen = False, int(info["step"]), int(info["seen"])
             finished = bool(info.get("finished"))
-            log.info("resuming training from %s at step %d (%d tokens seen)%s", checkpoint, step, seen,
+            log.info("resuming training from %s at step %d (%d tokens seen)%s", resume.path, step, seen,
                      ": training had finished" if finished else "")
         last_save = time.monotonic()
     total = n_train * epochs
@@ -389,10 +347,10 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
             r.step(mine, denom, comm, x.shape[0])
         bar.update(x.shape[0])
         step, seen = step + 1, seen + x.shape[0]
-        if checkpoint is not None and time.monotonic() - last_save >= checkpoint_every:
+        if resume is not None and time.monotonic() - last_save >= resume.every:
             if writer:
                 tensors, info = _pack(rungs)
-                save_state(checkpoint, tensors, {**info, "settings": settings, "step": step, "seen": seen})
+                state.save({**info, "step": step, "seen": seen}, tensors)
             last_save = time.monotonic()
         if callback is not None:
             callback(step, seen, {w: r.last_fvu for w, r in rungs.items()})
@@ -401,9 +359,9 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
     bar.close()
     if first:
         raise FeatureTreeError("the activation stream is empty: collect more tokens before training")
-    if checkpoint is not None and keep_checkpoint and not finished and writer:
+    if resume is not None and resume.keep and not finished and writer:
         tensors, info = _pack(rungs)
-        save_state(checkpoint, tensors, {**info, "settings": settings, "step": step, "seen": seen, "finished": True})
+        state.save({**info, "step": step, "seen": seen}, tensors, finished=True)
 
     for r in rungs.values():
         r.sae.eval()
@@ -412,7 +370,7 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
         (whole,) = rungs.values()
         rungs = {w: _Prefix(whole.sae.prefix(w), whole) for w in widths}
     # every rung is evaluated in one read of the held-out stream
-    if eval_acts is None and _is_store(acts) and n_rows(acts, "heldout") > 0:
+    if eval_acts is None and is_store(acts) and n_rows(acts, "heldout") > 0:
         ev = iter_batches(acts, 8192, split="heldout", shuffle=False)
     else:
         ev = iter_batches(eval_acts if eval_acts is not None else acts, 8192, shuffle=False)
@@ -431,6 +389,60 @@ def train_ladder(acts, widths=(128, 512, 2048, 8192), k: int = 16, *, epochs: in
         for w, sae in saes.items():
             sae.save(out / f"w{w}")
         write_json(out / "metrics.json", {f"w{w}": s.metrics for w, s in saes.items()})
-    if checkpoint is not None and not keep_checkpoint and writer:
-        Path(checkpoint).unlink(missing_ok=True)
+    if resume is not None and not resume.keep and writer:
+        state.remove()
     return saes
+
+
+LOCAL_MAX_LR = 1e-3
+"""Learning-rate cap of local dictionaries. The ladder's width rule gives a 64-wide dictionary 9.6e-3, which
+diverged on a refinement region (w512/148 of the default run, 7.5k tokens, k=2: training-set FVU 2.45 vs
+0.49 at 1e-3; on 500-token regions 1e-3 and the rule reach about the same FVU)."""
+
+
+def _schedule(n: int, batch_size: int, epochs: int, min_steps: int = 300) -> tuple[int, int]:
+    """(batch size, epochs) for a small local dictionary: at least `min_steps` steps, at most 200 epochs."""
+    bs = int(min(batch_size, max(32, n // 8)))
+    return bs, int(min(200, max(epochs, math.ceil(min_steps * bs / max(n, 1)))))
+
+
+def local_k(width: int, k: int = 16) -> int:
+    """Default active features per token of a local dictionary: max(1, min(k, width // 64)).
+
+    A local dictionary only has to tell the region's tokens apart (they already share the parent's
+    direction), and fewer active features make children that divide the region instead of overlapping
+    in it: on the default WordNet run, refining w512/148 and w128/66 (width 32 / 64) gave children purer
+    in WordNet lexicographer file than their parent for 66-100% of them at k=1, 55-77% at k=2, 56-76% at
+    k=4 and 45-61% at k=8 (`featuretree eval refine`, docs/EVAL.md).
+
+    Example:
+        >>> local_k(64), local_k(256), local_k(4096, 16)
+        (1, 4, 16)
+    """
+    return max(1, min(int(k), int(width) // 64))
+
+
+def fit_local(x, held, width: int, k: int, seed: int, batch_size: int, epochs: int) -> TopKSAE:
+    """Train one local dictionary (a refinement's) on rows `x`; rows where `held` is True are evaluated, not
+    trained on. Small regions get smaller batches and more epochs (at least 300 steps, at most 200 epochs);
+    the learning rate is capped at LOCAL_MAX_LR.
+
+    Parameters
+    ----------
+    x : Tensor (n, d_model)
+    held : bool ndarray (n,) or None
+    width, k : int
+        Features and active features per token.
+    seed : int
+    batch_size, epochs : int
+        Upper bound on the batch size, lower bound on the epochs.
+
+    Example:
+        >>> fit_local(torch.randn(600, 8), None, 16, 1, 0, 1024, 3).width
+        16
+    """
+    x_train = x if held is None else x[torch.from_numpy(~held)]
+    x_eval = x if held is None else x[torch.from_numpy(held)]
+    bs, epochs = _schedule(x_train.shape[0], batch_size, epochs)
+    return train_ladder(x_train, (width,), k, epochs=epochs, batch_size=bs, seed=seed, progress=False,
+                        lr=min(default_lr(width), LOCAL_MAX_LR), eval_acts=x_eval)[width]

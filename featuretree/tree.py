@@ -18,14 +18,17 @@ from pathlib import Path
 
 import networkx as nx
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from featuretree.config import Config, FeatureTreeError
+from featuretree.activations import is_store
+from featuretree.config import Config, FeatureTreeError, LinkConfig, settings
+from featuretree.firing import fire
 from featuretree.sae import TopKSAE
-from featuretree.train import _is_store, iter_batches
 from featuretree.utils import rung_key
+
+__all__ = ["add_virtual_root", "attach", "candidates", "coverage_matrix", "decoder_cos", "FeatureTree",
+           "link", "node_id", "ROOT"]
 
 log = logging.getLogger(__name__)
 
@@ -109,99 +112,6 @@ def node_id(rung: str, index: int) -> str:
     return f"{rung}/{int(index)}"
 
 
-@torch.no_grad()
-def encode_all(sae: TopKSAE, batches) -> tuple[np.ndarray, np.ndarray]:
-    """Sparse codes of every row: (values (n, k) float32, indices (n, k) int64) as numpy arrays.
-
-    Example:
-        >>> v, i = encode_all(TopKSAE(8, 32, 2), [torch.randn(5, 8)])
-        >>> v.shape, i.shape
-        ((5, 2), (5, 2))
-    """
-    vals, idxs = [], []
-    for x in batches:
-        v, i = sae.encode(x.float())
-        vals.append(v.numpy())
-        idxs.append(i.numpy())
-    if not vals:
-        return np.zeros((0, sae.k), np.float32), np.zeros((0, sae.k), np.int64)
-    return np.concatenate(vals), np.concatenate(idxs)
-
-
-def thresholds(values: np.ndarray, indices: np.ndarray, width: int, rel: float = 0.25) -> np.ndarray:
-    """Per-feature firing threshold: `rel` x the feature's 90th-percentile positive activation (0 if it never fires).
-
-    Example:
-        >>> thresholds(np.array([[2.0, 0.1], [2.0, 0.1]]), np.array([[0, 1], [0, 1]]), 3).tolist()
-        [0.5, 0.025, 0.0]
-    """
-    flat_i, flat_v = indices.reshape(-1), values.reshape(-1)
-    on = flat_v > 0
-    q90 = np.zeros(width, dtype=np.float64)
-    if on.any():
-        df = pd.DataFrame({"f": flat_i[on], "v": flat_v[on]})
-        qs = df.groupby("f")["v"].quantile(0.9)
-        q90[qs.index.to_numpy()] = qs.to_numpy()
-    return rel * q90
-
-
-def drop_weak(values: np.ndarray, indices: np.ndarray, width: int, rel: float = 0.25,
-              at: np.ndarray | None = None) -> np.ndarray:
-    """Zero each activation below `rel` x its feature's 90th-percentile activation (TopK's forced filler).
-
-    TopK makes exactly k features active on every token, so tokens with fewer real features get small
-    filler activations; counting those as firing blurs co-activation (measured on planted data: firing-set
-    Jaccard of root latents rose from 0.57 to 0.9 with rel 0.25-0.3). `at` gives the thresholds (one per
-    feature, e.g. the `fire_at` that `link` stored) instead of measuring them on `values`.
-
-    Example:
-        >>> drop_weak(np.array([[2.0, 0.1], [2.0, 0.1]]), np.array([[0, 1], [0, 2]]), 3).tolist()
-        [[2.0, 0.1], [2.0, 0.1]]
-    """
-    if at is None:
-        if rel <= 0:
-            return values
-        at = thresholds(values, indices, width, rel)
-    return np.where((values >= at[indices]) & (values > 0), values, 0.0).astype(values.dtype)
-
-
-def firing_matrix(values: np.ndarray, indices: np.ndarray, width: int) -> sp.csr_matrix:
-    """Boolean (n, width) CSR matrix: token i fires feature j (value > 0).
-
-    Example:
-        >>> firing_matrix(np.array([[1.0, 0.0]]), np.array([[3, 1]]), 4).toarray().astype(int).tolist()
-        [[0, 0, 0, 1]]
-    """
-    n, k = indices.shape
-    on = values.reshape(-1) > 0
-    rows = np.repeat(np.arange(n), k)[on]
-    m = sp.csr_matrix((np.ones(int(on.sum()), dtype=np.float32), (rows, indices.reshape(-1)[on])), shape=(n, width))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    return m
-
-
-def fire(sae: TopKSAE, x: torch.Tensor, fire_rel: float = 0.25, at: np.ndarray | None = None, *,
-         with_thresholds: bool = False) -> tuple:
-    """Encode `x` and apply the firing rule: (values with weak ones zeroed, indices, firing matrix (n, width)).
-
-    The one definition of "feature j fires on token i" used by linking, labels, refinement and evaluation.
-    `at` (width,) holds fixed thresholds (a tree's stored `fire_at`); without it they are measured on `x`
-    (`with_thresholds=True` appends them to the result).
-
-    Example:
-        >>> v, i, F = fire(TopKSAE(8, 32, 2), torch.randn(5, 8))
-        >>> F.shape
-        (5, 32)
-    """
-    v, i = encode_all(sae, iter_batches(x, 8192, shuffle=False))
-    if at is None:
-        at = thresholds(v, i, sae.width, fire_rel)
-    v = drop_weak(v, i, sae.width, fire_rel, at)
-    F = firing_matrix(v, i, sae.width)
-    return (v, i, F, at) if with_thresholds else (v, i, F)
-
-
 def coverage_matrix(child: sp.csr_matrix, parent: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
     """coverage[c, p] = P(p fires | c fires) as a sparse (w_child, w_parent) matrix, plus both firing counts.
 
@@ -217,17 +127,39 @@ def coverage_matrix(child: sp.csr_matrix, parent: sp.csr_matrix) -> tuple[sp.csr
     return (inv @ co).tocsr(), n_child, n_parent
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+def decoder_cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of two decoder rows (recorded on every edge; never decides a parent alone).
+
+    Example:
+        >>> decoder_cos(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))  # doctest: +ELLIPSIS
+        0.707...
+    """
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
-def _candidates(above: list[str], r: str, fires: dict, min_coverage: float,
+def candidates(above: list[str], r: str, fires: dict, min_coverage: float,
                 within_coverage: float) -> dict[int, list[tuple[str, int, float, float]]]:
     """Candidate parents of each live feature of rung `r`: (rung, index, coverage, reverse) tuples.
 
     Across rungs: the nearest narrower rung holding any parent with coverage >= min_coverage. Within
     rung `r` (the eval-HSAEs rule): P(p | c) >= within_coverage while P(c | p) < within_coverage, i.e. p
     covers c and fires more widely: a child the rung already resolves beside its parent.
+
+    Parameters
+    ----------
+    above : list of str
+        The narrower rungs, narrowest first.
+    r : str
+        The rung whose features get parents.
+    fires : dict
+        {rung: firing matrix (n, width)} on the same tokens.
+    min_coverage, within_coverage : float
+        LinkConfig's thresholds.
+
+    Example:
+        >>> F = {"w2": sp.csr_matrix(np.array([[1.0, 0], [1, 1]]))}
+        >>> candidates([], "w2", F, 0.5, 0.9)
+        {1: [('w2', 0, 1.0, 0.5)]}
     """
     out: dict[int, list[tuple[str, int, float, float]]] = {}
     n_live = np.asarray(fires[r].sum(0)).ravel()
@@ -255,19 +187,31 @@ def _candidates(above: list[str], r: str, fires: dict, min_coverage: float,
     return out
 
 
-def link(saes, acts, *, min_coverage: float = Config.min_coverage, same_threshold: float = Config.same_threshold,
-         within_coverage: float = Config.within_coverage, fire_rel: float = Config.fire_rel,
-         max_tokens: int = 200_000, n_contexts: int = 5, labels: bool = True) -> FeatureTree:
+def link(saes, acts, config: LinkConfig | None = None, *, max_tokens: int = 200_000, n_contexts: int = 5,
+         labels: bool = True, **overrides) -> FeatureTree:
     """Build a FeatureTree from a ladder of dictionaries and the activations to measure co-firing on.
 
-    `saes` is a dict {width or rung name: TopKSAE} or a list ordered narrow to wide. `acts` is an
-    Activations store (its held-out split is used, and labels come from its tokens) or a Tensor
-    [n, d_model] (used whole; labels are then feature ids). An edge p -> c gets `coverage` = P(p | c),
-    `reverse` = P(c | p), decoder `cos`, and `kind` "same" (both coverages >= same_threshold) or "split".
-    A feature "fires" where its activation is at least `fire_rel` x its 90th-percentile activation.
-    Other parents with coverage >= min_coverage are kept in the child's `other_parents`. A feature may
-    also get a parent in its own rung (`within=True` on the edge) when that parent covers it at
-    >= within_coverage but not the other way round: a child the rung resolves beside its parent.
+    An edge p -> c gets `coverage` = P(p | c), `reverse` = P(c | p), decoder `cos`, and `kind` "same" (both
+    coverages >= same_threshold) or "split". Other parents with coverage >= min_coverage are kept in the
+    child's `other_parents`. A feature may also get a parent in its own rung (`within=True` on the edge)
+    when that parent covers it at >= within_coverage but not the other way round: a child the rung
+    resolves beside its parent.
+
+    Parameters
+    ----------
+    saes : dict or list
+        {width or rung name: TopKSAE}, or a list ordered narrow to wide.
+    acts : Activations or Tensor
+        A store (its held-out split is used, and labels come from its tokens) or a Tensor [n, d_model]
+        (used whole; labels are then feature ids).
+    config : LinkConfig or Config, optional
+        min_coverage, within_coverage, same_threshold, fire_rel (see LinkConfig); `overrides` replace fields.
+    max_tokens : int
+        Most held-out tokens to measure co-activation on.
+    n_contexts : int
+        Contexts kept per node for labels.
+    labels : bool
+        Label the nodes (needs a store with tokens).
 
     Example:
         >>> from featuretree.train import train_ladder
@@ -277,6 +221,9 @@ def link(saes, acts, *, min_coverage: float = Config.min_coverage, same_threshol
         >>> sorted(tree.graph.nodes[n]["width"] for n in tree.roots())[0]
         8
     """
+    cfg = settings(LinkConfig, config, **overrides)
+    min_coverage, within_coverage, fire_rel = cfg.min_coverage, cfg.within_coverage, cfg.fire_rel
+    same_threshold = cfg.same_threshold
     if isinstance(saes, (list, tuple)):
         saes = {f"w{s.width}": s for s in saes}
     saes = {(k if isinstance(k, str) else f"w{int(k)}"): v for k, v in saes.items()}
@@ -286,8 +233,8 @@ def link(saes, acts, *, min_coverage: float = Config.min_coverage, same_threshol
     d_models = {saes[r].d_model for r in rungs}
     if len(d_models) != 1:
         raise FeatureTreeError(f"dictionaries disagree on d_model {sorted(d_models)}: link rungs trained on the same layer")
-    split = "heldout" if _is_store(acts) and acts.n_rows("heldout") > 0 else "all"
-    if _is_store(acts):
+    split = "heldout" if is_store(acts) and acts.n_rows("heldout") > 0 else "all"
+    if is_store(acts):
         x_eval = acts.load(split, max_tokens=max_tokens)
     else:
         x_eval = torch.as_tensor(acts)[:max_tokens]
@@ -303,7 +250,7 @@ def link(saes, acts, *, min_coverage: float = Config.min_coverage, same_threshol
 
     codes, fires = {}, {}
     g = nx.DiGraph(rungs=rungs, n_tokens=int(n), min_coverage=min_coverage, fire_rel=fire_rel)
-    if _is_store(acts):  # where refine finds the tokens again (build makes it relative to the run)
+    if is_store(acts):  # where refine finds the tokens again (build makes it relative to the run)
         g.graph["acts"] = str(Path(acts.path).resolve())
     for r in rungs:
         sae = saes[r]
@@ -317,7 +264,7 @@ def link(saes, acts, *, min_coverage: float = Config.min_coverage, same_threshol
 
     n_novel = 0
     for i, r in enumerate(rungs):
-        cands = _candidates(rungs[:i], r, fires, min_coverage, within_coverage)
+        cands = candidates(rungs[:i], r, fires, min_coverage, within_coverage)
         for c, pool in cands.items():
             attach(g, saes, r, c, pool, same_threshold)
         if i > 0:
@@ -331,7 +278,7 @@ def link(saes, acts, *, min_coverage: float = Config.min_coverage, same_threshol
     add_virtual_root(g, rungs[0])
 
     tree = FeatureTree(g, dict(saes), None)
-    if labels and _is_store(acts):
+    if labels and is_store(acts):
         from featuretree.label import annotate
 
         annotate(tree, codes, acts.tokens(split, max_tokens=max_tokens), acts, n_contexts=n_contexts)
@@ -339,7 +286,7 @@ def link(saes, acts, *, min_coverage: float = Config.min_coverage, same_threshol
 
 
 def attach(g: nx.DiGraph, saes: dict, r: str, c: int, pool: list[tuple[str, int, float, float]],
-           same_threshold: float = Config.same_threshold) -> None:
+           same_threshold: float = LinkConfig.same_threshold) -> None:
     """Add the edge from the primary parent among `pool` (rung, index, coverage, reverse) to feature c of rung r;
     the other candidates go to the child's `other_parents`.
 
@@ -357,7 +304,7 @@ def attach(g: nx.DiGraph, saes: dict, r: str, c: int, pool: list[tuple[str, int,
     pr, p, cov, rev = max(tied, key=lambda t: (t[3], t[0] == r))
     kind = "same" if cov >= same_threshold and rev >= same_threshold else "split"
     g.add_edge(node_id(pr, p), node_id(r, c), coverage=cov, reverse=rev,
-               cos=_cos(saes[r].W_dec.detach()[c], saes[pr].W_dec.detach()[p]), kind=kind, within=pr == r)
+               cos=decoder_cos(saes[r].W_dec.detach()[c], saes[pr].W_dec.detach()[p]), kind=kind, within=pr == r)
     others = sorted((t for t in pool if t[:2] != (pr, p)), key=lambda t: -t[2])[:8]
     g.nodes[node_id(r, c)]["other_parents"] = [[node_id(q, j), round(v, 4)] for q, j, v, _ in others]
 

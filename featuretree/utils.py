@@ -11,6 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+__all__ = ["atomic_path", "check_safetensors", "graph_of", "quiet", "rung_key", "rung_of",
+           "SAFETENSORS_HINT", "save_tensors", "store_path", "tree_edge", "tree_parent", "write_json",
+           "write_text"]
+
 
 @contextlib.contextmanager
 def quiet(name: str = "featuretree.activations") -> Iterator[None]:

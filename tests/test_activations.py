@@ -12,8 +12,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from _models import tiny_gpt2 as _tiny_gpt2  # noqa: E402
 
-from featuretree.activations import Activations, collect  # noqa: E402
+from featuretree.activations import Activations
 from featuretree.config import FeatureTreeError  # noqa: E402
+from featuretree.harvest import collect  # noqa: E402
 from featuretree.model import get_tokenizer, load_model  # noqa: E402
 
 LAYER, N_TOKENS, MAX_LENGTH, SHARD, HELDOUT = 3, 2000, 48, 300, 5
@@ -280,11 +281,11 @@ def _store_bytes(path):
 
 
 def test_killed_harvest_resumes_to_the_same_store(store, model, texts, tmp_path, monkeypatch):
-    import featuretree.activations as A
+    import featuretree.harvest as A
 
     kw = dict(n_tokens=N_TOKENS, batch_size=8, max_length=MAX_LENGTH, shard_size=SHARD, heldout_every=HELDOUT,
               progress=False)
-    original, calls = A._write_shard, []
+    original, calls = A.write_shard, []
 
     def dies_at_the_third_shard(*args):
         calls.append(args[1])
@@ -292,10 +293,10 @@ def test_killed_harvest_resumes_to_the_same_store(store, model, texts, tmp_path,
             raise KeyboardInterrupt  # as if killed while writing shard 2 (it is never renamed into place)
         return original(*args)
 
-    monkeypatch.setattr(A, "_write_shard", dies_at_the_third_shard)
+    monkeypatch.setattr(A, "write_shard", dies_at_the_third_shard)
     with pytest.raises(KeyboardInterrupt):
         collect(model, LAYER, texts, out=tmp_path, **kw)
-    monkeypatch.setattr(A, "_write_shard", original)
+    monkeypatch.setattr(A, "write_shard", original)
     progress = json.loads((tmp_path / "progress.json").read_text())
     assert len(progress["shards"]) == 2 and not (tmp_path / "meta.json").exists()
     with pytest.raises(FeatureTreeError, match="no meta.json"):

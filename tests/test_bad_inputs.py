@@ -15,6 +15,7 @@ import torch
 import featuretree as ft
 from featuretree import FeatureTreeError
 from featuretree.__main__ import main
+from featuretree.activations import Activations
 
 TEXTS = ["the dog barked at the cat all night", "a small bird sang in the tall oak tree",
          "the doctor treated the patient for a fever", "the court ruled that the contract was void",
@@ -85,7 +86,7 @@ def test_very_long_lines_are_truncated_not_fatal(tmp_path, corpus):
     long = tmp_path / "long.txt"
     long.write_text(("word " * 400_000) + "\n" + corpus.read_text())  # a 2 MB line, then ordinary ones
     assert main(["-q", "build", "--corpus", str(long), *SMALL, "--max-length", "64", "--out", str(tmp_path / "r")]) == 0
-    acts = ft.Activations(tmp_path / "r" / "acts")
+    acts = Activations(tmp_path / "r" / "acts")
     assert acts.tokens("all").groupby("doc_id").size().max() <= 64  # the tokenizer cut it at max_length
 
 

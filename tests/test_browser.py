@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from _cdp import read_png
 
-from featuretree.export import write_sunburst
+from featuretree.explore import write_sunburst
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),

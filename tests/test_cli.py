@@ -157,3 +157,53 @@ def test_refine_search_and_explorer_from_the_cli(run_dir, tmp_path, capsys):
     assert lines[0].split() == ["step", "node", "score", "query_rate", "label"] and len(lines) >= 2
     assert main(["-q", "refine", str(run_dir), "w16/999"]) == 2
     assert "unknown node 'w16/999'" in capsys.readouterr().err
+
+
+# List flags take "a,b,c", "a b c" or a mix (parsed only: nothing is built)
+
+
+def _config(argv):
+    from featuretree import Config
+    from featuretree.__main__ import make_parser
+
+    return Config.from_args(make_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("widths", [["16", "32", "64"], ["16,32", "64"], ["16", "32,64"], ["16, 32,", "64"]])
+def test_list_flags_take_spaces_commas_or_both(widths):
+    comma = _config(["build", "--widths", "16,32,64", "--k", "4", "--out", "x"])
+    spaced = _config(["build", "--widths", *widths, "--k", "4", "--out", "x"])
+    assert spaced == comma and spaced.widths == (16, 32, 64)
+    assert _config(["build", "--k", "4", "--widths", *widths]) == comma  # the last flag: nothing follows it
+
+
+def test_list_flags_leave_positionals_alone(capsys):
+    from featuretree.__main__ import make_parser
+
+    p = make_parser()
+    args = p.parse_args(["train", "store", "--widths", "16", "32", "--out", "o"])  # positional before the list
+    assert args.store == "store" and tuple(args.widths) == (16, 32)
+    args = p.parse_args(["train", "--out", "o", "--widths", "16", "32", "--", "store"])  # -- ends the list
+    assert args.store == "store" and tuple(args.widths) == (16, 32)
+    args = p.parse_args(["search", "run", "big", "cat", "--max-depth", "2"])  # nargs="+" positionals as before
+    assert args.run == "run" and args.query == ["big", "cat"]
+    for widths in (["16", "32"], ["16,32"]):  # a list flag takes every word up to the next flag, so it
+        with pytest.raises(SystemExit) as e:  # swallows a positional after it: the message says what to do
+            p.parse_args(["train", "--widths", *widths, "store", "--out", "o"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "'store' is not an integer" in err and "put positional arguments before it" in err
+
+
+def test_hand_written_list_flags_take_both_forms():
+    from featuretree.__main__ import make_parser
+
+    p = make_parser()
+    a = p.parse_args(["eval", "refine", "run", "--nodes", "w512/1,w128/2", "w16/3", "--widths", "8", "16",
+                      "--ks", "1,2", "--seeds", "3"])
+    assert list(a.nodes) == ["w512/1", "w128/2", "w16/3"] and list(a.widths) == [8, 16]
+    assert list(a.ks) == [1, 2] and list(a.seeds) == [3] and a.run == "run"
+    b = p.parse_args(["eval", "planted", "--configs", "wide-8x5x2", "forest-12x3x3", "--seeds", "0,1", "2"])
+    assert list(b.configs) == ["wide-8x5x2", "forest-12x3x3"] and list(b.seeds) == [0, 1, 2]
+    d = p.parse_args(["eval", "planted"])
+    assert d.configs is None and list(d.seeds) == [0, 1, 2] and list(d.widths) == [32, 64]

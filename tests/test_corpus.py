@@ -1,4 +1,4 @@
-"""Tests for featuretree.corpus and the bundled WordNet file (data/build_wordnet.py)."""
+"""Tests for featuretree.corpus and the bundled WordNet file (featuretree/data/, built by data/build_wordnet.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from featuretree.config import FeatureTreeError
 from featuretree.corpus import Corpus, data_dir, load_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "data" / "wordnet.jsonl.gz"
+SHIPPED = ROOT / "featuretree" / "data" / "wordnet.jsonl.gz"
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,19 @@ def test_bad_limit_and_missing_wordnet(tmp_path, monkeypatch):
         load_corpus("wordnet")
 
 
+def test_bundled_data_is_package_data(monkeypatch):
+    """The corpus lives inside the package (so the wheel ships it) and the build script writes it there."""
+    monkeypatch.delenv("FEATURETREE_DATA", raising=False)
+    import featuretree
+
+    assert data_dir() == Path(featuretree.__file__).parent / "data" == SHIPPED.parent
+    assert (data_dir() / "WORDNET_LICENSE").is_file()
+    assert not (ROOT / "data" / "wordnet.jsonl.gz").exists(), "a stale copy of the corpus outside the package"
+    out = subprocess.run([sys.executable, str(ROOT / "data" / "build_wordnet.py"), "--help"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "featuretree/data/wordnet.jsonl.gz" in out
+
+
 def test_featuretree_data_overrides(tmp_path, monkeypatch):
     with gzip.open(SHIPPED, "rt", encoding="utf-8") as fh:
         head = [next(fh) for _ in range(20)]
@@ -155,7 +168,7 @@ def test_build_is_reproducible(tmp_path):
     # compare the records first, so a failure says whether the content or only the compression differs
     assert gzip.decompress(out.read_bytes()) == gzip.decompress(SHIPPED.read_bytes()), "records differ"
     assert out.read_bytes() == SHIPPED.read_bytes(), "same records, different gzip bytes (zlib version?)"
-    assert (tmp_path / "WORDNET_LICENSE").read_text() == (ROOT / "data" / "WORDNET_LICENSE").read_text()
+    assert (tmp_path / "WORDNET_LICENSE").read_text() == (SHIPPED.parent / "WORDNET_LICENSE").read_text()
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import featuretree as ft
-from featuretree.refine import node_mask
+from featuretree.activations import Activations
+from featuretree.firing import node_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--n-tokens", "20000", "--widths", "32,128", "--k", "8", "--epochs", "3", "--batch-size", "256"]  # seconds
@@ -64,7 +65,7 @@ def test_biology_dfs_refines_a_coarse_node_two_levels(small_run, tmp_path, monke
     for name in ("tree.json", "sunburst.html", "explorer.html"):
         assert (out / name).is_file(), name
     # the truth of a refinement: a child fires only where its parent does, on the run's held-out tokens
-    x = ft.Activations(small_run / "acts").load("heldout")
+    x = Activations(small_run / "acts").load("heldout")
     parent_on = node_mask(deep, node, x)
     for c in kids[:4]:
         assert not (node_mask(deep, c, x) & ~parent_on).any()

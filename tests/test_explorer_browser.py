@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from _cdp import Chromium, read_png
 
-from featuretree.export import write_explorer, write_sunburst
+from featuretree.explore import write_explorer, write_sunburst
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),

@@ -15,17 +15,8 @@ import pytest
 import torch
 
 from featuretree.config import Config, FeatureTreeError
-from featuretree.export import (
-    from_graphml,
-    icicle,
-    load,
-    save,
-    sunburst,
-    to_frame,
-    to_graphml,
-    write_explorer,
-    write_sunburst,
-)
+from featuretree.explore import icicle, sunburst, write_explorer, write_sunburst
+from featuretree.export import from_graphml, load, save, to_frame, to_graphml
 from featuretree.sae import TopKSAE
 from featuretree.tree import FeatureTree
 

@@ -9,8 +9,7 @@ from _models import tiny_gpt2
 
 from featuretree import FeatureTreeError, collect, link, load_model, train_ladder
 from featuretree.find import find
-from featuretree.refine import query_rates
-from featuretree.tree import fire
+from featuretree.firing import fire, query_rates
 
 WORDS = ("the a cat dog bird tree river mountain house small large red runs jumps sings grows of in on with "
          "photosynthesis chlorophyll enzyme violin symphony anthrax bacterium infection geology basalt").split()
@@ -80,7 +79,7 @@ def test_find_errors(run):
 
 def fires_on_word(tree, acts, node, word):
     """(rate on `word` tokens, rate elsewhere) of `node` on the store's tokens, gated like the tree fires."""
-    from featuretree.refine import node_mask
+    from featuretree.firing import node_mask
 
     on = node_mask(tree, node, acts.load("all"))
     is_w = np.array(acts.token_strings(acts.tokens("all")["token_id"].tolist())) == word
@@ -135,14 +134,14 @@ def test_search_follows_the_branch_that_leads_to_the_best_score():
     import networkx as nx
     import pandas as pd
 
-    from featuretree.refine import _answering, _reach
+    from featuretree.find import answering, branch_reach
     from featuretree.tree import FeatureTree
 
     g = nx.DiGraph([("w2/0", "w8/0"), ("w2/0", "w8/1"), ("w2/1", "w8/2"), ("w8/2", "w32/5")])
     scores = pd.DataFrame({"score": [1.0, 2.5, 0.4, -1.0, 0.8, 3.9], "query_rate": [0.9, 0.9, 0.3, 0.0, 0.5, 0.5]},
                           index=["w2/0", "w2/1", "w8/0", "w8/1", "w8/2", "w32/5"])
-    reach = _reach(FeatureTree(g), scores)
+    reach = branch_reach(FeatureTree(g), scores)
     assert reach["w2/0"] == 1.0 and reach["w2/1"] == 3.9 and reach["w8/2"] == 3.9 and "w8/1" not in reach
-    assert _answering(["w8/0", "w8/1"], scores) == ["w8/0"]
+    assert answering(["w8/0", "w8/1"], scores) == ["w8/0"]
     scores.loc["w8/2", "score"] = -0.5  # a branch through a node that does not answer does not count
-    assert _reach(FeatureTree(g), scores)["w2/1"] == 2.5
+    assert branch_reach(FeatureTree(g), scores)["w2/1"] == 2.5

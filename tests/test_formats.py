@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import featuretree as ft
 from featuretree import FeatureTreeError, TopKSAE
+from featuretree.export import from_frame, from_graphml, to_graphml
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +115,10 @@ def test_real_tree_round_trips_through_tables_and_graphml(tmp_path):
     tree = ft.build(ft.Config(corpus=str(corpus), n_tokens=900, widths=(8, 32), k=2, epochs=2, batch_size=128),
                     out=tmp_path / "run", progress=False)
     g = tree.graph
-    h = ft.from_frame(ft.to_frame(tree, virtual=True), ft.to_frame(tree, edges=True), g.graph)
+    h = from_frame(ft.to_frame(tree, virtual=True), ft.to_frame(tree, edges=True), g.graph)
     assert dict(h.nodes(data=True)) == dict(g.nodes(data=True))
     assert {(p, c): d for p, c, d in h.edges(data=True)} == {(p, c): d for p, c, d in g.edges(data=True)}
     assert h.graph == g.graph
-    k = ft.from_graphml(ft.to_graphml(tree, tmp_path / "t.graphml"))
+    k = from_graphml(to_graphml(tree, tmp_path / "t.graphml"))
     assert nx.utils.graphs_equal(k, g)
     assert dict(k.nodes(data=True)) == dict(g.nodes(data=True))

@@ -3,8 +3,7 @@
 import networkx as nx
 import pytest
 
-from featuretree import CausalLMLabeler, label_tree
-from featuretree.label import family_words, labeler_prompt, node_facts
+from featuretree.label import CausalLMLabeler, family_words, label_tree, labeler_prompt, node_facts
 from featuretree.tree import ROOT, FeatureTree, add_virtual_root
 
 

@@ -16,9 +16,12 @@ from _models import tiny_gpt2
 import featuretree as ft
 from featuretree import FeatureTreeError
 from featuretree.__main__ import main
-from featuretree.compare import aligned_activations, assign, correlations, sparse_codes
+from featuretree.activations import Activations
+from featuretree.compare import aligned_activations, assign, correlations, match, sparse_codes
 from featuretree.eval import jaccard, planted_hierarchy
-from featuretree.tree import FeatureTree, fire
+from featuretree.find import novel
+from featuretree.firing import fire
+from featuretree.tree import FeatureTree
 
 WORDS = ("the a cat dog bird tree river mountain house small large red runs jumps sings grows of in on with "
          "photosynthesis chlorophyll enzyme violin symphony anthrax bacterium infection geology basalt").split()
@@ -65,7 +68,7 @@ def flat():
 
 def test_match_two_seeds_share_the_planted_features(flat):
     held, (a, b) = flat
-    m = ft.match(a, b, held.acts, threshold=0.7)
+    m = match(a, b, held.acts, threshold=0.7)
     assert m.shared_fraction > 0.8, m
     assert list(m.pairs["corr"]) == sorted(m.pairs["corr"], reverse=True)
     assert m.pairs.a.is_unique and m.pairs.b.is_unique  # one-to-one
@@ -83,7 +86,7 @@ def test_match_two_seeds_share_the_planted_features(flat):
 
 def test_hierarchy_shares_less_but_pairs_stay_true():
     held, (a, b) = _planted_pair(depth=2, n_roots=8, width=32, k=3)
-    m = ft.match(a, b, held.acts)
+    m = match(a, b, held.acts)
     s = m.pairs[m.pairs.shared]
     ta, ja = _planted_feature(a, held)
     tb, jb = _planted_feature(b, held)
@@ -101,29 +104,29 @@ def test_rare_features_take_no_part(flat):
     held, (a, b) = flat
     x = held.acts[:300]
     na, nb = sparse_codes(a, x).getnnz(0), sparse_codes(b, x).getnnz(0)
-    m = ft.match(a, b, x, min_tokens=25)
+    m = match(a, b, x, min_tokens=25)
     assert len(m.pairs) and (na[_index(m.pairs.a)] >= 25).all() and (nb[_index(m.pairs.b)] >= 25).all()
     assert m.n_live_a == int((na >= 25).sum()) and m.n_live_b == int((nb >= 25).sum())
-    assert ft.match(a, b, x, min_tokens=1).n_live_a == int((na > 0).sum())
+    assert match(a, b, x, min_tokens=1).n_live_a == int((na > 0).sum())
 
 
 def test_untrained_dictionary_shares_little(flat):
     held, (a, _) = flat
-    m = ft.match(a, ft.TopKSAE(32, 32, 4, seed=5), held.acts)
+    m = match(a, ft.TopKSAE(32, 32, 4, seed=5), held.acts)
     assert m.shared_fraction < 0.2, m
 
 
 def test_permuted_copy_is_recovered_exactly_in_any_space(flat):
     held, (a, _) = flat
     perm = torch.randperm(a.width, generator=torch.Generator().manual_seed(3)).numpy()
-    m = ft.match(a, _permuted(a, perm), held.acts)
+    m = match(a, _permuted(a, perm), held.acts)
     p = m.pairs
     assert len(p) == m.n_live_a and m.shared_fraction == 1.0
     assert np.array_equal(perm[_index(p.a)], _index(p.b))
     assert np.allclose(p["corr"], 1.0, atol=1e-6) and np.allclose(p.cos, 1.0, atol=1e-5)
     # b in another, wider space (x @ M): same codes, so the same pairs; decoder cosines are undefined
     M = torch.linalg.qr(torch.randn(48, 32, generator=torch.Generator().manual_seed(4)))[0].T  # (32, 48)
-    other = ft.match({32: a}, {"w32": _permuted(a, perm, M)}, held.acts, acts_b=held.acts @ M)
+    other = match({32: a}, {"w32": _permuted(a, perm, M)}, held.acts, acts_b=held.acts @ M)
     assert np.array_equal(perm[_index(other.pairs.a)], _index(other.pairs.b))
     assert other.pairs.cos.isna().all() and other.shared_fraction == 1.0
 
@@ -146,18 +149,18 @@ def test_rungs_of_trees_and_ladders(flat):
     held, (a, b) = flat
     ladder = ft.train_ladder(held.acts, (8, 16), k=2, epochs=1, batch_size=512, progress=False)
     tree = ft.link(ladder, held.acts, labels=False)
-    m = ft.match(tree, {32: a, 16: b.prefix(16)}, held.acts, rung_b="w16")
+    m = match(tree, {32: a, 16: b.prefix(16)}, held.acts, rung_b="w16")
     assert m.rung_a == "w16" and m.rung_b == "w16" and m.pairs.a.str.startswith("w16/").all()
-    assert ft.match(tree, {32: a, 16: b.prefix(16)}, held.acts).rung_b == "w32"  # the widest by default
-    assert ft.match(tree, a, held.acts, rung_a=8).rung_a == "w8"
+    assert match(tree, {32: a, 16: b.prefix(16)}, held.acts).rung_b == "w32"  # the widest by default
+    assert match(tree, a, held.acts, rung_a=8).rung_a == "w8"
     with pytest.raises(FeatureTreeError, match="no rung 'w99'"):
-        ft.match(tree, a, held.acts, rung_a="w99")
+        match(tree, a, held.acts, rung_a="w99")
     with pytest.raises(FeatureTreeError, match="pass acts="):
-        ft.match(a, b)
+        match(a, b)
     with pytest.raises(FeatureTreeError, match="d_model 32"):
-        ft.match(a, b, held.acts, acts_b=torch.randn(len(held.acts), 7))
+        match(a, b, held.acts, acts_b=torch.randn(len(held.acts), 7))
     with pytest.raises(FeatureTreeError, match="same tokens"):
-        ft.match(a, b, held.acts, acts_b=held.acts[:10])
+        match(a, b, held.acts, acts_b=held.acts[:10])
 
 
 # ---- across models: tokens aligned by character span ----------------------------------------------------
@@ -215,20 +218,20 @@ def test_trees_of_two_models_are_matched_on_span_aligned_tokens(tiny_run):
     n_words = sum(len(t.split()) for t in texts)
     assert x_a.shape[0] == n_words - 20  # every word but the 20 "word." ones
     assert torch.allclose(x_a, x_b, atol=1e-5)
-    m = ft.match(tree_a, tree_b, texts=texts, model_a=(mod_a, tok_a), model_b=(mod_b, tok_b))
+    m = match(tree_a, tree_b, texts=texts, model_a=(mod_a, tok_a), model_b=(mod_b, tok_b))
     assert m.n_tokens == n_words - 20 and m.rung_a == "w48"
     assert np.array_equal(perm[_index(m.pairs.a)], _index(m.pairs.b))
     assert np.allclose(m.pairs["corr"], 1.0, atol=1e-5)
     assert (m.pairs.label_a != m.pairs.a).any()  # tree A's labels ride along
     with pytest.raises(FeatureTreeError, match="no config"):
-        ft.match(tree_a.saes["w48"], tree_b, texts=texts)
+        match(tree_a.saes["w48"], tree_b, texts=texts)
 
 
 # ---- novel -----------------------------------------------------------------------------------------------
 def test_novel_ranks_the_unseen_word_features_first(tiny_run):
     model, _, tree = tiny_run
     texts = _corpus(20, seed=10, words=[*WORDS, *[NEW] * 6])  # the corpus's words, and NEW on ~1 token in 6
-    df = ft.novel(tree, texts, model=model, layer=0, top=None)
+    df = novel(tree, texts, model=model, layer=0, top=None)
     assert list(df.log_ratio) == sorted(df.log_ratio, reverse=True)
     assert set(df.direction) == {"up", "down"} and ((df.log_ratio > 0) == (df.direction == "up")).all()
     assert "root" not in set(df.node)
@@ -241,7 +244,7 @@ def test_novel_ranks_the_unseen_word_features_first(tiny_run):
     on = np.asarray(F[:, int(j)].todense()).ravel() > 0
     is_new = np.array(acts.token_strings(acts.tokens("all")["token_id"].tolist())) == NEW
     assert on[is_new].mean() > 0.5 and on[is_new].mean() > 5 * max(on[~is_new].mean(), 1e-3)
-    assert len(ft.novel(tree, texts, model=model, layer=0, top=3)) == 3
+    assert len(novel(tree, texts, model=model, layer=0, top=3)) == 3
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------
@@ -255,7 +258,7 @@ def two_runs(tmp_path_factory):
     corpus.write_text("\n".join(f"{t} ({i})" for i, t in enumerate(texts)) + "\n")
     cfg = ft.Config(corpus=str(corpus), n_tokens=1200, widths=(16, 32), k=4, epochs=2, batch_size=128)
     tree = ft.build(cfg, out=d / "a", progress=False)
-    acts = ft.Activations(d / "a" / "acts")
+    acts = Activations(d / "a" / "acts")
     other = ft.link(ft.train_ladder(acts, cfg.widths, k=cfg.k, epochs=2, batch_size=128, seed=1, progress=False),
                     acts)
     other.config = tree.config

@@ -139,7 +139,7 @@ def test_longest_modulelist_fallback():
 def test_remote_models_trace_remotely_on_the_same_code_path(tmp_path):
     """NDIF is out of reach here: a local model flagged remote must get `remote=True` on every trace, and
     the store must equal the local one (the same code path); a remote repo id offline is a clear error."""
-    from featuretree.activations import collect
+    from featuretree.harvest import collect
     from featuretree.model import REMOTE_ATTR, is_remote
 
     texts = ["a cat sat on the mat", "the dog barked", "birds sing in the tall tree"] * 4

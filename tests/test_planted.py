@@ -7,7 +7,8 @@ import logging
 import networkx as nx
 import pytest
 
-from featuretree import FeatureTreeError, edge_scores, link, planted_hierarchy, train_ladder
+from featuretree import FeatureTreeError, link, train_ladder
+from featuretree.eval import edge_scores, planted_hierarchy
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def test_compare_rules_and_eval_cli(capsys):
 
 
 def test_threshold_sweep_scores_each_setting_like_a_direct_link():
-    from featuretree.eval import _planted_ladders, sweep_thresholds
+    from featuretree.eval import planted_ladders, sweep_thresholds
 
     grid = {"min_coverage": (0.5, 0.97), "within_coverage": (2.0,)}
     df = sweep_thresholds(["wide-8x5x2"], seeds=[0], grid=grid)
@@ -101,7 +102,7 @@ def test_threshold_sweep_scores_each_setting_like_a_direct_link():
     default = by.loc[("min_coverage", 0.5)]
     assert bool(default.is_default) and not bool(by.loc[("within_coverage", 2.0)].is_default)
     assert default.precision >= 0.95 and default.recall >= 0.9
-    (_, _, saes, _, held), = _planted_ladders(["wide-8x5x2"], [0], 60_000, 20_000, 6, False)  # the same ladder
+    (_, _, saes, _, held), = planted_ladders(["wide-8x5x2"], [0], 60_000, 20_000, 6, False)  # the same ladder
     for (threshold, value), row in by.iterrows():
         direct = edge_scores(link(saes, held.acts, labels=False, **{threshold: value}), held)
         assert (row.precision, row.recall) == (direct["precision"], direct["recall"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import featuretree as ft
+from featuretree.activations import Activations
 from featuretree.eval import label_purity, purity_gain
 
 
@@ -15,7 +16,7 @@ def wordnet_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("wn")
     tree = ft.build(ft.Config(n_tokens=5000, widths=(16, 64), k=4, epochs=2, batch_size=512), out=out,
                     progress=False)
-    return out, tree, ft.Activations(out / "acts"), ft.load_corpus("wordnet").labels
+    return out, tree, Activations(out / "acts"), ft.load_corpus("wordnet").labels
 
 
 def _direct(tree, acts, labels, node, column):
@@ -62,7 +63,7 @@ def test_eval_wordnet_cli(wordnet_run, capsys):
 
 def test_refined_purity_counts_gated_tokens_and_the_cli_prints_it(wordnet_run, capsys):
     from featuretree.__main__ import main
-    from featuretree.refine import node_mask
+    from featuretree.firing import node_mask
 
     out, tree, acts, labels = wordnet_run
     node = max(tree.roots(), key=lambda n: tree.graph.nodes[n]["freq"])

@@ -6,7 +6,7 @@ import torch
 
 from featuretree import FeatureTreeError, link, load, refine, save, train_ladder
 from featuretree.eval import match_features, planted_hierarchy
-from featuretree.refine import fire_rungs, node_mask
+from featuretree.firing import fire_rungs, node_mask
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,31 @@ def test_refine_errors(planted_tree):
         refine(tree, node, width=8, k=8, acts=p.acts, progress=False)
     with pytest.raises(FeatureTreeError, match="depth"):
         refine(tree, node, depth=0, acts=p.acts, progress=False)
+
+
+def test_refine_checkpoint_of_another_refinement_is_refused(planted_tree, tmp_path):
+    """A refinement killed after its region was saved leaves its checkpoint; another node's refinement in the
+    same place is refused, and rerunning the killed one finishes it with the tree a run never killed gives."""
+    from featuretree.refine import submit_here
+
+    p, tree = planted_tree
+    a, b = root_node(tree, p, 0), root_node(tree, p, 1)
+    kw = dict(width=6, k=1, depth=2, acts=p.acts, min_tokens=300, max_tokens=8000, progress=False)
+    calls = []
+
+    def dies_on_the_second_submit(jobs):
+        calls.append(len(jobs))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if killed while the children's dictionaries train
+        return submit_here(jobs)
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        refine(tree, a, checkpoint=ckpt, submit=dies_on_the_second_submit, **kw)
+    assert (ckpt / "region.safetensors").is_file() and calls[0] == 1 and calls[1] >= 2
+    with pytest.raises(FeatureTreeError, match=r"ckpt holds an unfinished refinement with other settings \(node"):
+        refine(tree, b, checkpoint=ckpt, **kw)
+    resumed = refine(tree, a, checkpoint=ckpt, **kw)
+    once = refine(tree, a, **kw)
+    assert list(resumed.graph.nodes) == list(once.graph.nodes) and not ckpt.exists()
+    assert dict(resumed.graph.nodes(data=True)) == dict(once.graph.nodes(data=True))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from featuretree import FeatureTreeError, TopKSAE, train_ladder
+from featuretree.checkpoint import Resume
 from featuretree.train import evaluate
 
 
@@ -123,15 +124,15 @@ def test_training_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
 
     for n in (1, 20, 40):  # killed early, mid-epoch and in the second epoch; each time resumed
         with pytest.raises(Killed):
-            train_ladder(x, (32, 64), checkpoint=ckpt, checkpoint_every=0, callback=dies_at(n), **kw)
+            train_ladder(x, (32, 64), checkpoint=Resume(ckpt, every=0), callback=dies_at(n), **kw)
         assert ckpt.is_file()
-    resumed = train_ladder(x, (32, 64), checkpoint=ckpt, checkpoint_every=0, **kw)
+    resumed = train_ladder(x, (32, 64), checkpoint=Resume(ckpt, every=0), **kw)
     for w in (32, 64):
         assert all(torch.equal(a, b) for a, b in zip(ref[w].parameters(), resumed[w].parameters()))
         assert ref[w].metrics == resumed[w].metrics
     assert not ckpt.exists()  # removed once training ended
     with pytest.raises(Killed):
-        train_ladder(x, (32, 64), checkpoint=ckpt, checkpoint_every=0, callback=dies_at(5), **kw)
+        train_ladder(x, (32, 64), checkpoint=Resume(ckpt, every=0), callback=dies_at(5), **kw)
     with pytest.raises(FeatureTreeError, match="other settings or data"):
         train_ladder(x, (32, 64), checkpoint=ckpt, **{**kw, "k": 2})
     with pytest.raises(FeatureTreeError, match="other settings or data"):

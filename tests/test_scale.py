@@ -1,4 +1,4 @@
-"""Ray fan-out gives the serial results: a ladder's rungs as tasks, sibling refinements as tasks (local cluster)."""
+"""featuretree.scale: Ray fan-out gives the serial results: a ladder's rungs as tasks, sibling refinements as tasks (local cluster)."""
 
 import pytest
 import torch
@@ -6,6 +6,8 @@ import torch
 ray = pytest.importorskip("ray", reason="needs Ray: pip install 'featuretree[ray]'")
 
 import featuretree as ft  # noqa: E402
+from featuretree import scale  # noqa: E402
+from featuretree.checkpoint import Resume  # noqa: E402
 from featuretree.eval import planted_hierarchy  # noqa: E402
 
 
@@ -29,11 +31,11 @@ def planted():
 def test_ray_ladder_equals_the_serial_ladder(planted, tmp_path):
     kw = dict(k=2, epochs=2, batch_size=256, seed=5, progress=False)
     serial = ft.train_ladder(planted.acts, (8, 24, 64), **kw)
-    fanned = ft.train_ladder(planted.acts, (8, 24, 64), executor="ray", **kw)
+    fanned = scale.train_ladder(planted.acts, (8, 24, 64), executor="ray", **kw)
     assert sorted(fanned) == [8, 24, 64] and all(same(serial[w], fanned[w]) for w in serial)
     # per-rung checkpoints, and the trees linked from both ladders are the same tree
-    again = ft.train_ladder(planted.acts, (8, 24, 64), executor="ray", checkpoint=tmp_path / "train.safetensors",
-                            checkpoint_every=0, **kw)
+    again = scale.train_ladder(planted.acts, (8, 24, 64), executor="ray",
+                               checkpoint=Resume(tmp_path / "train.safetensors", every=0), **kw)
     assert all(same(serial[w], again[w]) for w in serial) and not list(tmp_path.iterdir())
     a, b = ft.link(serial, planted.acts, labels=False), ft.link(fanned, planted.acts, labels=False)
     assert dict(a.graph.nodes(data=True)) == dict(b.graph.nodes(data=True)) and set(a.graph.edges) == set(b.graph.edges)
@@ -46,12 +48,12 @@ def test_ray_store_ladder_and_refinement_equal_serial(tmp_path):
     corpus.write_text("\n".join(f"{t} ({i})" for i, t in enumerate(texts)))
     cfg = ft.Config(corpus=str(corpus), n_tokens=1500, widths=(8, 32), k=2, epochs=2, batch_size=128)
     serial = ft.build(cfg, out=tmp_path / "serial", progress=False)
-    fanned = ft.build(cfg, out=tmp_path / "ray", executor="ray", progress=False)
+    fanned = scale.build(cfg, out=tmp_path / "ray", executor="ray", progress=False)
     assert (tmp_path / "serial" / "tree.json").read_bytes() == (tmp_path / "ray" / "tree.json").read_bytes()
     node = max(serial.roots(), key=lambda n: serial.graph.nodes[n]["freq"])
     kw = dict(width=6, k=1, depth=2, min_tokens=20, stream_tokens=0, progress=False)
     a = ft.refine(serial, node, **kw)
-    b = ft.refine(fanned, node, executor="ray", **kw)
+    b = scale.refine(fanned, node, executor="ray", **kw)
     assert sum(1 for r in b.saes if "/r6" in r) >= 2  # siblings were refined (in parallel)
     assert list(a.graph.nodes) == list(b.graph.nodes)  # the same depth-first order
     assert dict(a.graph.nodes(data=True)) == dict(b.graph.nodes(data=True))
