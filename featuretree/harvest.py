@@ -96,8 +96,6 @@ def collect(
         >>> acts.d_model, len(acts)
         (384, 10)
     """
-    import importlib.metadata
-
     import nnsight
     from tqdm.auto import tqdm
 
@@ -109,11 +107,6 @@ def collect(
         load_model,
         model_name,
     )
-
-    try:  # from the package metadata, as featuretree.__version__ (a module must not import its package)
-        __version__ = importlib.metadata.version("featuretree")
-    except importlib.metadata.PackageNotFoundError:
-        __version__ = "0+unknown"
 
     if not isinstance(model, nnsight.NNsight):
         model = load_model(model)
@@ -201,6 +194,28 @@ def collect(
     if n_done < n_tokens:
         log.warning("the corpus has only %d real tokens (asked for %d): collected them all", n_done, n_tokens)
 
+    harvested_docs = _finish_store(out, state, harvest, texts, recipe, f"{find_layers(model)[0]}.{layer_index}",
+                                   heldout_every=heldout_every, max_length=max_length, dtype=dtype, seed=seed)
+    log.info(
+        "collected %d tokens of %d docs at layer %d into %s", n_done, len(harvested_docs), layer_index, out
+    )
+    return Activations(out)
+
+
+def _version() -> str:
+    """featuretree's version from the package metadata (a module must not import its own package)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("featuretree")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _finish_store(out: Path, state: dict, harvest: _Harvest, texts: list[str], recipe: dict, hook_name: str, *,
+                  heldout_every: int, max_length: int, dtype: str, seed: int) -> list[int]:
+    """Write docs.jsonl, vocab.json and, last, meta.json (its presence marks a complete store); the doc ids
+    harvested, in harvest order."""
     harvested_docs: list[int] = []
     for info in state["shards"]:  # every doc lies in one batch, so first appearance = harvest order
         doc_ids = Activations._read_file(out / info["name"], ("doc_ids",))["doc_ids"]
@@ -214,28 +229,25 @@ def collect(
     write_json(out / "vocab.json", harvest.tokenizer.convert_ids_to_tokens(list(range(len(harvest.tokenizer)))))
     meta = {
         "d_model": _d_model_of(out / state["shards"][0]["name"]),
-        "n_tokens": n_done,
+        "n_tokens": state["n_done"],
         "n_shards": len(state["shards"]),
         "shard_sizes": [info["rows"] for info in state["shards"]],
         "shards": [info["name"] for info in state["shards"]],
         "shard_info": state["shards"],
         "n_docs": len(harvested_docs),
         "model": recipe["model"],
-        "layer": layer_index,
-        "hook_name": f"{find_layers(model)[0]}.{layer_index}",  # the block whose output was harvested
+        "layer": recipe["layer"],
+        "hook_name": hook_name,  # the block whose output was harvested
         "heldout_every": heldout_every,
         "max_length": max_length,
         "dtype": dtype,
         "seed": seed,
         "recipe": recipe,
-        "created_by": f"featuretree {__version__}",
+        "created_by": f"featuretree {_version()}",
     }
     write_json(out / "meta.json", meta)  # last: its presence marks a complete store
     (out / PROGRESS_FILE).unlink(missing_ok=True)
-    log.info(
-        "collected %d tokens of %d docs at layer %d into %s", n_done, len(harvested_docs), layer_index, out
-    )
-    return Activations(out)
+    return harvested_docs
 
 
 PROGRESS_FILE = "progress.json"  # an unfinished harvest: its recipe, finished shards and the next batch

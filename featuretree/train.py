@@ -293,8 +293,7 @@ def train_ladder(acts, widths=None, k: int | None = None, *, config: TrainConfig
     if dataclasses.is_dataclass(widths):  # train_ladder(acts, cfg)
         config, widths = widths, None
     cfg = settings(TrainConfig, config, widths=widths, k=k, **overrides)
-    widths, k, epochs, batch_size, seed, nested = cfg.widths, cfg.k, cfg.epochs, cfg.batch_size, cfg.seed, cfg.nested
-    lr, auxk_alpha, shuffle = cfg.lr, cfg.auxk_alpha, cfg.shuffle
+    widths, epochs, batch_size, seed = cfg.widths, cfg.epochs, cfg.batch_size, cfg.seed
     d_model = d_model_of(acts)
     n_train = n_rows(acts, "train")
     if n_train < batch_size:
@@ -304,13 +303,7 @@ def train_ladder(acts, widths=None, k: int | None = None, *, config: TrainConfig
     dead_tokens = int(cfg.dead_tokens if cfg.dead_tokens is not None else max(batch_size, min(10_000_000, n_train // 5)))
     tune_malloc()
     torch.manual_seed(seed)
-    if nested:
-        rungs = {widths[-1]: _Rung(TopKSAE(d_model, widths[-1], k, seed=seed), lr or default_lr(widths[-1]),
-                                   dead_tokens, auxk_alpha, prefixes=widths)}
-    else:
-        init = init or {}
-        rungs = {w: _Rung(init[w] if w in init else TopKSAE(d_model, w, k, seed=seed + i), lr or default_lr(w),
-                          dead_tokens, auxk_alpha) for i, w in enumerate(widths)}
+    rungs = _new_rungs(cfg, d_model, dead_tokens, init or {})
     first, step, seen, finished = True, 0, 0, False
     writer = comm is None or comm.rank == 0  # data parallel: one rank writes files, every rank computes
     resume = None if checkpoint is None else (checkpoint if isinstance(checkpoint, Resume) else Resume(checkpoint))
@@ -332,7 +325,7 @@ def train_ladder(acts, widths=None, k: int | None = None, *, config: TrainConfig
     bar = tqdm(total=total, initial=seen, unit="tok", unit_scale=True, desc=f"train {len(widths)} rungs",
                disable=not progress)
     done_before = step
-    stream = iter_batches(acts, batch_size, split="train", epochs=epochs, seed=seed, shuffle=shuffle)
+    stream = iter_batches(acts, batch_size, split="train", epochs=epochs, seed=seed, shuffle=cfg.shuffle)
     for i, x in enumerate(() if finished else stream):
         if i < done_before:  # resumed: these batches were trained on before the checkpoint
             continue
@@ -363,13 +356,37 @@ def train_ladder(acts, widths=None, k: int | None = None, *, config: TrainConfig
         tensors, info = _pack(rungs)
         state.save({**info, "step": step, "seen": seen}, tensors, finished=True)
 
+    saes = _finish(rungs, cfg, acts, eval_acts)
+    if out is not None and writer:
+        out = Path(out)
+        for w, sae in saes.items():
+            sae.save(out / f"w{w}")
+        write_json(out / "metrics.json", {f"w{w}": s.metrics for w, s in saes.items()})
+    if resume is not None and not resume.keep and writer:
+        state.remove()
+    return saes
+
+
+def _new_rungs(cfg: TrainConfig, d_model: int, dead_tokens: int, init: dict) -> dict[int, _Rung]:
+    """Every rung's dictionary (from `init` where given, else seeded seed + its index) and optimiser; a nested
+    ladder is one dictionary of the widest width whose prefixes are the rungs."""
+    widths, k, seed = cfg.widths, cfg.k, cfg.seed
+    if cfg.nested:
+        return {widths[-1]: _Rung(TopKSAE(d_model, widths[-1], k, seed=seed), cfg.lr or default_lr(widths[-1]),
+                                  dead_tokens, cfg.auxk_alpha, prefixes=widths)}
+    return {w: _Rung(init[w] if w in init else TopKSAE(d_model, w, k, seed=seed + i), cfg.lr or default_lr(w),
+                     dead_tokens, cfg.auxk_alpha) for i, w in enumerate(widths)}
+
+
+def _finish(rungs: dict, cfg: TrainConfig, acts, eval_acts) -> dict[int, TopKSAE]:
+    """The trained dictionaries, frozen, with held-out metrics (every rung evaluated in one read of the
+    held-out stream) and SAELens metadata."""
     for r in rungs.values():
         r.sae.eval()
         r.sae.requires_grad_(False)
-    if nested:  # one rung per prefix, sharing the nested dictionary's optimiser statistics
+    if cfg.nested:  # one rung per prefix, sharing the nested dictionary's optimiser statistics
         (whole,) = rungs.values()
-        rungs = {w: _Prefix(whole.sae.prefix(w), whole) for w in widths}
-    # every rung is evaluated in one read of the held-out stream
+        rungs = {w: _Prefix(whole.sae.prefix(w), whole) for w in cfg.widths}
     if eval_acts is None and is_store(acts) and n_rows(acts, "heldout") > 0:
         ev = iter_batches(acts, 8192, split="heldout", shuffle=False)
     else:
@@ -380,17 +397,10 @@ def train_ladder(acts, widths=None, k: int | None = None, *, config: TrainConfig
         sae = r.sae
         sae.metrics = {**m, "train_fvu": r.stats["fvu"] / max(r.stats["n"], 1),
                        "train_tokens": r.stats["n"], "lr": r.opt.param_groups[0]["lr"]}
-        sae.metadata.update({"featuretree_rung": f"w{w}", "k": k, **_source_of(acts)})
+        sae.metadata.update({"featuretree_rung": f"w{w}", "k": cfg.k, **_source_of(acts)})
         log.info("rung w%d: FVU %.4f  L0 %.1f  dead %.1f%%", w, sae.metrics["fvu"], sae.metrics["l0"],
                  100 * sae.metrics["dead_fraction"])
         saes[w] = sae
-    if out is not None and writer:
-        out = Path(out)
-        for w, sae in saes.items():
-            sae.save(out / f"w{w}")
-        write_json(out / "metrics.json", {f"w{w}": s.metrics for w, s in saes.items()})
-    if resume is not None and not resume.keep and writer:
-        state.remove()
     return saes
 
 

@@ -85,6 +85,7 @@ def test_list_source():
     assert len(c) == 2 and list(c) == ["x", "yz"]
 
 
+@pytest.mark.slow
 def test_limit_is_deterministic(wordnet):
     a = load_corpus("wordnet", limit=500, seed=3)
     b = load_corpus("wordnet", limit=500, seed=3)
@@ -150,6 +151,7 @@ def test_featuretree_data_overrides(tmp_path, monkeypatch):
     assert len(c) == 7 and c.labels.id.iloc[0].startswith("n")
 
 
+@pytest.mark.slow
 def test_build_is_reproducible(tmp_path):
     """Rebuilding from the system's WordNet 3.0 gives the shipped file byte for byte."""
     try:

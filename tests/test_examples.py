@@ -11,6 +11,8 @@ import featuretree as ft
 from featuretree.activations import Activations
 from featuretree.firing import node_mask
 
+pytestmark = pytest.mark.slow  # the quick loop (-m 'not slow') leaves it out
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--n-tokens", "20000", "--widths", "32,128", "--k", "8", "--epochs", "3", "--batch-size", "256"]  # seconds
 

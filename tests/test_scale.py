@@ -10,6 +10,8 @@ from featuretree import scale  # noqa: E402
 from featuretree.checkpoint import Resume  # noqa: E402
 from featuretree.eval import planted_hierarchy  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the quick loop (-m 'not slow') leaves it out
+
 
 @pytest.fixture(scope="module", autouse=True)
 def local_cluster():

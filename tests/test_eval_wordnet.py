@@ -10,6 +10,8 @@ import featuretree as ft
 from featuretree.activations import Activations
 from featuretree.eval import label_purity, purity_gain
 
+pytestmark = pytest.mark.slow  # the quick loop (-m 'not slow') leaves it out
+
 
 @pytest.fixture(scope="module")
 def wordnet_run(tmp_path_factory):

@@ -188,6 +188,7 @@ def test_unwritable_output_directory(run, tmp_path, corpus, capsys):
         assert "choose a directory you can write to" in line or "check the path" in line
 
 
+@pytest.mark.slow
 def test_full_disk_leaves_the_old_file_and_no_temp_file(run, tmp_path):
     """RLIMIT_FSIZE makes writes past 200 kB fail as a full disk does (EFBIG), in a child process."""
     html = tmp_path / "tree.html"
@@ -204,6 +205,7 @@ def test_full_disk_leaves_the_old_file_and_no_temp_file(run, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # ... which was removed
 
 
+@pytest.mark.slow
 def test_disk_full_mid_harvest_then_the_same_build_finishes(tmp_path, corpus):
     code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "

@@ -80,6 +80,7 @@ def test_edges_carry_coverage_cos_and_kind(planted_run):
     assert set(tree.roots()) == {n for n in g if g.nodes[n].get("rung") == tree.rungs[0]}
 
 
+@pytest.mark.slow
 def test_compare_rules_and_eval_cli(capsys):
     from featuretree.__main__ import main
     from featuretree.eval import compare_rules
@@ -93,6 +94,7 @@ def test_compare_rules_and_eval_cli(capsys):
     assert main(["-q", "eval", "planted", "--configs", "nope"]) == 2
 
 
+@pytest.mark.slow
 def test_threshold_sweep_scores_each_setting_like_a_direct_link():
     from featuretree.eval import planted_ladders, sweep_thresholds
 

@@ -10,6 +10,8 @@ from _models import tiny_gpt2
 
 import featuretree as ft
 
+pytestmark = pytest.mark.slow  # the quick loop (-m 'not slow') leaves it out
+
 WORDS = ("the a cat dog bird tree river mountain house small large red runs jumps sings grows of in on with "
          "photosynthesis chlorophyll enzyme violin symphony anthrax bacterium infection geology basalt").split()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -15,8 +15,8 @@ from _cdp import read_png
 from featuretree.explore import write_sunburst
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="needs /usr/bin/chromium for the headless render (apt-get install -y chromium)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="needs /usr/bin/chromium for the headless render (apt-get install -y chromium)")]
 
 PAYLOADS = ["<script>document.title='pwned'</script>", "<img src=x onerror=\"document.title='pwned'\">",
             "<script>alert(1)</script>"]

@@ -14,8 +14,8 @@ from _cdp import Chromium, read_png
 from featuretree.explore import write_explorer, write_sunburst
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="needs /usr/bin/chromium for the headless browser (apt-get install -y chromium)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="needs /usr/bin/chromium for the headless browser (apt-get install -y chromium)")]
 
 XSS = "<script>alert(1)</script><img src=x onerror=alert(2)>"  # a corpus line, verbatim
 
