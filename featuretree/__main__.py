@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         store = store / "acts"  # a run directory: its store
     acts = Activations(store)
     cfg = TrainConfig.from_args(args)
-    comm = Comm.from_env()
+    comm = Comm.from_env(cfg.device)
     rank0 = comm is None or comm.rank == 0
     out = Path(args.out)
     resume = Resume(out / "train.ckpt.safetensors", every=args.checkpoint_every)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,7 +148,19 @@ def settings(cls, config=None, **overrides):
 
 
 @dataclass
-class _Seeded(_Settings):
+class _Placed(_Settings):
+    device: str = "cpu"
+    """Where the work runs: "cpu", "cuda" or "cuda:N". The model, the dictionaries, training batches and
+    encodings move there (the store stays on disk, firing matrices on the CPU); "cuda" uses torch ops, the
+    compiled kernels stay the CPU fast path."""
+
+    def _check(self) -> None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", str(self.device)):
+            raise FeatureTreeError(f"device={self.device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'")
+
+
+@dataclass
+class _Seeded(_Placed):
     seed: int = 0
     """Seed for corpus shuffling, batch order and dictionary initialisation."""
 
@@ -246,7 +259,7 @@ class TrainConfig(_Seeded):
 
 
 @dataclass
-class LinkConfig(_Settings):
+class LinkConfig(_Placed):
     """How features are linked into a tree: coverage thresholds and the firing rule.
 
     Example:
@@ -296,7 +309,7 @@ class Config(LinkConfig, TrainConfig, HarvestConfig):
 
 
 @dataclass
-class RefineConfig(_Settings):
+class RefineConfig(_Placed):
     """How a node is refined: the local dictionary and the region it trains on.
 
     Example:

@@ -125,6 +125,13 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+def _cpu_library(*tensors: Tensor | None) -> ctypes.CDLL | None:
+    """The compiled kernels when every tensor given lives on the CPU (they read host memory), else None."""
+    if any(t is not None and t.device.type != "cpu" for t in tensors):
+        return None
+    return _library()
+
+
 def available() -> bool:
     """True when the compiled kernels are in use (else callers fall back to torch ops).
 
@@ -178,8 +185,8 @@ def topk_indices(pre: Tensor, m: int) -> Tensor:
     _check_2d(pre, "pre", (torch.float32,))
     n, width = pre.shape
     _check_m(m, width)
-    lib = _library()
-    if lib is None or pre.device.type != "cpu" or n == 0:
+    lib = _cpu_library(pre)
+    if lib is None or n == 0:
         return pre.topk(m, dim=1, sorted=False).indices
     pre = pre.contiguous()
     out = torch.empty(n, m, dtype=torch.int64)
@@ -199,7 +206,7 @@ def quantize_int8(t: Tensor, dim: int) -> tuple[Tensor, Tensor]:
         ([[64, -127], [127, 64]], [0.0157, 0.0039])
     """
     _check_2d(t, "t", (torch.float32,))
-    lib = _library()
+    lib = _cpu_library(t)
     if lib is None:
         scale = t.abs().amax(dim=dim, keepdim=True).div_(127.0)
         scale.masked_fill_(scale == 0, 1.0)
@@ -225,9 +232,9 @@ def int8_candidates(x: Tensor, W: Tensor, bias: Tensor, m: int, among: Tensor | 
         >>> bool((cand == (x @ W).argmax(1, keepdim=True)).any(1).all())  # the best is always a candidate
         True
     """
-    lib = _library()
+    lib = _cpu_library(x, W, bias, among)
     if lib is None:
-        raise RuntimeError("int8_candidates needs featuretree's compiled kernels; check native.available() first")
+        raise RuntimeError("int8_candidates needs featuretree's compiled kernels and CPU tensors; check native.available() first")
     _check_2d(x, "x", (torch.float32,))
     _check_2d(W, "W", (torch.float32,))
     n, width = x.shape[0], W.shape[1]
@@ -264,7 +271,7 @@ def dots(a: Tensor, B: Tensor, idx: Tensor) -> Tensor:
     n, m = idx.shape
     if B.shape[1] != a.shape[1] or idx.shape[0] != n:
         raise ValueError(f"shapes do not chain: a {tuple(a.shape)}, B {tuple(B.shape)}, idx {tuple(idx.shape)}")
-    lib = _library()
+    lib = _cpu_library(a, B, idx)
     if lib is None:
         return sampled_dots(a, B.t(), idx)
     if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < B.shape[0]:
@@ -325,7 +332,7 @@ def refine_topk(a: Tensor, Bt: Tensor, bias: Tensor, cand: Tensor, k: int,
     n, m = cand.shape
     if not 0 < k <= m:
         raise ValueError(f"k must be in 1..{m} (the number of candidates), got {k}")
-    lib = _library()
+    lib = _cpu_library(a, Bt, bias, cand, among)
     if lib is None:
         vals = dots(a, Bt, cand) + bias[cand]
         if among is not None:
@@ -357,7 +364,7 @@ def csr_pattern(indices: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
         ([1, 3, 0, 2], [0, 1, 2, 4], [0, 1, 0, 1])
     """
     n, k = indices.shape
-    lib = _library()
+    lib = _cpu_library(indices)
     if lib is None:
         flat = indices.reshape(-1)
         order = flat.argsort(stable=True)

@@ -29,7 +29,7 @@ __all__ = ["refine", "submit_here"]
 
 log = logging.getLogger(__name__)
 
-LocalJob = tuple  # (x, held, width, k, seed, batch_size, epochs): the arguments of featuretree.train.fit_local
+LocalJob = tuple  # (x, held, width, k, seed, batch_size, epochs, device): featuretree.train.fit_local's arguments
 
 
 def submit_here(jobs: Sequence[LocalJob]) -> list[Callable]:
@@ -185,7 +185,7 @@ def refine(tree, node: str, config: RefineConfig | None = None, *, acts=None, te
     def start(todo: list[tuple[str, Region]]) -> list[Callable]:
         """The local dictionaries for the nodes in `todo`: saved by a killed run, else submitted together."""
         found = {at: saved.sae(f"{at}/r{width}") for at, _ in todo} if saved is not None else {}
-        jobs = [(*local_split(reg), width, k, rung_seed(f"{at}/r{width}"), batch_size, epochs)
+        jobs = [(*local_split(reg), width, k, rung_seed(f"{at}/r{width}"), batch_size, epochs, rc.device)
                 for at, reg in todo if found.get(at) is None]
         pending = iter(submit(jobs) if jobs else [])
         return [(lambda sae=found[at]: sae) if found.get(at) is not None else next(pending) for at, _ in todo]

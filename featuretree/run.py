@@ -20,6 +20,7 @@ from pathlib import Path
 from featuretree.checkpoint import Checkpoint, Resume, file_sha256, model_fingerprint
 from featuretree.config import Config, FeatureTreeError
 from featuretree.tree import FeatureTree, link
+from featuretree.utils import resolve_device
 
 __all__ = ["build", "RUN_FILE", "run_inputs", "STAGES"]
 
@@ -94,6 +95,7 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     from featuretree.model import check_layer, load_model
 
     cfg = Config.from_dict({**(config.to_dict() if config else {}), **overrides})
+    resolve_device(cfg.device)  # a device that is not here fails before anything is written
     if int(shard_size) <= 0:
         raise FeatureTreeError(f"shard_size={shard_size} must be a positive integer")
     run = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="featuretree-"))

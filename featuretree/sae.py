@@ -159,12 +159,12 @@ class TopKSAE(nn.Module):
             >>> bool((v >= 0).all()), i.shape
             (True, torch.Size([3, 2]))
         """
-        x = x.to(self.W_enc.dtype)
+        x = x.to(device=self.W_enc.device, dtype=self.W_enc.dtype)
         k = k or self.k
         with torch.no_grad():
             xc = x - self.b_dec  # (n, d_model)
             int8 = fast_int8_matmul() if self.int8_select is None else self.int8_select
-            if int8 and self.width >= INT8_MIN_WIDTH and k + INT8_MARGIN < self.width:
+            if int8 and self.width >= INT8_MIN_WIDTH and k + INT8_MARGIN < self.width and xc.device.type == "cpu":
                 top, indices = self._select_int8(xc, k, among)
             else:
                 pre = torch.addmm(self.b_enc, xc, self.W_enc)  # (n, width)
@@ -220,7 +220,7 @@ class TopKSAE(nn.Module):
             True
         """
         values, indices = self.encode(x)
-        return torch.zeros(x.shape[0], self.width, dtype=values.dtype).scatter_(1, indices, values)
+        return torch.zeros(x.shape[0], self.width, dtype=values.dtype, device=values.device).scatter_(1, indices, values)
 
     @torch.no_grad()
     def prefix(self, width: int) -> TopKSAE:

@@ -226,9 +226,10 @@ class Comm:
         self.rank, self.world = rank, world
 
     @classmethod
-    def from_env(cls) -> Comm | None:
+    def from_env(cls, device: str = "cpu") -> Comm | None:
         """The process group torchrun describes in the environment (WORLD_SIZE > 1), initialised; else None.
-        NCCL when CUDA is available, gloo otherwise.
+        NCCL when the tensors live on CUDA (`device`), gloo otherwise; on CUDA each rank takes the GPU of its
+        LOCAL_RANK.
 
         Example:
             >>> "WORLD_SIZE" in os.environ or Comm.from_env() is None
@@ -240,8 +241,11 @@ class Comm:
         import torch
         import torch.distributed as dist
 
+        cuda = str(device).startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
         log.info("torch.distributed: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
         return cls(dist.get_rank(), dist.get_world_size())
 

@@ -25,7 +25,7 @@ from featuretree.activations import d_model_of, is_store, iter_batches, n_rows
 from featuretree.checkpoint import Checkpoint, Resume, data_fingerprint
 from featuretree.config import FeatureTreeError, TrainConfig, settings
 from featuretree.sae import TopKSAE
-from featuretree.utils import write_json
+from featuretree.utils import resolve_device, write_json
 
 __all__ = ["default_lr", "evaluate", "evaluate_many", "fit_local", "local_k", "LOCAL_MAX_LR", "train_ladder",
            "tune_malloc"]
@@ -89,7 +89,7 @@ class _Rung:
         self.sae = sae
         self.prefixes = prefixes  # nested (Matryoshka) training: also reconstruct from each prefix of features
         self.opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
-        self.since_fired = torch.zeros(sae.width, dtype=torch.long)  # tokens since each feature last fired
+        self.since_fired = torch.zeros(sae.width, dtype=torch.long, device=sae.W_dec.device)  # tokens since it fired
         self.dead_tokens, self.auxk_alpha = dead_tokens, auxk_alpha
         self.k_aux = min(sae.d_model // 2, sae.width - sae.k)
         self.stats = {"fvu": 0.0, "aux": 0.0, "n": 0}
@@ -108,7 +108,7 @@ class _Rung:
                        for w in self.prefixes if w < sae.width]
             loss = (fvu + sum(partial)) / (1 + len(partial))
         dead = self.since_fired > self.dead_tokens  # (width,)
-        aux = torch.zeros(())
+        aux = torch.zeros((), device=x.device)
         if self.auxk_alpha > 0 and bool(dead.any()):
             vals, idx = sae.encode(x, k=min(self.k_aux, int(dead.sum())), among=dead)  # (n, k_aux)
             aux_hat = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum")  # (n, d)
@@ -116,8 +116,8 @@ class _Rung:
             if comm is None:
                 resid_var = resid.sub(resid.mean(0)).pow(2).sum()
             else:  # the whole batch's residual variance: sum, sum of squares and count over ranks
-                m = comm.sum_(torch.cat([resid.sum(0), resid.pow(2).sum().view(1), torch.tensor([resid.shape[0]],
-                                                                                                  dtype=resid.dtype)]))
+                count = torch.tensor([resid.shape[0]], dtype=resid.dtype, device=x.device)
+                m = comm.sum_(torch.cat([resid.sum(0), resid.pow(2).sum().view(1), count]))
                 resid_var = m[-2] - m[:-2].pow(2).sum() / m[-1].clamp_min(1)
             aux = (resid - aux_hat).pow(2).sum() / resid_var.clamp_min(1e-8)
             loss = loss + self.auxk_alpha * aux
@@ -131,7 +131,7 @@ class _Rung:
         self.opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
-            fired = torch.zeros(sae.width, dtype=torch.uint8)
+            fired = torch.zeros(sae.width, dtype=torch.uint8, device=x.device)
             fired[indices[values > 0]] = 1
             if comm is not None:
                 comm.max_(fired)
@@ -175,18 +175,19 @@ def evaluate_many(saes: list[TopKSAE], batches: Iterable[Tensor]) -> list[dict[s
     """
     sse = [torch.zeros((), dtype=torch.float64) for _ in saes]
     l0 = [0 for _ in saes]
-    fired = [torch.zeros(sae.width, dtype=torch.bool) for sae in saes]
+    fired = [torch.zeros(sae.width, dtype=torch.bool, device=sae.W_dec.device) for sae in saes]
     sx = sxx = None
     n = 0
+    device = saes[0].W_dec.device if saes else torch.device("cpu")
     for x in batches:
-        x = x.float()
+        x = x.to(device=device, dtype=torch.float32)
         for j, sae in enumerate(saes):
             values, indices = sae.encode(x)
             sse[j] += (x - sae.decode(values, indices)).double().pow(2).sum()
             active = values > 0
             l0[j] += int(active.sum())
             fired[j][indices[active]] = True
-        sx = x.double().sum(0) if sx is None else sx + x.double().sum(0)
+        sx = x.double().sum(0) if sx is None else sx + x.double().sum(0)  # float64 sums (also on CUDA)
         sxx = x.double().pow(2).sum() if sxx is None else sxx + x.double().pow(2).sum()
         n += x.shape[0]
     if n == 0:
@@ -202,12 +203,12 @@ def _pack(rungs: dict[int, _Rung]) -> tuple[dict[str, Tensor], dict]:
     info: dict = {"rungs": {}}
     for w, r in rungs.items():
         for name, param in r.sae.named_parameters():
-            tensors[f"w{w}/{name}"] = param.detach()
+            tensors[f"w{w}/{name}"] = param.detach().cpu()
         opt = r.opt.state_dict()
         for i, st in opt["state"].items():
             for key, v in st.items():
-                tensors[f"w{w}/opt/{i}/{key}"] = v
-        tensors[f"w{w}/since_fired"] = r.since_fired
+                tensors[f"w{w}/opt/{i}/{key}"] = v.cpu()
+        tensors[f"w{w}/since_fired"] = r.since_fired.cpu()
         info["rungs"][str(w)] = {"stats": r.stats, "param_groups": opt["param_groups"]}
     return tensors, info
 
@@ -223,7 +224,7 @@ def _unpack(rungs: dict[int, _Rung], tensors: dict[str, Tensor], info: dict) -> 
             for key, v in tensors.items():
                 if key.startswith(prefix):
                     i, name = key[len(prefix):].split("/", 1)
-                    state.setdefault(int(i), {})[name] = v
+                    state.setdefault(int(i), {})[name] = v  # load_state_dict moves them to the parameter's device
             r.opt.load_state_dict({"state": state, "param_groups": info["rungs"][str(w)]["param_groups"]})
             for param in r.sae.parameters():  # moments laid out like their parameter (W_enc is column-major):
                 st = r.opt.state[param]  # the fused step's vectorised and strided loops round differently
@@ -303,7 +304,8 @@ def train_ladder(acts, widths=None, k: int | None = None, *, config: TrainConfig
     dead_tokens = int(cfg.dead_tokens if cfg.dead_tokens is not None else max(batch_size, min(10_000_000, n_train // 5)))
     tune_malloc()
     torch.manual_seed(seed)
-    rungs = _new_rungs(cfg, d_model, dead_tokens, init or {})
+    device = resolve_device(cfg.device)
+    rungs = _new_rungs(cfg, d_model, dead_tokens, init or {}, device)
     first, step, seen, finished = True, 0, 0, False
     writer = comm is None or comm.rank == 0  # data parallel: one rank writes files, every rank computes
     resume = None if checkpoint is None else (checkpoint if isinstance(checkpoint, Resume) else Resume(checkpoint))
@@ -326,7 +328,7 @@ def train_ladder(acts, widths=None, k: int | None = None, *, config: TrainConfig
                disable=not progress)
     done_before = step
     stream = iter_batches(acts, batch_size, split="train", epochs=epochs, seed=seed, shuffle=cfg.shuffle)
-    for i, x in enumerate(() if finished else stream):
+    for i, x in enumerate(() if finished else _on_device(stream, device)):
         if i < done_before:  # resumed: these batches were trained on before the checkpoint
             continue
         _check_finite(x)
@@ -367,15 +369,43 @@ def train_ladder(acts, widths=None, k: int | None = None, *, config: TrainConfig
     return saes
 
 
-def _new_rungs(cfg: TrainConfig, d_model: int, dead_tokens: int, init: dict) -> dict[int, _Rung]:
-    """Every rung's dictionary (from `init` where given, else seeded seed + its index) and optimiser; a nested
-    ladder is one dictionary of the widest width whose prefixes are the rungs."""
+def _new_rungs(cfg: TrainConfig, d_model: int, dead_tokens: int, init: dict, device) -> dict[int, _Rung]:
+    """Every rung's dictionary (from `init` where given, else seeded seed + its index) on `device`, and its
+    optimiser; a nested ladder is one dictionary of the widest width whose prefixes are the rungs."""
     widths, k, seed = cfg.widths, cfg.k, cfg.seed
     if cfg.nested:
-        return {widths[-1]: _Rung(TopKSAE(d_model, widths[-1], k, seed=seed), cfg.lr or default_lr(widths[-1]),
-                                  dead_tokens, cfg.auxk_alpha, prefixes=widths)}
-    return {w: _Rung(init[w] if w in init else TopKSAE(d_model, w, k, seed=seed + i), cfg.lr or default_lr(w),
-                     dead_tokens, cfg.auxk_alpha) for i, w in enumerate(widths)}
+        return {widths[-1]: _Rung(TopKSAE(d_model, widths[-1], k, seed=seed).to(device),
+                                  cfg.lr or default_lr(widths[-1]), dead_tokens, cfg.auxk_alpha, prefixes=widths)}
+    return {w: _Rung((init[w] if w in init else TopKSAE(d_model, w, k, seed=seed + i)).to(device),
+                     cfg.lr or default_lr(w), dead_tokens, cfg.auxk_alpha) for i, w in enumerate(widths)}
+
+
+def _on_device(batches, device):
+    """`batches` on `device`. On CUDA each batch is pinned and copied on a side stream one batch ahead, so the
+    copy of the next batch overlaps the step on this one; elsewhere batches pass through (or are moved)."""
+    if device.type != "cuda":
+        for x in batches:
+            yield x if x.device == device else x.to(device)
+        return
+    side, queue = torch.cuda.Stream(device=device), []
+    for x in batches:
+        with torch.cuda.stream(side):
+            moved = x.pin_memory().to(device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        queue.append((moved, ready))
+        if len(queue) == 2:
+            yield _arrived(*queue.pop(0), device)
+    for item in queue:
+        yield _arrived(*item, device)
+
+
+def _arrived(x: Tensor, ready, device) -> Tensor:
+    """A batch copied on the side stream, made safe to use (and free) on the current stream."""
+    current = torch.cuda.current_stream(device)
+    current.wait_event(ready)
+    x.record_stream(current)
+    return x
 
 
 def _finish(rungs: dict, cfg: TrainConfig, acts, eval_acts) -> dict[int, TopKSAE]:
@@ -432,7 +462,7 @@ def local_k(width: int, k: int = 16) -> int:
     return max(1, min(int(k), int(width) // 64))
 
 
-def fit_local(x, held, width: int, k: int, seed: int, batch_size: int, epochs: int) -> TopKSAE:
+def fit_local(x, held, width: int, k: int, seed: int, batch_size: int, epochs: int, device: str = "cpu") -> TopKSAE:
     """Train one local dictionary (a refinement's) on rows `x`; rows where `held` is True are evaluated, not
     trained on. Small regions get smaller batches and more epochs (at least 300 steps, at most 200 epochs);
     the learning rate is capped at LOCAL_MAX_LR.
@@ -446,6 +476,8 @@ def fit_local(x, held, width: int, k: int, seed: int, batch_size: int, epochs: i
     seed : int
     batch_size, epochs : int
         Upper bound on the batch size, lower bound on the epochs.
+    device : str
+        Where it trains ("cpu", "cuda").
 
     Example:
         >>> fit_local(torch.randn(600, 8), None, 16, 1, 0, 1024, 3).width
@@ -455,4 +487,4 @@ def fit_local(x, held, width: int, k: int, seed: int, batch_size: int, epochs: i
     x_eval = x if held is None else x[torch.from_numpy(held)]
     bs, epochs = _schedule(x_train.shape[0], batch_size, epochs)
     return train_ladder(x_train, (width,), k, epochs=epochs, batch_size=bs, seed=seed, progress=False,
-                        lr=min(default_lr(width), LOCAL_MAX_LR), eval_acts=x_eval)[width]
+                        lr=min(default_lr(width), LOCAL_MAX_LR), eval_acts=x_eval, device=device)[width]

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "check_safetensors", "graph_of", "quiet", "rung_key", "rung_of",
+__all__ = ["atomic_path", "check_safetensors", "graph_of", "quiet", "resolve_device", "rung_key", "rung_of",
            "SAFETENSORS_HINT", "save_tensors", "store_path", "tree_edge", "tree_parent", "write_json",
            "write_text"]
 
@@ -36,6 +36,38 @@ def quiet(name: str = "featuretree.activations") -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def resolve_device(device: str | None = "cpu"):
+    """The torch.device for `device` ("cpu", "cuda", "cuda:1"), or a FeatureTreeError saying why it is not here.
+
+    Parameters
+    ----------
+    device : str or torch.device, optional
+        None means "cpu".
+
+    Example:
+        >>> resolve_device("cpu").type
+        'cpu'
+    """
+    import torch
+
+    from featuretree.config import FeatureTreeError
+
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise FeatureTreeError(f"device={device!r} is not a device ({e}): use 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FeatureTreeError(f"device={device!r} was asked for but torch {torch.__version__} sees no CUDA GPU "
+                                   "(no GPU, no driver, or a CPU-only torch build): use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FeatureTreeError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                   f"numbered 0..{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise FeatureTreeError(f"device={device!r} was asked for but MPS is not available here: use --device cpu")
+    return dev
 
 
 def _umask() -> int:

@@ -215,3 +215,11 @@ def test_disk_full_mid_harvest_then_the_same_build_finishes(tmp_path, corpus):
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "cannot write" in done.stderr and "free some space" in done.stderr
     assert main(argv) == 0 and (tmp_path / "r" / "tree.json").is_file()  # space again: the same command finishes
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_device_where_there_is_none(tmp_path, corpus, capsys):
+    out = tmp_path / "r"
+    fails(["build", "--corpus", str(corpus), *SMALL, "--device", "cuda", "--out", str(out)], capsys,
+          "device='cuda'", "sees no CUDA GPU", "--device cpu")
+    builds(["--device", "cpu"], out, corpus)

@@ -1,8 +1,10 @@
 """Compiled selection kernels: top-k = torch.topk's set (ties, -inf, odd widths), int8 ranking keeps the true
 top-k among its candidates, dots = a gathered matmul, and everything falls back to torch without a compiler."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +121,16 @@ def test_without_compiler_falls_back_to_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "using torch ops" in r.stderr
+
+
+@pytest.mark.slow
+def test_training_and_encoding_tests_pass_without_the_native_kernels():
+    """FEATURETREE_NATIVE=0: the device-agnostic torch path (the one CUDA takes) passes the same SAE and
+    training tests, gradients against the dense reference included."""
+    here = Path(__file__).parent
+    env = {**os.environ, "FEATURETREE_NATIVE": "0"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / "test_sae.py"),
+                        str(here / "test_train.py")], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=here.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout

@@ -137,3 +137,19 @@ def test_training_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
         train_ladder(x, (32, 64), checkpoint=ckpt, **{**kw, "k": 2})
     with pytest.raises(FeatureTreeError, match="other settings or data"):
         train_ladder(x + 1, (32, 64), checkpoint=ckpt, **kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_asked_for_without_one_is_one_clear_error():
+    with pytest.raises(FeatureTreeError, match="sees no CUDA GPU"):
+        train_ladder(torch.randn(256, 8), (16,), 2, device="cuda", progress=False)
+    with pytest.raises(FeatureTreeError, match="is not a device"):
+        train_ladder(torch.randn(256, 8), (16,), 2, device="gpu", progress=False)
+
+
+def test_ladder_trains_on_the_cpu_device_it_was_given():
+    x = torch.randn(2048, 8, generator=torch.Generator().manual_seed(0))
+    a = train_ladder(x, (16, 32), 2, epochs=1, batch_size=256, progress=False)
+    b = train_ladder(x, (16, 32), 2, epochs=1, batch_size=256, progress=False, device="cpu")
+    assert all(torch.equal(p, q) for w in a for p, q in zip(a[w].parameters(), b[w].parameters()))
+    assert {p.device.type for s in b.values() for p in s.parameters()} == {"cpu"}
