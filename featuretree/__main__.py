@@ -3,6 +3,7 @@
     featuretree build --out runs/default            # embedded MiniLM, WordNet, default ladder
     featuretree export runs/default --html tree.html --explorer explorer.html --graphml tree.graphml --csv nodes.csv
     featuretree info runs/default
+    featuretree faithful runs/smol                           # loss recovered / KL per rung (causal LMs)
     featuretree find runs/default biology                     # nodes that answer a query
     featuretree refine runs/default w2048/5 --width 64 --depth 2
     featuretree search runs/default anthrax                   # DFS down the branch that answers it
@@ -22,11 +23,15 @@ from featuretree.config import Config, FeatureTreeError, RefineConfig, TrainConf
 log = logging.getLogger("featuretree")
 
 def _rung_line(tree, frame, rung: str) -> str:
-    """One rung's held-out metrics and node counts, e.g. 'w512  FVU 0.273  L0 16.0  dead 0.0%  live 512  linked 500'."""
+    """One rung's held-out metrics and node counts, e.g. 'w512  FVU 0.273  L0 16.0  dead 0.0%  live 512  linked 500',
+    then '  loss recovered 0.912  KL 0.153' when the rung was measured in a causal LM (featuretree.faithful)."""
     m, sub = tree.saes[rung].metrics, frame[frame.rung == rung]
     nan = float("nan")
-    return (f"{rung:<10} FVU {m.get('fvu', nan):.3f}  L0 {m.get('l0', nan):.1f}  "
+    line = (f"{rung:<10} FVU {m.get('fvu', nan):.3f}  L0 {m.get('l0', nan):.1f}  "
             f"dead {100 * m.get('dead_fraction', nan):.1f}%  live {len(sub)}  linked {int(sub.parent.notna().sum())}")
+    if m.get("loss_recovered") is not None and m.get("kl") is not None:
+        line += f"  loss recovered {m['loss_recovered']:.3f}  KL {m['kl']:.3f}"
+    return line
 
 
 def _ladder(tree) -> list[str]:
@@ -258,6 +263,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from featuretree.export import load, to_frame
 
     tree = load(args.run)
+    _merge_faithfulness(tree, Path(args.run))
     frame = to_frame(tree)
     lines = [f"run {args.run}: {len(frame)} features in {len(tree.rungs)} rungs, {tree.graph.number_of_edges()} edges"]
     lines += [f"  {_rung_line(tree, frame, rung)}" for rung in _ladder(tree)]
@@ -268,6 +274,51 @@ def cmd_info(args: argparse.Namespace) -> int:
     top = frame[(frame.depth == 0) & (frame.kind != "novel")].sort_values("freq", ascending=False).head(args.top)
     lines.append(f"top {len(top)} root features by firing rate:")
     lines += [f"  {r.node:<12} {100 * r.freq:5.1f}%  {r.label}" for r in top.itertuples()]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _merge_faithfulness(tree, run: Path) -> None:
+    """Fill the rungs' loss recovered / KL from RUN/faithfulness.json (`featuretree faithful`) where missing."""
+    import json
+
+    from featuretree.faithful import FAITHFUL_FILE, METRIC_KEYS
+
+    path = run / FAITHFUL_FILE
+    if not path.is_file():
+        return
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["rungs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s is unreadable (%s): run `featuretree faithful %s` again", path, e, run)
+        return
+    for row in rows:
+        sae = tree.saes.get(row.get("rung"))
+        if sae is not None and "loss_recovered" not in sae.metrics:
+            sae.metrics.update({k: row[k] for k in METRIC_KEYS if row.get(k) is not None})
+
+
+def cmd_faithful(args: argparse.Namespace) -> int:
+    """featuretree faithful: loss recovered and KL of each rung spliced into the run's (causal) model."""
+    from featuretree.activations import Activations
+    from featuretree.export import load
+    from featuretree.faithful import FAITHFUL_FILE, record_faithfulness
+    from featuretree.model import load_model
+    from featuretree.utils import store_path
+
+    tree = load(args.run)
+    if tree.config is None:
+        raise FeatureTreeError(f"{args.run} records no config (model and layer): run it on a directory written by "
+                               "`featuretree build`")
+    store = store_path(tree)
+    if store is None or not (store / "meta.json").is_file():
+        raise FeatureTreeError(f"{args.run} has no activation store: faithfulness reads its held-out documents; "
+                               "run it on a directory written by `featuretree build`")
+    saes = {rung: tree.saes[rung] for rung in _ladder(tree)}
+    frame = record_faithfulness(load_model(tree.config.model), tree.config.layer, saes, Activations(store), args.run,
+                                max_tokens=args.max_tokens, max_docs=args.max_docs, batch_size=args.batch_size,
+                                progress=not args.quiet)
+    lines = [frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"), f"wrote {Path(args.run) / FAITHFUL_FILE}"]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
@@ -501,6 +552,18 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("run", help="run directory written by `featuretree build`")
     i.add_argument("--top", type=int, default=10, help="root features to list (default: 10)")
     i.set_defaults(func=cmd_info)
+
+    q = sub.add_parser("faithful", help="loss recovered and KL of each rung spliced into the run's causal LM",
+                       description="Replace the output of the run's layer by each rung's reconstruction (and by "
+                                   "zeros) at the real tokens of the store's held-out documents and compare the "
+                                   "model's next-token loss: loss recovered = (CE_zero - CE_sae) / (CE_zero - "
+                                   "CE_clean) and KL(clean || spliced). Needs a causal LM (a decoder with an LM head). "
+                                   "Prints the table and writes RUN/faithfulness.json; docs/EVAL.md defines it.")
+    q.add_argument("run", help="run directory written by `featuretree build` on a causal LM")
+    q.add_argument("--max-tokens", type=int, default=20_000, help="predictions counted at most (default: 20000)")
+    q.add_argument("--max-docs", type=int, default=200, help="held-out documents read at most (default: 200)")
+    q.add_argument("--batch-size", type=int, default=8, help="documents per forward (default: 8)")
+    q.set_defaults(func=cmd_faithful)
 
     m = sub.add_parser("match", help="which features two runs share (activation correlation, one-to-one)",
                        description="Correlate the activations of one rung of each run on RUN_A's held-out tokens "

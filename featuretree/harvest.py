@@ -28,7 +28,8 @@ from featuretree.checkpoint import Checkpoint, SettingsMismatch, differences, fi
 from featuretree.config import FeatureTreeError
 from featuretree.utils import save_tensors, write_json, write_text
 
-__all__ = ["collect", "doc_batches", "write_shard", "PROGRESS_FILE", "STORE_DTYPES", "StoreMismatch", "texts_fingerprint"]
+__all__ = ["PROGRESS_FILE", "STORE_DTYPES", "StoreMismatch", "collect", "doc_batches", "forward_args", "special_ids",
+           "texts_fingerprint", "write_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -316,13 +317,13 @@ class _Harvest:
                  dtype: torch.dtype = torch.float32):
         self.model, self.block, self.tokenizer, self.texts = model, block, tokenizer, texts
         self.max_length, self.dtype = max_length, dtype
-        self.special_ids = torch.tensor(_special_ids(tokenizer), dtype=torch.long)
+        self.special_ids = torch.tensor(special_ids(tokenizer), dtype=torch.long)
         self.fast = bool(getattr(tokenizer, "is_fast", False))
         from featuretree.model import is_remote
 
         self.remote = is_remote(model)  # then the weights live on NDIF; inputs go as CPU tensors
         self.device = torch.device("cpu") if self.remote else next(model._module.parameters(), torch.zeros(0)).device
-        self.accepted = _forward_args(model._module)
+        self.accepted = forward_args(model._module)
         self.docs = list(doc_batches(texts, batch_size, seed))
         self.n_batches = len(self.docs)
 
@@ -403,8 +404,16 @@ def _real_rows(
     }
 
 
-def _special_ids(tokenizer: Any) -> list[int]:
-    """Ids dropped from the harvest: every special token except [UNK], which stands for real text."""
+def special_ids(tokenizer: Any) -> list[int]:
+    """Ids dropped from the harvest (and kept clean by featuretree.faithful): every special token except
+    [UNK], which stands for real text.
+
+    Example:
+        >>> from featuretree.model import get_tokenizer, load_model
+        >>> tok = get_tokenizer(load_model())
+        >>> tok.cls_token_id in special_ids(tok), tok.unk_token_id in special_ids(tok)
+        (True, False)
+    """
     ids = set(tokenizer.all_special_ids)
     unk = getattr(tokenizer, "unk_token_id", None)
     roles = ("bos_token_id", "eos_token_id", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
@@ -413,8 +422,13 @@ def _special_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def _forward_args(module: torch.nn.Module) -> set[str]:
-    """Tokenizer outputs the model's forward takes (GPT-2 takes no token_type_ids from some tokenizers)."""
+def forward_args(module: torch.nn.Module) -> set[str]:
+    """Tokenizer outputs the model's forward takes (GPT-2 takes no token_type_ids from some tokenizers).
+
+    Example:
+        >>> sorted(forward_args(torch.nn.Linear(2, 2)))
+        []
+    """
     import inspect
 
     params = inspect.signature(module.forward).parameters

@@ -1,7 +1,7 @@
 """build: the whole pipeline into a run directory that a killed run resumes and a finished one is loaded from.
 
     harvest (acts/, shard checkpoints) -> train (ckpt/train.safetensors every checkpoint_every s)
-        -> saes/ -> link + labels -> config.json, tree.json, sunburst.html
+        -> saes/ (+ faithfulness.json for causal LMs) -> link + labels -> config.json, tree.json, sunburst.html
 
 `run.json` records the stage reached and a fingerprint of the config and inputs (the corpus file's sha256,
 the model's files; see featuretree.checkpoint). Rerunning the same command continues from the last
@@ -140,6 +140,10 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
             from featuretree.train import train_ladder as train
         saes = train(acts, config=cfg, checkpoint=Resume(run / "ckpt" / "train.safetensors", every=checkpoint_every,
                                                   keep=True), progress=progress)
+        from featuretree.faithful import is_causal_lm, record_faithfulness
+
+        if is_causal_lm(model):  # loss recovered / KL per rung into faithfulness.json and each cfg.json
+            record_faithfulness(model, cfg.layer, saes, acts, run, progress=progress)
         for w, sae in saes.items():
             sae.save(run / "saes" / f"w{w}")
         reach("link")

@@ -93,6 +93,23 @@ class _Rung:
         self.dead_tokens, self.auxk_alpha = dead_tokens, auxk_alpha
         self.k_aux = min(sae.d_model // 2, sae.width - sae.k)
         self.stats = {"fvu": 0.0, "aux": 0.0, "n": 0}
+        # running sums of [fvu, aux] x batch rows kept on the device, so a step never waits for the GPU to log
+        self.sums = torch.zeros(2, dtype=torch.float64, device=sae.W_dec.device)
+        self.logged = torch.zeros(2, device=sae.W_dec.device)
+
+    @property
+    def last_fvu(self) -> float:
+        """The last step's batch FVU (reading it waits for the step to finish)."""
+        return float(self.logged[0])
+
+    def sync_stats(self) -> dict:
+        """`stats` brought up to date from the device-side sums (call before reading or saving them)."""
+        self.stats["fvu"], self.stats["aux"] = self.sums.tolist()
+        return self.stats
+
+    def restore_stats(self, stats: dict) -> None:
+        self.stats = dict(stats)
+        self.sums = torch.tensor([self.stats["fvu"], self.stats["aux"]], dtype=torch.float64, device=self.sums.device)
 
     def step(self, x: Tensor, denom: Tensor, comm=None, n_batch: int | None = None) -> None:
         """One optimiser step on `x` (this rank's rows of a batch of `n_batch` rows whose variance is `denom`)."""
@@ -131,8 +148,8 @@ class _Rung:
         self.opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
-            fired = torch.zeros(sae.width, dtype=torch.uint8, device=x.device)
-            fired[indices[values > 0]] = 1
+            fired = torch.zeros(sae.width, dtype=torch.uint8, device=x.device)  # scatter: no host sync
+            fired.scatter_reduce_(0, indices.reshape(-1), (values > 0).reshape(-1).to(torch.uint8), reduce="amax")
             if comm is not None:
                 comm.max_(fired)
             self.since_fired += n_batch
@@ -140,9 +157,8 @@ class _Rung:
             logged = torch.stack([fvu.detach(), aux.detach()])
             if comm is not None:
                 comm.sum_(logged)
-        self.last_fvu = float(logged[0])
-        self.stats["fvu"] += self.last_fvu * n_batch
-        self.stats["aux"] += float(logged[1]) * n_batch
+        self.logged = logged
+        self.sums += logged.double() * n_batch  # the same float64 arithmetic as summing Python floats
         self.stats["n"] += n_batch
 
 
@@ -209,7 +225,7 @@ def _pack(rungs: dict[int, _Rung]) -> tuple[dict[str, Tensor], dict]:
             for key, v in st.items():
                 tensors[f"w{w}/opt/{i}/{key}"] = v.cpu()
         tensors[f"w{w}/since_fired"] = r.since_fired.cpu()
-        info["rungs"][str(w)] = {"stats": r.stats, "param_groups": opt["param_groups"]}
+        info["rungs"][str(w)] = {"stats": dict(r.sync_stats()), "param_groups": opt["param_groups"]}
     return tensors, info
 
 
@@ -232,7 +248,7 @@ def _unpack(rungs: dict[int, _Rung], tensors: dict[str, Tensor], info: dict) -> 
                     if v.shape == param.shape:
                         st[key] = torch.empty_like(param).copy_(v)
             r.since_fired.copy_(tensors[f"w{w}/since_fired"])
-            r.stats = dict(info["rungs"][str(w)]["stats"])
+            r.restore_stats(info["rungs"][str(w)]["stats"])
 
 
 def _source_of(acts) -> dict:
@@ -349,8 +365,9 @@ def train_ladder(acts, widths=None, k: int | None = None, *, config: TrainConfig
             last_save = time.monotonic()
         if callback is not None:
             callback(step, seen, {w: r.last_fvu for w, r in rungs.items()})
-        bar.set_postfix({f"fvu{w}": f"{r.stats['fvu'] / max(r.stats['n'], 1):.3f}" for w, r in rungs.items()},
-                        refresh=False)
+        if progress and step % 20 == 0:  # reading the sums waits for the device: not every step
+            bar.set_postfix({f"fvu{w}": f"{r.sync_stats()['fvu'] / max(r.stats['n'], 1):.3f}"
+                             for w, r in rungs.items()}, refresh=False)
     bar.close()
     if first:
         raise FeatureTreeError("the activation stream is empty: collect more tokens before training")
@@ -412,6 +429,7 @@ def _finish(rungs: dict, cfg: TrainConfig, acts, eval_acts) -> dict[int, TopKSAE
     """The trained dictionaries, frozen, with held-out metrics (every rung evaluated in one read of the
     held-out stream) and SAELens metadata."""
     for r in rungs.values():
+        r.sync_stats()
         r.sae.eval()
         r.sae.requires_grad_(False)
     if cfg.nested:  # one rung per prefix, sharing the nested dictionary's optimiser statistics

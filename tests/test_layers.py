@@ -25,6 +25,7 @@ LAYERS = [
     "native",       # compiled CPU kernels (top-k, int8 ranking) with a torch fallback
     "sae",          # TopKSAE, SAELens / sparsify formats
     "train",        # train_ladder and the local dictionaries of a refinement
+    "faithful",     # loss recovered and KL of each rung spliced into a causal LM
     "firing",       # the one firing rule, gated firing of refined rungs, query rates
     "label",        # labels from top tokens, contexts and distinctive words; LM labelers
     "tree",         # FeatureTree and link
