@@ -70,17 +70,18 @@ def run_featuretree(x: torch.Tensor, x_eval: torch.Tensor, width: int, k: int, b
     from featuretree.train import train_ladder
 
     marks: dict[str, float] = {}
+    last = -(-len(x) // batch)  # steps in the one epoch
 
-    def callback(step, tokens, _fvu):
+    def callback(step, tokens, _fvu):  # after step `step` (1-based)
         if step == warmup:
             _sync(device)
             marks["start"], marks["tokens0"] = time.perf_counter(), tokens
-        marks["end_step"], marks["tokens"] = step, tokens
+        if step == last:  # before train_ladder's own held-out evaluation
+            _sync(device)
+            marks["end"], marks["tokens"] = time.perf_counter(), tokens
 
     saes = train_ladder(x, (width,), k, epochs=1, batch_size=batch, shuffle=False, progress=False,
                         eval_acts=x_eval[:batch], callback=callback, device=str(device))
-    # train_ladder's own held-out evaluation ran after the last step; time the steps alone by rerunning
-    # the last synchronisation point: the callback of the last step ran before evaluation started
     sae = saes[width]
     return marks, sae.encode, sae.decode
 
@@ -118,7 +119,8 @@ def run_sparsify(x: torch.Tensor, x_eval: torch.Tensor, width: int, k: int, batc
             since_fired[did_fire] = 0
             did_fire.zero_()
         tokens += len(xb)
-    marks["tokens"] = tokens
+    _sync(device)
+    marks["end"], marks["tokens"] = time.perf_counter(), tokens
     torch.set_float32_matmul_precision("highest")
     sae.eval()
 
@@ -142,10 +144,10 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=300, help="timed steps per trainer")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--trainers", nargs="+", choices=list(TRAINERS), default=list(TRAINERS))
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (d 64, width 512, 12 steps): checks the script")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (d 64, width 512, 80 steps): checks the script")
     args = p.parse_args(argv)
     if args.smoke:
-        args.d_models, args.widths, args.batch, args.steps, args.warmup = [64], [512], 256, 8, 4
+        args.d_models, args.widths, args.batch, args.steps, args.warmup = [64], [512], 256, 80, 4
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}; torch {torch.__version__}; k {args.k}, batch {args.batch}, {args.steps} timed steps "
@@ -165,7 +167,7 @@ def main(argv=None) -> None:
                     print(f"  {trainer}: not installed ({e})", flush=True)
                     continue
                 _sync(device)
-                secs = (marks.get("end") or time.perf_counter()) - marks["start"]
+                secs = marks["end"] - marks["start"]
                 tok_s = (marks["tokens"] - marks["tokens0"]) / secs
                 res[trainer] = (tok_s, fvu(enc, dec, x_eval), _peak_gb(device))
                 print(f"  d {d} w {width} {trainer}: {tok_s:,.0f} tok/s  FVU {res[trainer][1]:.4f}  "
