@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create benchmarks/.venv: torch 2.13.0 (CPU wheel) first, then the anchor eai-sparsify, then featuretree.
+# Create benchmarks/.venv: torch 2.13.0 (CPU wheel) first, then the anchor eai-sparsify, then featuretree,
+# then SAELens (interop.py, synthsae.py).
 #
 #     bash benchmarks/setup_env.sh
 #
@@ -14,6 +15,7 @@ venv="$here/.venv"
 py="${PYTHON:-python3}"
 torch_pin="torch==2.13.0"
 sparsify_pin="eai-sparsify==1.3.3"
+saelens_pin="sae-lens==6.54.12"  # interop.py and synthsae.py (SynthSAEBench generator and metrics)
 
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 pip_install() {  # quiet; drops the warnings about this machine's empty local index folders
@@ -22,6 +24,7 @@ pip_install() {  # quiet; drops the warnings about this machine's empty local in
 pip_install "$torch_pin"
 pip_install "$sparsify_pin" "$torch_pin"
 pip_install -e "$repo" "$torch_pin"
+pip_install "$saelens_pin" "$torch_pin"
 
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as md
@@ -30,8 +33,9 @@ import torch
 
 assert torch.__version__ == "2.13.0+cpu", f"torch is {torch.__version__}, expected 2.13.0+cpu"
 import featuretree  # noqa: F401
+import sae_lens  # noqa: F401
 import sparsify  # noqa: F401
 
 print(f"benchmarks/.venv ready: torch {torch.__version__}, eai-sparsify {md.version('eai-sparsify')}, "
-      f"featuretree {md.version('featuretree')}")
+      f"featuretree {md.version('featuretree')}, sae-lens {md.version('sae-lens')}")
 PY

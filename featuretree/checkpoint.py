@@ -78,8 +78,10 @@ def model_fingerprint(model: Any) -> dict:
     d = resolve_model_dir(model)
     if d is None:
         return {"name": str(model)}
-    files = sorted(p for p in Path(d).rglob("*") if p.is_file())
-    return {"name": str(model), "files": [[p.relative_to(d).as_posix(), p.stat().st_size, _ends_sha256(p)]
+    root = Path(d)  # a directory, or one file (a GGUF): then that file alone, named relative to its folder
+    base = root.parent if root.is_file() else root
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {"name": str(model), "files": [[p.relative_to(base).as_posix(), p.stat().st_size, _ends_sha256(p)]
                                            for p in files]}
 
 

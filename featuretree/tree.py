@@ -8,6 +8,8 @@ left without a feature parent ("novel") if none covers it. Decoder cosine is rec
 alone: a child that absorbed its parent has a decoder row as close to the parent as to itself (../FINDINGS).
 A virtual node ROOT ("root", virtual=True) is the parent of the narrowest rung's features (edge kind "top")
 and of every novel feature (edge kind "novel"), so the graph is one tree.
+Co-activation is counted in blocks of child features (`coactivation_blocks` -> `joint_counts`) and only the
+pairs that pass a threshold are kept: memory does not grow with width x width (docs/SCALE.md, measured).
 """
 
 from __future__ import annotations
@@ -23,16 +25,20 @@ import torch
 
 from featuretree.activations import is_store
 from featuretree.config import Config, FeatureTreeError, LinkConfig, settings
-from featuretree.firing import fire
+from featuretree.firing import fire, fire_codes
 from featuretree.sae import TopKSAE
 from featuretree.utils import rung_key
 
-__all__ = ["add_virtual_root", "attach", "candidates", "coverage_matrix", "decoder_cos", "FeatureTree",
-           "link", "node_id", "ROOT"]
+__all__ = ["add_virtual_root", "attach", "candidates", "coactivation_blocks", "coverage_matrix", "decoder_cos",
+           "FeatureTree", "joint_counts", "link", "link_codes", "node_id", "ROOT"]
 
 log = logging.getLogger(__name__)
 
 ROOT = "root"  # the virtual node above the narrowest rung and the novel features
+BLOCK = 4096  # child features whose joint counts are computed at once (candidates)
+MAX_PAIRS = 1 << 23  # most joint counts held at once: ~17 bytes each while a block is filtered
+MAX_PARENTS = 16  # candidate parents link keeps per child: attach uses the best and 8 others
+TIE = 0.05  # attach: parents covering a child within this of the best one count as tied
 
 
 @dataclass
@@ -115,6 +121,9 @@ def node_id(rung: str, index: int) -> str:
 def coverage_matrix(child: sp.csr_matrix, parent: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
     """coverage[c, p] = P(p fires | c fires) as a sparse (w_child, w_parent) matrix, plus both firing counts.
 
+    The whole matrix at once: for small rungs and tests. Linking (`candidates`) computes the same
+    coverages block by block and keeps only those that pass its thresholds.
+
     Example:
         >>> c = sp.csr_matrix(np.array([[1.0], [1.0]])); p = sp.csr_matrix(np.array([[1.0, 0], [0, 1.0]]))
         >>> coverage_matrix(c, p)[0].toarray().tolist()
@@ -137,13 +146,121 @@ def decoder_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
-def candidates(above: list[str], r: str, fires: dict, min_coverage: float,
-                within_coverage: float) -> dict[int, list[tuple[str, int, float, float]]]:
+def joint_counts(child_t: sp.csr_matrix, parent: sp.csr_matrix) -> sp.csr_matrix:
+    """Joint firing counts of a block of child features with every parent feature, as a (B, w_parent) CSR.
+
+    The one place co-activation is counted: `candidates` calls it block by block, so a torch.sparse (CUDA)
+    version of this function is all a device path needs. Only the pairs that co-fire are stored.
+
+    Parameters
+    ----------
+    child_t : csr_matrix (B, n)
+        A block of child features (rows) over the tokens: rows of the transposed child firing matrix.
+    parent : csr_matrix (n, w_parent)
+        The parent rung's firing matrix on the same tokens.
+
+    Example:
+        >>> c = sp.csr_matrix(np.array([[1.0, 1.0, 0.0]]))  # one child, firing on tokens 0 and 1
+        >>> p = sp.csr_matrix(np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]))
+        >>> joint_counts(c, p).toarray().tolist()
+        [[2.0, 1.0]]
+    """
+    return (child_t @ parent).tocsr()
+
+
+def coactivation_blocks(child_t: sp.csr_matrix, parent: sp.csr_matrix, rows: np.ndarray, *, block: int = BLOCK,
+                        max_pairs: int = MAX_PAIRS):
+    """Yield (features, joint counts) for consecutive blocks of the child features `rows`.
+
+    A block holds at most `block` child features and at most `max_pairs` joint counts: each child's count
+    row is bounded by min(sum over its tokens of the parent features firing there, w_parent), and blocks
+    are cut on the running sum of those bounds (a child whose bound alone exceeds `max_pairs` is a block of
+    its own). Memory is then O(max_pairs) whatever the widths: never (w_child, w_parent), never (n, width).
+
+    Parameters
+    ----------
+    child_t : csr_matrix (w_child, n)
+        The child rung's firing matrix, transposed (one row per child feature).
+    parent : csr_matrix (n, w_parent)
+        The parent rung's firing matrix.
+    rows : ndarray of int, ascending
+        The child features wanted.
+    block, max_pairs : int
+        Most child features and most joint counts per block.
+
+    Example:
+        >>> F = sp.csr_matrix(np.array([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]))
+        >>> [(f.tolist(), co.toarray().tolist()) for f, co in coactivation_blocks(F.T.tocsr(), F, np.arange(3), block=2)]
+        [([0, 1], [[2.0, 1.0, 1.0], [1.0, 1.0, 0.0]]), ([2], [[1.0, 0.0, 1.0]])]
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if not len(rows):
+        return
+    per_token = np.diff(parent.indptr).astype(np.float64)  # parent features firing on each token
+    bound = np.minimum(child_t @ per_token, parent.shape[1])[rows]  # >= the stored pairs of each child's row
+    ends = np.cumsum(bound)
+    start = 0
+    while start < len(rows):
+        base = ends[start - 1] if start else 0.0
+        stop = int(np.searchsorted(ends, base + max_pairs, side="right"))
+        stop = min(max(stop, start + 1), start + block, len(rows))
+        feats = rows[start:stop]
+        yield feats, joint_counts(child_t[feats], parent)
+        start = stop
+
+
+def _covering(child_t, parent, rows, inv, min_v, extra=None, *, block, max_pairs):
+    """(child, parent, coverage) of the pairs with coverage >= min_v (and `extra(c, p, v)`), sorted by child,
+    then parent descending (the order the sparse products of `coverage_matrix` leave each row in)."""
+    out_c, out_p, out_v = [], [], []
+    for feats, co in coactivation_blocks(child_t, parent, rows, block=block, max_pairs=max_pairs):
+        per_row = np.diff(co.indptr)
+        v = co.data * np.repeat(inv[feats], per_row)  # the float arithmetic of coverage_matrix's row scaling
+        at = np.flatnonzero(v >= min_v)
+        c = feats[np.searchsorted(co.indptr, at, side="right") - 1]
+        p, v = co.indices[at].astype(np.int64), v[at]
+        del co, at
+        if extra is not None:
+            keep = extra(c, p, v)
+            c, p, v = c[keep], p[keep], v[keep]
+        order = np.lexsort((-p, c))
+        out_c.append(c[order])
+        out_p.append(p[order])
+        out_v.append(v[order])
+    if not out_c:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), inv[:0]
+    return np.concatenate(out_c), np.concatenate(out_p), np.concatenate(out_v)
+
+
+def _near_best(c: np.ndarray, v: np.ndarray, pos: np.ndarray, max_parents: int) -> np.ndarray:
+    """Mask of each child's `max_parents` best-covering candidates (ties: earlier in its pool) and of every
+    candidate within TIE of its best (the ones attach chooses the primary among)."""
+    if not len(c):
+        return np.zeros(0, dtype=bool)
+    order = np.lexsort((pos, -v, c))
+    cs = c[order]
+    first = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
+    group = np.cumsum(np.r_[True, cs[1:] != cs[:-1]]) - 1
+    rank = np.arange(len(cs)) - first[group]
+    best = v[order][first].astype(np.float64)[group]
+    keep = np.empty(len(c), dtype=bool)
+    keep[order] = (rank < max_parents) | (v[order].astype(np.float64) >= best - TIE)
+    return keep
+
+
+def candidates(above: list[str], r: str, fires: dict, min_coverage: float, within_coverage: float, *,
+               max_parents: int | None = None, block: int = BLOCK,
+               max_pairs: int = MAX_PAIRS) -> dict[int, list[tuple[str, int, float, float]]]:
     """Candidate parents of each live feature of rung `r`: (rung, index, coverage, reverse) tuples.
 
     Across rungs: the nearest narrower rung holding any parent with coverage >= min_coverage. Within
     rung `r` (the eval-HSAEs rule): P(p | c) >= within_coverage while P(c | p) < within_coverage, i.e. p
-    covers c and fires more widely: a child the rung already resolves beside its parent.
+    covers c and fires more widely: a child the rung already resolves beside its parent. Each pool lists
+    the across-rung parents, then the within-rung ones, each by parent index descending.
+
+    Co-activation is counted in blocks of child features (`coactivation_blocks`), and only the pairs that
+    pass a threshold are kept, so memory stays O(max_pairs + candidates) at any width; the result is the
+    one the full `coverage_matrix` products give.
 
     Parameters
     ----------
@@ -155,40 +272,58 @@ def candidates(above: list[str], r: str, fires: dict, min_coverage: float,
         {rung: firing matrix (n, width)} on the same tokens.
     min_coverage, within_coverage : float
         LinkConfig's thresholds.
+    max_parents : int, optional
+        Keep only each child's `max_parents` best-covering candidates (ties: earlier in the pool), plus
+        every one within TIE (0.05) of its best; pool order is kept. With max_parents >= 9 `attach` makes
+        the same edge and `other_parents` as with the whole pool. None keeps all.
+    block, max_pairs : int
+        Most child features and most joint counts held at once (coactivation_blocks).
 
     Example:
         >>> F = {"w2": sp.csr_matrix(np.array([[1.0, 0], [1, 1]]))}
         >>> candidates([], "w2", F, 0.5, 0.9)
         {1: [('w2', 0, 1.0, 0.5)]}
     """
-    out: dict[int, list[tuple[str, int, float, float]]] = {}
-    n_live = np.asarray(fires[r].sum(0)).ravel()
-    todo = set(np.flatnonzero(n_live > 0).tolist())
+    F = fires[r]
+    n_c = np.asarray(F.sum(0)).ravel()
+    inv = 1.0 / np.maximum(n_c, 1)  # the same dtype and rounding as coverage_matrix
+    F_t = F.T.tocsr()  # (w, n): one row per child feature
+    todo = np.flatnonzero(n_c > 0)
+    parts = []  # (rung, child, parent, coverage, reverse), in pool order
     for pr in reversed(above):
-        if not todo:
+        if not len(todo):
             break
-        cov, _, n_p = coverage_matrix(fires[r], fires[pr])
-        for c in sorted(todo):
-            row = cov.getrow(c)
-            keep = row.data >= min_coverage
-            if keep.any():
-                ps, cs = row.indices[keep], row.data[keep]
-                out[c] = [(pr, int(p), float(v), float(v * n_live[c] / max(n_p[p], 1))) for p, v in zip(ps, cs)]
-                todo.discard(c)
-    cov, n_c, _ = coverage_matrix(fires[r], fires[r])
-    cov.setdiag(0)
-    cov.eliminate_zeros()
-    for c in np.flatnonzero(n_live > 0):
-        row = cov.getrow(c)
-        for p, v in zip(row.indices, row.data):
-            rev = float(v * n_c[c] / max(n_c[p], 1))
-            if v >= within_coverage and rev < within_coverage and n_c[p] > n_c[c]:
-                out.setdefault(int(c), []).append((r, int(p), float(v), rev))
+        n_p = np.asarray(fires[pr].sum(0)).ravel()
+        c, p, v = _covering(F_t, fires[pr], todo, inv, min_coverage, block=block, max_pairs=max_pairs)
+        parts.append((pr, c, p, v, v * n_c[c] / np.maximum(n_p[p], 1)))
+        todo = np.setdiff1d(todo, c, assume_unique=False)
+
+    def within(c, p, v):
+        rev = v * n_c[c] / np.maximum(n_c[p], 1)
+        return (p != c) & (rev.astype(np.float64) < within_coverage) & (n_c[p] > n_c[c])
+
+    live = np.flatnonzero(n_c > 0) if within_coverage <= 1.000001 else todo[:0]  # coverage <= 1 (+ rounding)
+    c, p, v = _covering(F_t, F, live, inv, within_coverage, within, block=block, max_pairs=max_pairs)
+    parts.append((r, c, p, v, v * n_c[c] / np.maximum(n_c[p], 1)))
+    del F_t
+    if max_parents is not None:
+        cs = np.concatenate([t[1] for t in parts])
+        pos = np.arange(len(cs))  # pool order: every child's entries are in pool order in `parts`
+        keep = _near_best(cs, np.concatenate([t[3] for t in parts]), pos, max_parents)
+        cuts = np.cumsum([len(t[1]) for t in parts])[:-1]
+        parts = [(q, c[m], p[m], v[m], rev[m]) for (q, c, p, v, rev), m in zip(parts, np.split(keep, cuts))]
+    out: dict[int, list[tuple[str, int, float, float]]] = {}
+    for q, c, p, v, rev in parts:
+        for cc, pp, vv, rr in zip(c.tolist(), p.tolist(), v.tolist(), rev.tolist()):
+            pool = out.get(cc)
+            if pool is None:
+                out[cc] = pool = []
+            pool.append((q, pp, vv, rr))
     return out
 
 
 def link(saes, acts, config: LinkConfig | None = None, *, max_tokens: int = 200_000, n_contexts: int = 5,
-         labels: bool = True, **overrides) -> FeatureTree:
+         labels: bool = True, max_parents: int | None = MAX_PARENTS, **overrides) -> FeatureTree:
     """Build a FeatureTree from a ladder of dictionaries and the activations to measure co-firing on.
 
     An edge p -> c gets `coverage` = P(p | c), `reverse` = P(c | p), decoder `cos`, and `kind` "same" (both
@@ -196,6 +331,10 @@ def link(saes, acts, config: LinkConfig | None = None, *, max_tokens: int = 200_
     child's `other_parents`. A feature may also get a parent in its own rung (`within=True` on the edge)
     when that parent covers it at >= within_coverage but not the other way round: a child the rung
     resolves beside its parent.
+
+    Memory: the held-out activations (freed once encoded), per rung the codes (kept only for labels) and a
+    sparse firing matrix; co-activation is counted in bounded blocks (`candidates`). Nothing of shape
+    (n, width) or (width, width) is ever dense.
 
     Parameters
     ----------
@@ -212,6 +351,8 @@ def link(saes, acts, config: LinkConfig | None = None, *, max_tokens: int = 200_
         Contexts kept per node for labels.
     labels : bool
         Label the nodes (needs a store with tokens).
+    max_parents : int, optional
+        Candidate parents kept per child (see `candidates`; >= 9 gives the same tree as None, all of them).
 
     Example:
         >>> from featuretree.train import train_ladder
@@ -222,8 +363,84 @@ def link(saes, acts, config: LinkConfig | None = None, *, max_tokens: int = 200_
         8
     """
     cfg = settings(LinkConfig, config, **overrides)
-    min_coverage, within_coverage, fire_rel = cfg.min_coverage, cfg.within_coverage, cfg.fire_rel
-    same_threshold = cfg.same_threshold
+    saes, rungs = _ladder(saes)
+    d_model = saes[rungs[0]].d_model
+    split = "heldout" if is_store(acts) and acts.n_rows("heldout") > 0 else "all"
+    if is_store(acts):
+        x_eval = acts.load(split, max_tokens=max_tokens)
+    else:
+        x_eval = torch.as_tensor(acts)[:max_tokens]
+    if x_eval.ndim != 2 or x_eval.shape[-1] != d_model:
+        raise FeatureTreeError(f"activations have shape {tuple(x_eval.shape)} but the dictionaries expect "
+                               f"[n, {d_model}]: pass the layer's activations the ladder was trained on")
+    if not torch.isfinite(x_eval).all():
+        raise FeatureTreeError("the activations to link on contain NaN or Inf: check the model's dtype or drop the "
+                               "bad rows")
+    n = x_eval.shape[0]
+    if n == 0:
+        raise FeatureTreeError("no held-out tokens to link on: collect more tokens or pass a larger tensor")
+
+    with_labels = labels and is_store(acts)
+    codes, fires, ats = {}, {}, {}
+    for r in rungs:
+        v, i, fires[r], ats[r] = fire(saes[r], x_eval, cfg.fire_rel, with_thresholds=True)
+        if with_labels:
+            codes[r] = (v, i)
+        del v, i
+    del x_eval
+    acts_path = str(Path(acts.path).resolve()) if is_store(acts) else None
+    g = _link_fired(saes, rungs, fires, ats, int(n), cfg, acts_path, max_parents)
+    tree = FeatureTree(g, dict(saes), None)
+    if with_labels:
+        from featuretree.label import annotate
+
+        annotate(tree, codes, acts.tokens(split, max_tokens=max_tokens), acts, n_contexts=n_contexts)
+    return tree
+
+
+def link_codes(saes, codes: dict, config: LinkConfig | None = None, *, max_parents: int | None = MAX_PARENTS,
+               **overrides) -> FeatureTree:
+    """`link` on codes already computed (no activations, no labels): the tree from each rung's sparse codes.
+
+    The firing rule (`fire_codes`) is applied to the codes, then the rungs are linked exactly as `link`
+    does after encoding: the same tree `link` builds from those codes. Useful for codes computed elsewhere
+    (another device, a cache) and for measuring linking alone (benchmarks/scale.py link).
+
+    Parameters
+    ----------
+    saes : dict or list
+        {width or rung name: TopKSAE} (widths and decoder rows are used), or a list ordered narrow to wide.
+    codes : dict
+        {rung name: (values (n, k), indices (n, k))}, the same n tokens for every rung, as encode_all gives.
+    config : LinkConfig or Config, optional
+        Thresholds and fire_rel; `overrides` replace fields.
+    max_parents : int, optional
+        Candidate parents kept per child (see `candidates`).
+
+    Example:
+        >>> from featuretree.firing import encode_all
+        >>> saes = {"w8": TopKSAE(4, 8, 2), "w16": TopKSAE(4, 16, 2)}
+        >>> x = torch.randn(500, 4)
+        >>> tree = link_codes(saes, {r: encode_all(s, [x]) for r, s in saes.items()})
+        >>> tree.graph.graph["n_tokens"], tree.rungs
+        (500, ['w8', 'w16'])
+    """
+    cfg = settings(LinkConfig, config, **overrides)
+    saes, rungs = _ladder(saes)
+    missing = [r for r in rungs if r not in codes]
+    if missing:
+        raise FeatureTreeError(f"no codes for rung(s) {missing}: pass {{rung: (values, indices)}} for each of {rungs}")
+    ns = {np.shape(codes[r][1])[0] for r in rungs}
+    if len(ns) != 1 or 0 in ns:
+        raise FeatureTreeError(f"the codes cover {sorted(ns)} tokens: every rung needs codes on the same (>0) tokens")
+    fires, ats = {}, {}
+    for r in rungs:
+        _, _, fires[r], ats[r] = fire_codes(*codes[r], saes[r].width, cfg.fire_rel)
+    return FeatureTree(_link_fired(saes, rungs, fires, ats, ns.pop(), cfg, None, max_parents), dict(saes), None)
+
+
+def _ladder(saes) -> tuple[dict, list[str]]:
+    """{rung name: TopKSAE} and the rungs narrow to wide; the dictionaries must share d_model."""
     if isinstance(saes, (list, tuple)):
         saes = {f"w{s.width}": s for s in saes}
     saes = {(k if isinstance(k, str) else f"w{int(k)}"): v for k, v in saes.items()}
@@ -233,29 +450,17 @@ def link(saes, acts, config: LinkConfig | None = None, *, max_tokens: int = 200_
     d_models = {saes[r].d_model for r in rungs}
     if len(d_models) != 1:
         raise FeatureTreeError(f"dictionaries disagree on d_model {sorted(d_models)}: link rungs trained on the same layer")
-    split = "heldout" if is_store(acts) and acts.n_rows("heldout") > 0 else "all"
-    if is_store(acts):
-        x_eval = acts.load(split, max_tokens=max_tokens)
-    else:
-        x_eval = torch.as_tensor(acts)[:max_tokens]
-    if x_eval.ndim != 2 or x_eval.shape[-1] != next(iter(d_models)):
-        raise FeatureTreeError(f"activations have shape {tuple(x_eval.shape)} but the dictionaries expect "
-                               f"[n, {next(iter(d_models))}]: pass the layer's activations the ladder was trained on")
-    if not torch.isfinite(x_eval).all():
-        raise FeatureTreeError("the activations to link on contain NaN or Inf: check the model's dtype or drop the "
-                               "bad rows")
-    n = x_eval.shape[0]
-    if n == 0:
-        raise FeatureTreeError("no held-out tokens to link on: collect more tokens or pass a larger tensor")
+    return saes, rungs
 
-    codes, fires = {}, {}
-    g = nx.DiGraph(rungs=rungs, n_tokens=int(n), min_coverage=min_coverage, fire_rel=fire_rel)
-    if is_store(acts):  # where refine finds the tokens again (build makes it relative to the run)
-        g.graph["acts"] = str(Path(acts.path).resolve())
+
+def _link_fired(saes: dict, rungs: list[str], fires: dict, ats: dict, n: int, cfg: LinkConfig,
+                acts_path: str | None, max_parents: int | None) -> nx.DiGraph:
+    """The linked graph (nodes, edges, virtual root) from each rung's firing matrix and thresholds."""
+    g = nx.DiGraph(rungs=rungs, n_tokens=int(n), min_coverage=cfg.min_coverage, fire_rel=cfg.fire_rel)
+    if acts_path is not None:  # where refine finds the tokens again (build makes it relative to the run)
+        g.graph["acts"] = acts_path
     for r in rungs:
-        sae = saes[r]
-        v, i, fires[r], at = fire(sae, x_eval, fire_rel, with_thresholds=True)
-        codes[r] = (v, i)
+        sae, at = saes[r], ats[r]
         counts = np.asarray(fires[r].sum(0)).ravel()
         for j in np.flatnonzero(counts):
             g.add_node(node_id(r, j), rung=r, width=sae.width, index=int(j), freq=float(counts[j] / n),
@@ -264,9 +469,9 @@ def link(saes, acts, config: LinkConfig | None = None, *, max_tokens: int = 200_
 
     n_novel = 0
     for i, r in enumerate(rungs):
-        cands = candidates(rungs[:i], r, fires, min_coverage, within_coverage)
+        cands = candidates(rungs[:i], r, fires, cfg.min_coverage, cfg.within_coverage, max_parents=max_parents)
         for c, pool in cands.items():
-            attach(g, saes, r, c, pool, same_threshold)
+            attach(g, saes, r, c, pool, cfg.same_threshold)
         if i > 0:
             live = np.flatnonzero(np.asarray(fires[r].sum(0)).ravel() > 0)
             novel = [c for c in live if c not in cands]
@@ -274,15 +479,9 @@ def link(saes, acts, config: LinkConfig | None = None, *, max_tokens: int = 200_
                 g.nodes[node_id(r, c)]["novel"] = True
             n_novel += len(novel)
     if n_novel:
-        log.info("%d features have no parent covering them >= %.2f (marked novel)", n_novel, min_coverage)
+        log.info("%d features have no parent covering them >= %.2f (marked novel)", n_novel, cfg.min_coverage)
     add_virtual_root(g, rungs[0])
-
-    tree = FeatureTree(g, dict(saes), None)
-    if labels and is_store(acts):
-        from featuretree.label import annotate
-
-        annotate(tree, codes, acts.tokens(split, max_tokens=max_tokens), acts, n_contexts=n_contexts)
-    return tree
+    return g
 
 
 def attach(g: nx.DiGraph, saes: dict, r: str, c: int, pool: list[tuple[str, int, float, float]],
@@ -300,7 +499,7 @@ def attach(g: nx.DiGraph, saes: dict, r: str, c: int, pool: list[tuple[str, int,
         ([('w2/0', 'w4/3')], [['w2/1', 0.6]])
     """
     best_cov = max(v for _, _, v, _ in pool)
-    tied = [t for t in pool if t[2] >= best_cov - 0.05]
+    tied = [t for t in pool if t[2] >= best_cov - TIE]
     pr, p, cov, rev = max(tied, key=lambda t: (t[3], t[0] == r))
     kind = "same" if cov >= same_threshold and rev >= same_threshold else "split"
     g.add_edge(node_id(pr, p), node_id(r, c), coverage=cov, reverse=rev,

