@@ -82,24 +82,3 @@ def test_causal_lm_labeler_from_a_local_directory(tmp_path):
     assert labeler(node_facts(_family_tree(), "w8/1")) == "cat cat cat"
     with pytest.raises(ValueError, match="offline"):
         CausalLMLabeler.from_pretrained(str(tmp_path / "missing"))
-
-
-def test_make_label_shapes_and_length():
-    from featuretree.label import MAX_LABEL, make_label
-
-    assert make_label(["the", "of", "physics", "energy"], ["einstein", "physics"]) == "physics · energy | einstein"
-    assert make_label(["the", "a"], []) == "the · a"  # nothing but function words: they are the feature
-    assert make_label(["or", "and", ","], ["bread"], kind="word") == "«or» · «and» · «,» | bread"
-    assert make_label(["of"], ["bread"], kind="word", pattern="at the start") == "«of» at the start"
-    long = make_label(["anthropomorphically"] * 1 + ["x" * 30, "y" * 30], ["z" * 40, "w" * 40])
-    assert len(long) <= MAX_LABEL and long.startswith("anthropomorphically")
-
-
-def test_overlap_scorer_reads_the_label_shapes():
-    from featuretree.label import OverlapScorer
-
-    s = OverlapScorer()
-    piece, old = "«-emia» in anemia · leukemia", "cre · emia | blood"
-    got = s([piece, piece, old, old], ["toxemia is rare", "a rare cat", "emia and blood", "toxemia"]).tolist()
-    assert got[0] > 0 and got[1] == 0.0  # "-emia" matches any word ending in emia
-    assert got[2] == pytest.approx(1.5 / 2.5) and got[3] == 0.0  # an old label's "emia" only matches the word
