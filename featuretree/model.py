@@ -285,10 +285,12 @@ def _load_gguf(name: str, path: str, dtype: torch.dtype, device_map: str | dict 
     """AutoModelForCausalLM + AutoTokenizer from one GGUF file, dequantized to `dtype` by transformers."""
     import importlib.util
 
-    for package in ("gguf", "accelerate"):  # transformers reads GGUF with gguf, and refuses it without accelerate
-        if importlib.util.find_spec(package) is None:
-            raise FeatureTreeError(f"loading the GGUF model {name!r} needs the {package} package: "
-                                   f"pip install gguf accelerate (or pip install 'featuretree[llm]')")
+    # transformers reads GGUF with gguf, and refuses it without accelerate: name every one that is missing
+    missing = [p for p in ("gguf", "accelerate") if importlib.util.find_spec(p) is None]
+    if missing:
+        raise FeatureTreeError(f"loading the GGUF model {name!r} needs the {' and '.join(missing)} "
+                               f"package{'s' if len(missing) > 1 else ''}, not installed: "
+                               f"pip install gguf accelerate (or pip install 'featuretree[llm]')")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

