@@ -405,8 +405,17 @@ def _real_rows(
 
 
 def special_ids(tokenizer: Any) -> list[int]:
-    """Ids dropped from the harvest (and kept clean by featuretree.faithful): every special token except
-    [UNK], which stands for real text.
+    """Ids dropped from the harvest (and kept clean by featuretree.faithful): every special token, the added
+    special tokens outside `all_special_ids` too (SmolLM2's <file_sep>, <jupyter_code>, ...), except an unknown
+    token that stands for real text.
+
+    The unknown token is real text when the tokenizer writes it for characters it cannot spell (BERT's [UNK]
+    for a rare symbol); a byte-level BPE never does, and its "unk" (SmolLM2's <|endoftext|>, GPT-2's eos) is
+    a control token, dropped with the others.
+
+    Parameters
+    ----------
+    tokenizer : a Hugging Face tokenizer
 
     Example:
         >>> from featuretree.model import get_tokenizer, load_model
@@ -415,11 +424,25 @@ def special_ids(tokenizer: Any) -> list[int]:
         (True, False)
     """
     ids = set(tokenizer.all_special_ids)
+    ids |= {int(i) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+            if getattr(t, "special", False)}
     unk = getattr(tokenizer, "unk_token_id", None)
-    roles = ("bos_token_id", "eos_token_id", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
-    if unk is not None and unk not in {getattr(tokenizer, r, None) for r in roles}:
-        ids.discard(unk)  # GPT-2's unk is its eos, which stays dropped
+    if unk is not None and _unk_spells_text(tokenizer, unk):
+        ids.discard(unk)
     return sorted(ids)
+
+
+_RARE = "\U0001F9EC \u0F3A \U00013000 \u2BFF"  # a DNA emoji, a Tibetan mark, a hieroglyph, an unassigned point
+
+
+def _unk_spells_text(tokenizer: Any, unk: int) -> bool:
+    """Whether the tokenizer writes its unknown token for characters it cannot spell (WordPiece) or never (bytes)."""
+    try:
+        out = tokenizer(_RARE, add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot take the probe: unk is text unless it has a role
+        roles = ("bos_token_id", "eos_token_id", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
+        return unk not in {getattr(tokenizer, r, None) for r in roles}
+    return unk in out
 
 
 def forward_args(module: torch.nn.Module) -> set[str]:

@@ -329,3 +329,25 @@ def test_damaged_shard_is_detected_and_recomputed(store, model, texts, tmp_path)
     fixed = collect(model, LAYER, texts, out=copy, resume=True, **kw)
     assert fixed.verify() == [] and _store_bytes(copy) == _store_bytes(store.path)
     assert (copy / "shard_00000.safetensors").stat().st_mtime_ns == mtime  # good shards are left alone
+
+
+def test_special_ids_drop_a_byte_level_unk_and_added_specials_but_keep_a_wordpiece_unk(model):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from featuretree.harvest import special_ids
+
+    tk = Tokenizer(models.BPE(unk_token="<|endoftext|>"))  # SmolLM2's tokenizer: byte-level, unk = a control token
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator(["herons wade in the shallows"] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<|endoftext|>", bos_token="<|im_start|>")
+    tok.add_tokens(["<file_sep>"], special_tokens=True)  # an added special token outside all_special_ids
+    ids = special_ids(tok)
+    sep, unk = tok.convert_tokens_to_ids("<file_sep>"), tok.unk_token_id
+    assert sep not in tok.all_special_ids and sep in ids and unk in ids
+    kept = set(tok("a heron<|endoftext|> <file_sep> waded")["input_ids"]) - set(ids)
+    assert kept and not kept & {sep, unk}
+    bert = get_tokenizer(model)  # WordPiece writes [UNK] for what it cannot spell: that is text, kept
+    assert bert.unk_token_id not in special_ids(bert) and bert.cls_token_id in special_ids(bert)

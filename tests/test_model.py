@@ -315,8 +315,6 @@ def test_a_smollm2_harvest_keeps_no_special_tokens(smollm2, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="harvest's _special_ids keeps the unk token, which SmolLM2's tokenizer sets "
-                   "to <|endoftext|>, and misses added special tokens outside all_special_ids (<file_sep>, ...)")
 def test_a_smollm2_harvest_drops_special_tokens_written_in_the_text(smollm2, tmp_path):
     from featuretree.harvest import collect
 
