@@ -129,8 +129,10 @@ def cmd_find(args: argparse.Namespace) -> int:
 
     tree = load(args.run)
     query = args.query[0] if len(args.query) == 1 else args.query  # one phrase: looked up in the corpus
-    hits = find(tree, query, negatives=args.negative or None, top=args.top)
+    hits = find(tree, query, negatives=args.negative or None, top=args.top, level=args.level)
     cols = ["node", "score", "query_rate", "freq", "label"]
+    if (hits.doc_rate > 0).any() and not isinstance(query, str):  # example texts: how many of them each fires in
+        cols[3:3] = ["doc_rate", "background_rate"]
     sys.stdout.write(hits[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n")
     return 0
 
@@ -545,6 +547,9 @@ def make_parser() -> argparse.ArgumentParser:
     f.add_argument("query", nargs="+", help="a word or phrase; several arguments are several example texts")
     f.add_argument("--negative", action="append", help="a text the feature should not fire on (repeatable)")
     f.add_argument("--top", type=int, default=20, help="nodes to print (default: 20)")
+    f.add_argument("--level", choices=("auto", "token", "document"), default="auto",
+                   help="score by token rates, or by how many example texts a node fires in against corpus texts "
+                        "(default auto: document level for several example texts)")
     f.set_defaults(func=cmd_find)
 
     i = sub.add_parser("info", help="summarise a saved run: per-rung FVU / L0 / dead fraction, top features",

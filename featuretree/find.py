@@ -5,11 +5,20 @@ which nodes new texts make fire unusually. One scorer serves all three:
 
 `rate` is the share of the query's tokens on which the node fires (the tree's firing rule, refined nodes
 gated by their parents), `freq` its firing rate on the run's held-out tokens (the baseline), and
-eps = 1 / (number of query tokens) keeps a node that never fires on the query from scoring. find adds
-label matches and subtracts the lift on negative examples:
+eps = 1 / (number of query tokens) keeps a node that never fires on the query from scoring.
 
-    score(node) = lift(query) - max(0, lift(negatives)) + label_weight * (query words in its label, top tokens
-                  or distinctive words)
+Given several example texts, find scores documents instead (`level="document"`): a topical feature fires in
+most of the examples, an incidental one (place names in a few glosses of species) fires hard in a few. With
+`doc` the share of the examples in which the node fires on a content word and `bg` the same share of
+background texts (a sample of the run's corpus),
+
+    coverage(node) = doc * log((doc + eps) / (bg + eps)),  eps = 1 / (number of examples)
+
+(the node's term in the KL divergence of the examples' firing from the background's: it needs both
+coverage and specificity). find adds label matches and subtracts the same score on negative examples:
+
+    score(node) = s(query) - max(0, s(negatives)) + label_weight * (query words in its label, top tokens
+                  or distinctive words),   s = lift (token level) or coverage (document level)
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import pandas as pd
 from featuretree.config import FeatureTreeError, RefineConfig, settings
 from featuretree.utils import rung_key
 
-__all__ = ["SEARCH_REFINE", "find", "lift", "novel", "search"]
+__all__ = ["SEARCH_REFINE", "background_texts", "coverage", "find", "lift", "node_scores", "novel", "search"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,61 @@ def lift(rate: float, freq: float, eps: float) -> float:
         3.239
     """
     return math.log((rate + eps) / (freq + eps))
+
+
+def coverage(doc: float, bg: float, eps: float) -> float:
+    """How much a node's firing over example texts says about them: doc * log((doc + eps) / (bg + eps)).
+
+    Parameters
+    ----------
+    doc : float
+        Share of the example texts in which the node fires.
+    bg : float
+        Share of background texts in which it fires.
+    eps : float
+        Smoothing, 1 / (number of example texts).
+
+    Example (fires in 80% of the examples and 10% of the background, vs 15% and 5%):
+        >>> round(coverage(0.8, 0.1, 0.05), 3), round(coverage(0.15, 0.05, 0.05), 3)
+        (1.548, 0.104)
+    """
+    return doc * math.log((doc + eps) / (bg + eps))
+
+
+def background_texts(tree, n: int = 300, *, exclude=(), seed: int = 0) -> list[str]:
+    """`n` texts of the tree's corpus drawn at random (seeded), none of them in `exclude`: what document-level
+    find compares example texts with. Empty when the tree has no corpus it can read.
+
+    Parameters
+    ----------
+    tree : FeatureTree
+    n : int
+        How many.
+    exclude : iterable of str
+        Texts not to draw (the query's own examples).
+    seed : int
+
+    Example:
+        >>> len(background_texts(tree, 100))  # doctest: +SKIP
+        100
+    """
+    import numpy as np
+
+    from featuretree.corpus import corpus_texts
+
+    if tree.config is None:
+        return []
+    try:
+        texts = corpus_texts(tree.config.corpus)
+    except (FeatureTreeError, OSError, ValueError):  # the corpus is gone or was a list
+        return []
+    skip = set(exclude)
+    pool = [t for t in texts if t not in skip and t.strip()]
+    if not pool:
+        return []
+    pick = np.random.default_rng(seed).choice(len(pool), size=min(int(n), len(pool)), replace=False)
+    return [pool[i] for i in np.sort(pick)]
+
 
 _WORD = re.compile(r"[a-z][a-z-]{2,}")
 
@@ -81,26 +145,53 @@ def _rung_filter(tree, rungs) -> set[str] | None:
 
 
 def find(tree, query, *, negatives=None, rungs=None, model=None, layer: int | None = None, label_weight: float = 0.5,
-         n_contexts: int = 50, top: int | None = 20) -> pd.DataFrame:
-    """Nodes that answer `query` best first: DataFrame (node, score, label, freq, query_rate, label_hits).
+         n_contexts: int = 50, top: int | None = 20, level: str = "auto", background=None,
+         n_background: int = 300) -> pd.DataFrame:
+    """Nodes that answer `query` best first: DataFrame (node, score, label, freq, query_rate, doc_rate,
+    background_rate, label_hits).
 
     `query` is a word/phrase or a list of example texts. A word or phrase is looked up in the tree's corpus
     first: up to `n_contexts` texts containing it become the examples, and only the phrase's own tokens in
     them count (a model sees "anthrax" in context, not alone); without a corpus hit the phrase itself is
-    the example. `negatives` (optional, same forms) are texts the wanted feature should NOT fire on.
-    `rungs` (names like "w512" or widths, e.g. tree.rungs[:2] for coarse features) limits the nodes ranked.
-    See the module docstring for the score. `top=None` returns every node.
+    the example. Several example texts are scored by document (see the module docstring): how many of them
+    a node fires in against `background` texts, so a topical feature beats one that fires hard on a few.
+
+    Parameters
+    ----------
+    tree : FeatureTree
+    query : str or list of str
+    negatives : str or list of str, optional
+        Texts the wanted feature should NOT fire on.
+    rungs : list, optional
+        Names like "w512" or widths (e.g. tree.rungs[:2] for coarse features): only their nodes are ranked.
+    model, layer : optional
+        Default: the tree's config.
+    label_weight : float
+        Added per query word found in a node's label, top tokens or distinctive words.
+    n_contexts : int
+        Corpus texts a word or phrase is looked up in (0: the phrase alone).
+    top : int or None
+        Rows returned (None: every node).
+    level : "auto", "token" or "document"
+        "auto": document level for two or more example texts, token level for a word or phrase.
+    background : list of str, optional
+        Document level: the texts the examples are compared with (default: `n_background` of the corpus's).
+    n_background : int
 
     Example:
         >>> hits = find(tree, "biology", rungs=["w128", "w512"])  # doctest: +SKIP
         >>> hits.iloc[0].node  # doctest: +SKIP
         'w512/148'
+        >>> find(tree, biology_glosses, rungs=["w128"]).iloc[0].doc_rate  # doctest: +SKIP
+        0.85
     """
-    from featuretree.firing import query_rates, tree_model
+    from featuretree.firing import query_firing, tree_model
 
+    if level not in ("auto", "token", "document"):
+        raise FeatureTreeError(f"level={level!r} is not one of 'auto', 'token', 'document'")
     texts = _texts(query, "query")
     only = _rung_filter(tree, rungs)
-    model = tree_model(tree, model)  # loaded once for the query and the negatives
+    model = tree_model(tree, model)  # loaded once for the query, the negatives and the background
     words = set(_WORD.findall(" ".join(texts).lower()))  # label matches use the query's own words
     span = None
     if isinstance(query, str) and tree.config is not None and n_contexts > 0:
@@ -110,32 +201,75 @@ def find(tree, query, *, negatives=None, rungs=None, model=None, layer: int | No
             texts = found
         else:
             span = None
-    rates = query_rates(tree, texts, model=model, layer=layer, span=span)
-    n_q = rates.pop("_n_tokens")
-    neg = {}
+    if level == "auto":
+        level = "document" if not isinstance(query, str) and len(texts) >= 2 else "token"
+    q = query_firing(tree, texts, model=model, layer=layer, span=span)
+    neg = None
     if negatives is not None and _texts(negatives, "negatives"):
-        neg = query_rates(tree, _texts(negatives, "negatives"), model=model, layer=layer)
-        neg.pop("_n_tokens")
-    eps = 1.0 / n_q
+        neg = query_firing(tree, _texts(negatives, "negatives"), model=model, layer=layer)
+    bg_rates: dict[str, float] = {}
+    if level == "document":
+        bg = list(background) if background is not None else background_texts(tree, n_background, exclude=texts)
+        if not bg:
+            raise FeatureTreeError("document-level find needs background texts and this tree has no corpus to draw "
+                                   "them from: pass background=[...] (texts like the examples, on other topics) "
+                                   "or level='token'")
+        bg_rates = query_firing(tree, bg, model=model, layer=layer).document_rates()
+    scores = node_scores(tree, q, level=level, bg_rates=bg_rates, neg=neg, only=only, words=words,
+                         label_weight=label_weight)
+    log.info("find %r (%s level): %d query tokens in %d texts; best %s (score %.2f)", texts[0][:40], level,
+             q.n_tokens, q.n_docs, scores.node.iloc[0] if len(scores) else None,
+             scores.score.iloc[0] if len(scores) else float("nan"))
+    return scores.head(top) if top is not None else scores
+
+
+def node_scores(tree, q, *, level: str, bg_rates: dict[str, float], neg=None, only: set[str] | None = None,
+                words: set[str] = frozenset(), label_weight: float = 0.5) -> pd.DataFrame:
+    """find's table, best first, from where the nodes fire on the query (and negatives, and background).
+
+    Parameters
+    ----------
+    tree : FeatureTree
+    q : featuretree.firing.QueryFiring
+        Firing on the query's texts.
+    level : "token" or "document"
+    bg_rates : dict
+        Document level: {node: share of background texts it fires in}.
+    neg : QueryFiring, optional
+        Firing on negative examples.
+    only : set of str, optional
+        Rung names to rank.
+    words : set of str
+        The query's words, matched against labels.
+    label_weight : float
+
+    Example:
+        >>> node_scores(tree, query_firing(tree, texts), level="token", bg_rates={})  # doctest: +SKIP
+    """
+    rates, docs = q.token_rates(), q.document_rates()
+    eps, eps_doc = 1.0 / max(q.n_tokens, 1), 1.0 / max(q.n_docs, 1)
+    neg_rates = (neg.token_rates() if level == "token" else neg.document_rates()) if neg is not None else {}
     rows = []
-    g = tree.graph
-    for n, d in g.nodes(data=True):
+    for n, d in tree.graph.nodes(data=True):
         if d.get("virtual") or (only is not None and str(d.get("rung")) not in only):
             continue
         freq = float(d.get("freq") or 0.0)
-        rate = rates.get(n, 0.0)
-        score = lift(rate, freq, eps)
-        if neg:
-            score -= max(0.0, lift(neg.get(n, 0.0), freq, eps))
+        rate, doc, bg = rates.get(n, 0.0), docs.get(n, 0.0), bg_rates.get(n, 0.0)
+        if level == "token":
+            score = lift(rate, freq, eps)
+            if neg is not None:
+                score -= max(0.0, lift(neg_rates.get(n, 0.0), freq, eps))
+        else:
+            score = coverage(doc, bg, eps_doc)
+            if neg is not None:
+                score -= max(0.0, coverage(neg_rates.get(n, 0.0), bg, 1.0 / max(neg.n_docs, 1)))
         text = " ".join([str(d.get("label", "")), *map(str, d.get("top_tokens") or []), *map(str, d.get("words") or [])])
         hits = len(words & set(_WORD.findall(text.lower())))
         rows.append({"node": n, "score": score + label_weight * hits, "label": d.get("label", n), "freq": freq,
-                     "query_rate": rate, "label_hits": hits})
-    df = pd.DataFrame(rows, columns=["node", "score", "label", "freq", "query_rate", "label_hits"])
-    df = df.sort_values(["score", "query_rate"], ascending=False, kind="stable").reset_index(drop=True)
-    log.info("find %r: %d query tokens; best %s (score %.2f)", texts[0][:40], int(n_q),
-             df.node.iloc[0] if len(df) else None, df.score.iloc[0] if len(df) else float("nan"))
-    return df.head(top) if top is not None else df
+                     "query_rate": rate, "doc_rate": doc, "background_rate": bg, "label_hits": hits})
+    cols = ["node", "score", "label", "freq", "query_rate", "doc_rate", "background_rate", "label_hits"]
+    df = pd.DataFrame(rows, columns=cols)
+    return df.sort_values(["score", "query_rate"], ascending=False, kind="stable").reset_index(drop=True)
 
 
 def _children(tree, n: str) -> list[str]:
@@ -153,7 +287,7 @@ branch narrows fast, so leaves are smaller than the nodes one refines by hand)."
 
 def search(tree, query, config: RefineConfig | None = None, *, start: str | None = None, max_depth: int = 6,
            negatives=None, refine_leaves: bool = True, texts=None, model=None, layer: int | None = None,
-           progress: bool = True, **overrides) -> pd.DataFrame:
+           level: str = "auto", progress: bool = True, **overrides) -> pd.DataFrame:
     """Targeted depth-first search: from the top, step to the child that answers `query` best, refining leaves.
 
     At each step the children of the current node (the tree's top-level features first, or `start`'s
@@ -183,6 +317,8 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
         What refinement streams instead of the run's corpus.
     model, layer : optional
         Default: the tree's config.
+    level : "auto", "token" or "document"
+        How nodes are scored, as in `find` (several example texts: by document, against the corpus).
     progress : bool
 
     Returns
@@ -203,9 +339,13 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
 
     model = tree_model(tree, model)
     layer = tree_layer(tree, layer)
+    background = None  # document level: one background sample for every step
+    if level == "document" or (level == "auto" and not isinstance(query, str) and len(_texts(query, "query")) >= 2):
+        background = background_texts(tree, exclude=_texts(query, "query")) or None
 
     def score(t) -> tuple[pd.DataFrame, dict[str, float]]:  # every node's score, and where each branch leads
-        s = find(t, query, negatives=negatives, model=model, layer=layer, top=None).set_index("node")
+        s = find(t, query, negatives=negatives, model=model, layer=layer, top=None, level=level,
+                 background=background).set_index("node")
         return s, branch_reach(t, s)
 
     scores, reach = score(tree)

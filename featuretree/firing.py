@@ -4,7 +4,8 @@ A feature j "fires" on token i when its TopK activation is at least `fire_rel` x
 positive activation (TopK fills k slots on every token; the weakest are filler that blurs co-activation).
 A refined rung's feature fires only where the node it was trained under fires (its gate):
     fires(node/r64/i, token) = fires(node, token) and local feature i fires on it
-query_rates(tree, texts) runs texts through the tree's model and reports each node's firing rate on them.
+query_firing(tree, texts) runs texts through the tree's model and says where each node fires on them, token by
+token and text by text (query_rates: the token rates).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from featuretree.sae import TopKSAE
 from featuretree.utils import quiet, rung_key
 
 __all__ = ["drop_weak", "encode_all", "fire", "fire_codes", "fire_rungs", "firing_matrix", "gate_of", "node_mask",
-           "query_rates", "thresholds", "tree_layer", "tree_model"]
+           "query_firing", "query_rates", "QueryFiring", "thresholds", "tree_layer", "tree_model"]
 
 log = logging.getLogger(__name__)
 
@@ -298,18 +299,89 @@ def _is_content(token: str) -> bool:
     return any(c.isalnum() for c in t) and t not in ENGLISH_STOP_WORDS
 
 
-def query_rates(tree, texts: list[str], *, model=None, layer: int | None = None,
-                span: re.Pattern | None = None) -> dict[str, float]:
-    """Share of the texts' content tokens on which each node fires: {node id: rate}, for every rung.
-
-    Stop words and punctuation are left out unless the texts have nothing else; with `span` only tokens
-    inside its matches count. The texts go through the tree's model (`model`, else `tree.config.model`) at its
-    layer, then every dictionary (refined ones gated by their parents) with the tree's firing rule.
-    "_n_tokens" holds the number of tokens counted.
+class QueryFiring:
+    """Where every node fires on some texts: per rung a (tokens, width) firing matrix over the tokens that
+    count, and which text each of those tokens came from. Made by `query_firing`.
 
     Example:
-        >>> query_rates(tree, ["the anthrax bacterium"])["w512/11"]  # doctest: +SKIP
-        1.0
+        >>> q = query_firing(tree, ["the anthrax bacterium", "a spore"])  # doctest: +SKIP
+        >>> q.token_rates()["w512/11"], q.document_rates()["w512/11"]  # doctest: +SKIP
+        (0.5, 0.5)
+    """
+
+    def __init__(self, firing: dict[str, sp.csr_matrix], doc: np.ndarray, n_docs: int) -> None:
+        self.firing, self.doc, self.n_docs = firing, np.asarray(doc, dtype=np.int64), int(n_docs)
+
+    @property
+    def n_tokens(self) -> int:
+        """How many tokens count."""
+        return int(self.doc.shape[0])
+
+    def subset(self, docs) -> QueryFiring:
+        """The same firing restricted to the texts numbered `docs` (renumbered 0..len(docs)-1, in that order).
+
+        Parameters
+        ----------
+        docs : sequence of int
+            Text numbers (positions in the texts given to `query_firing`).
+        """
+        docs = np.asarray(list(docs), dtype=np.int64)
+        new = np.full(max(self.n_docs, 1), -1, dtype=np.int64)
+        new[docs] = np.arange(len(docs))
+        rows = np.flatnonzero(new[self.doc] >= 0)
+        return QueryFiring({r: F[rows] for r, F in self.firing.items()}, new[self.doc[rows]], len(docs))
+
+    def token_rates(self) -> dict[str, float]:
+        """{node: share of the counted tokens on which it fires} (nodes that never fire are left out)."""
+        out: dict[str, float] = {}
+        n = max(self.n_tokens, 1)
+        for rung, F in self.firing.items():
+            counts = np.asarray(F.sum(0)).ravel()
+            for j in np.flatnonzero(counts):
+                out[f"{rung}/{j}"] = float(counts[j]) / n
+        return out
+
+    def document_matrix(self, rung: str) -> sp.csr_matrix:
+        """Bool-valued (texts, width) matrix: text d has a counted token on which feature j of `rung` fires."""
+        F = self.firing[rung]
+        D = sp.csr_matrix((np.ones(self.n_tokens, np.float32), (self.doc, np.arange(self.n_tokens))),
+                          shape=(self.n_docs, self.n_tokens))
+        M = (D @ F).tocsr()
+        M.data = (M.data > 0).astype(np.float32)
+        return M
+
+    def document_rates(self) -> dict[str, float]:
+        """{node: share of the texts in which it fires on at least one counted token}."""
+        out: dict[str, float] = {}
+        n = max(self.n_docs, 1)
+        for rung in self.firing:
+            counts = np.asarray(self.document_matrix(rung).sum(0)).ravel()
+            for j in np.flatnonzero(counts):
+                out[f"{rung}/{j}"] = float(counts[j]) / n
+        return out
+
+
+def query_firing(tree, texts: list[str], *, model=None, layer: int | None = None,
+                 span: re.Pattern | None = None) -> QueryFiring:
+    """Run `texts` through the tree's model and every dictionary: where each node fires, token by token.
+
+    Stop words and punctuation are left out unless the texts have nothing else; with `span` only tokens
+    inside its matches count. The texts go through the tree's model (`model`, else `tree.config.model`) at
+    its layer, then every dictionary (refined ones gated by their parents) with the tree's firing rule.
+
+    Parameters
+    ----------
+    tree : FeatureTree
+    texts : list of str
+    model, layer : optional
+        Default: the tree's config.
+    span : compiled regex, optional
+        Only tokens overlapping one of its matches count (a phrase's own tokens in its contexts).
+
+    Example:
+        >>> q = query_firing(tree, ["the anthrax bacterium"])  # doctest: +SKIP
+        >>> q.n_docs, q.n_tokens  # doctest: +SKIP
+        (1, 2)
     """
     from featuretree.harvest import collect
 
@@ -331,16 +403,26 @@ def query_rates(tree, texts: list[str], *, model=None, layer: int | None = None,
                          for d, s_, e in zip(toks["doc_id"], toks["start"], toks["end"])])
     else:  # the query is about its content words: drop stop words and punctuation unless nothing else is left
         keep = np.array([_is_content(t) for t in strings])
+    doc = toks["doc_id"].to_numpy()
     if keep.any():
-        x = x[torch.from_numpy(keep)]
+        x, doc = x[torch.from_numpy(keep)], doc[keep]
     for rung, sae in tree.saes.items():
         if sae.d_model != x.shape[1]:
             raise FeatureTreeError(f"rung {rung} expects d_model {sae.d_model} but the model's layer {layer} "
                                    f"gives {x.shape[1]}: pass the model and layer the tree was built from")
-    rates: dict[str, float] = {}
-    for rung, F in fire_rungs(tree, x).items():
-        counts = np.asarray(F.sum(0)).ravel()
-        for j in np.flatnonzero(counts):
-            rates[f"{rung}/{j}"] = float(counts[j] / x.shape[0])
-    rates["_n_tokens"] = float(x.shape[0])
-    return rates
+    return QueryFiring(fire_rungs(tree, x), doc, len(texts))
+
+
+def query_rates(tree, texts: list[str], *, model=None, layer: int | None = None,
+                span: re.Pattern | None = None) -> dict[str, float]:
+    """Share of the texts' content tokens on which each node fires: {node id: rate}, for every rung.
+
+    `query_firing(...).token_rates()` (see there for which tokens count and the parameters), plus
+    "_n_tokens": the number of tokens counted.
+
+    Example:
+        >>> query_rates(tree, ["the anthrax bacterium"])["w512/11"]  # doctest: +SKIP
+        1.0
+    """
+    q = query_firing(tree, texts, model=model, layer=layer, span=span)
+    return {**q.token_rates(), "_n_tokens": float(q.n_tokens)}

@@ -145,3 +145,57 @@ def test_search_follows_the_branch_that_leads_to_the_best_score():
     assert answering(["w8/0", "w8/1"], scores) == ["w8/0"]
     scores.loc["w8/2", "score"] = -0.5  # a branch through a node that does not answer does not count
     assert branch_reach(FeatureTree(g), scores)["w2/1"] == 2.5
+
+
+def test_document_level_scoring_prefers_the_topical_feature_over_an_incidental_one():
+    """Planted firing: A fires once in 16 of 20 examples (topical), B ten times in 3 (incidental, more tokens)."""
+    import networkx as nx
+    import scipy.sparse as sp
+
+    from featuretree.find import node_scores
+    from featuretree.firing import QueryFiring
+    from featuretree.tree import FeatureTree
+
+    g = nx.DiGraph()
+    g.add_node("w2/0", rung="w2", index=0, freq=0.02, label="A")
+    g.add_node("w2/1", rung="w2", index=1, freq=0.002, label="B")
+    doc, col = [], []
+    for d in range(20):  # every example has 8 tokens
+        doc += [d] * 8
+        col += [0 if d < 16 else -1] + ([1] * 7 if d >= 17 else [-1] * 7)
+    rows = [i for i, c in enumerate(col) if c >= 0]
+    F = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, [col[i] for i in rows])), shape=(len(col), 2))
+    q = QueryFiring({"w2": F}, np.array(doc), 20)
+    assert q.document_rates() == {"w2/0": 0.8, "w2/1": 0.15}
+    assert q.token_rates()["w2/1"] > q.token_rates()["w2/0"]
+    tree = FeatureTree(g)
+    token = node_scores(tree, q, level="token", bg_rates={}, label_weight=0)
+    doc_level = node_scores(tree, q, level="document", bg_rates={"w2/0": 0.1, "w2/1": 0.01}, label_weight=0)
+    assert token.node.iloc[0] == "w2/1" and doc_level.node.iloc[0] == "w2/0"
+    assert doc_level.set_index("node").loc["w2/0", "doc_rate"] == 0.8
+    sub = q.subset([15, 17])  # one text where only A fires, one where only B does
+    assert sub.n_docs == 2 and sub.document_rates() == {"w2/0": 0.5, "w2/1": 0.5}
+
+
+def test_find_by_document_ranks_what_most_examples_share(run):
+    model, acts, tree = run
+    rng = random.Random(3)
+    filler = [w for w in WORDS if w not in ("anthrax", "basalt")]
+
+    def text(extra):
+        return " ".join(rng.sample(filler, 6) + extra)
+
+    examples = [text(["anthrax"]) for _ in range(10)] + [text(["basalt"] * 15) for _ in range(2)]
+    background = [text([rng.choice(WORDS)]) for _ in range(200)]
+    by_token = find(tree, examples, model=model, layer=0, level="token", label_weight=0, top=None)
+    by_doc = find(tree, examples, model=model, layer=0, background=background, label_weight=0, top=None)
+    assert by_doc.doc_rate.iloc[0] >= 0.8  # the auto level for example texts is by document
+    best = by_doc.node.iloc[0]
+    on_anthrax, elsewhere = fires_on_word(tree, acts, best, "anthrax")
+    assert on_anthrax > 5 * max(elsewhere, 1e-3)
+    on_basalt, _ = fires_on_word(tree, acts, by_token.node.iloc[0], "basalt")
+    assert on_basalt > 0.5  # token rates reward the two texts that repeat "basalt"
+    with pytest.raises(FeatureTreeError, match="needs background texts"):
+        find(tree, examples, model=model, layer=0, level="document")
+    with pytest.raises(FeatureTreeError, match="level='sentence' is not one of"):
+        find(tree, examples, model=model, layer=0, level="sentence")
