@@ -333,6 +333,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_wordnet(args)
     if args.what == "refine":
         return _eval_refine(args)
+    if args.what == "find":
+        return _eval_find(args)
     if args.configs is None:
         from featuretree.eval import PLANTED_CONFIGS
 
@@ -374,6 +376,43 @@ def _eval_refine(args: argparse.Namespace) -> int:
         from featuretree.utils import write_text
 
         write_text(args.csv, df.to_csv(index=False))
+    return 0
+
+
+def _eval_find(args: argparse.Namespace) -> int:
+    """Purity of find's top node per WordNet domain, given glosses of the domain, by token and by document."""
+    import pandas as pd
+
+    from featuretree.corpus import load_corpus
+    from featuretree.eval import find_purity
+    from featuretree.export import load
+
+    if not args.run:
+        raise FeatureTreeError("featuretree eval find needs a run directory built on the WordNet corpus: "
+                               "featuretree eval find runs/default")
+    tree = load(args.run)
+    corpus = load_corpus("wordnet")
+    parts, out = [], []
+    for column in ("lexname", "domains"):
+        df = find_purity(tree, corpus, column=column, n_query=args.n_query, seed=args.seeds[0],
+                         progress=not args.quiet)
+        parts.append(df)
+        if df.empty:
+            continue
+        wide = df.pivot(index="domain", columns="level", values=["purity", "node"])
+        table = pd.DataFrame({"base": df.groupby("domain").base_rate.first(),
+                              "token": wide["purity"]["token"], "token node": wide["node"]["token"],
+                              "document": wide["purity"]["document"], "document node": wide["node"]["document"]})
+        out.append(f"{column}: purity of the top node given {args.n_query} glosses of the domain "
+                   f"({len(table)} domains)")
+        out.append(table.to_string(float_format=lambda v: f"{v:.2f}"))
+        out.append(f"  mean purity: token {table.token.mean():.3f}, document {table.document.mean():.3f}, "
+                   f"base rate {table.base.mean():.3f}\n")
+    sys.stdout.write("\n".join(out) + "\n")
+    if args.csv:
+        from featuretree.utils import write_text
+
+        write_text(args.csv, pd.concat(parts).to_csv(index=False))
     return 0
 
 
@@ -521,11 +560,15 @@ def make_parser() -> argparse.ArgumentParser:
                                    "only, featuretree's combined rule) against the truth. wordnet RUN: how pure each "
                                    "node's firing tokens are in WordNet lexicographer files and topic domains, per "
                                    "rung and from parent to child. refine RUN --nodes ...: how much purer refined "
-                                   "children are than their parent, per local width and k. Tables: docs/EVAL.md.")
-    v.add_argument("what", choices=("planted", "wordnet", "refine"),
+                                   "children are than their parent, per local width and k. find RUN: given glosses of "
+                                   "each WordNet domain, how pure find's top node is, by token and by document. "
+                                   "Tables: docs/EVAL.md.")
+    v.add_argument("what", choices=("planted", "wordnet", "refine", "find"),
                    help="planted: linking rules on planted hierarchies; wordnet: purity of a WordNet run's nodes; "
-                        "refine: purity of refined children vs their parent per local width and k")
-    v.add_argument("run", nargs="?", help="(wordnet, refine) a run directory built on the WordNet corpus")
+                        "refine: purity of refined children vs their parent per local width and k; find: purity "
+                        "of find's top node per WordNet domain given glosses of it, by token and by document")
+    v.add_argument("--n-query", type=int, default=20, help="(find) glosses per domain given as the query (default 20)")
+    v.add_argument("run", nargs="?", help="(wordnet, refine, find) a run directory built on the WordNet corpus")
     v.add_argument("--nodes", **list_flag(str), help="(refine) nodes to refine, e.g. w512/148 w128/66")
     v.add_argument("--widths", **list_flag(int), default=(32, 64), help="(refine) local widths (default: 32 64)")
     v.add_argument("--ks", **list_flag(int), default=(1, 2, 4, 8), help="(refine) local k (default: 1 2 4 8)")

@@ -22,7 +22,7 @@ from featuretree.config import FeatureTreeError
 from featuretree.firing import fire, fire_rungs, gate_of
 from featuretree.tree import FeatureTree
 
-__all__ = ["compare_rules", "edge_scores", "jaccard", "label_purity", "link_by_cosine", "match_features",
+__all__ = ["compare_rules", "edge_scores", "find_purity", "jaccard", "label_purity", "link_by_cosine", "match_features",
            "Planted", "PLANTED_CONFIGS", "planted_hierarchy", "purity_gain", "refine_purity", "SWEEP_GRID",
            "sweep_thresholds"]
 
@@ -421,3 +421,99 @@ def refine_purity(tree: FeatureTree, acts, labels, nodes, *, widths=(32, 64), ks
                      "n_children": len(measured), "sum_reverse": float(sum(deep.graph.edges[node, c]["reverse"]
                                                                             for c in kids))})
     return pd.DataFrame(rows)
+
+
+def _members(values, domain: str) -> np.ndarray:
+    """Bool per document: its label is `domain` (or, for a list-valued label, contains it)."""
+    return np.array([domain in v if isinstance(v, (list, tuple, np.ndarray)) else v == domain for v in values])
+
+
+def find_purity(tree: FeatureTree, corpus, *, column: str = "lexname", n_query: int = 20, n_pool: int = 3000,
+                n_background: int = 300, min_docs: int = 30, domains=None, rungs=None, label_weight: float = 0.5,
+                seed: int = 0, model=None, layer: int | None = None, progress: bool = True):
+    """Does `find` given N glosses of a WordNet domain rank first a node that fires on that domain? Per domain
+    and scoring level (token rates, documents): the top node's purity against the domain.
+
+    For each domain with at least `min_docs` texts in a random pool of `n_pool` corpus texts, `n_query` other
+    texts of the domain are the query. The pool is split: `n_background` texts are find's background (the
+    document level's), the rest judge the top node: its purity is the share of those texts it fires in (on a
+    content word) that belong to the domain; `base_rate` is the domain's share of them (what a node firing
+    everywhere would score). The pool is run through the model once; each query once.
+
+    Parameters
+    ----------
+    tree : FeatureTree
+        Built on `corpus`.
+    corpus : featuretree.corpus.Corpus
+        Texts and labels (`ft.load_corpus("wordnet")`).
+    column : str
+        The label column: "lexname" (one per text) or "domains" (a list per text).
+    n_query, n_pool, n_background, min_docs : int
+        Sizes, as above.
+    domains : list of str, optional
+        The domains to test (default: every one with `min_docs` pool texts).
+    rungs : list, optional
+        Limit the ranking to these rungs, as in `find`.
+    label_weight : float
+        find's weight for query words in a node's label.
+    seed : int
+    model, layer : optional
+        Default: the tree's config.
+    progress : bool
+
+    Returns
+    -------
+    DataFrame with columns column, domain, level, node, label, purity, fires_in, base_rate.
+
+    Example:
+        >>> df = find_purity(tree, ft.load_corpus("wordnet"), column="lexname")  # doctest: +SKIP
+        >>> df.pivot(index="domain", columns="level", values="purity").mean()  # doctest: +SKIP
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from featuretree.find import node_scores, query_words, rung_filter
+    from featuretree.firing import query_firing, tree_layer, tree_model
+
+    if column not in corpus.labels.columns:
+        raise FeatureTreeError(f"the corpus has no label column {column!r}: its columns are "
+                               f"{list(corpus.labels.columns)} (build the run on the WordNet corpus)")
+    model, layer = tree_model(tree, model), tree_layer(tree, layer)
+    only = rung_filter(tree, rungs)
+    rng = np.random.default_rng(seed)
+    values = corpus.labels[column].tolist()
+    pool = np.sort(rng.choice(len(corpus), size=min(n_pool, len(corpus)), replace=False))
+    in_pool = np.zeros(len(corpus), bool)
+    in_pool[pool] = True
+    log.info("find purity: running %d pool texts through the model", len(pool))
+    qp = query_firing(tree, [corpus.texts[i] for i in pool], model=model, layer=layer)
+    order = rng.permutation(len(pool))
+    bg_pos, judge_pos = np.sort(order[:n_background]), np.sort(order[n_background:])
+    bg_rates = qp.subset(bg_pos).document_rates()
+    judge = qp.subset(judge_pos)
+    judge_values = [values[pool[i]] for i in judge_pos]
+    if domains is None:
+        counts = pd.Series([v for i in pool for v in (values[i] if isinstance(values[i], (list, tuple, np.ndarray))
+                                                      else [values[i]]) if v]).value_counts()
+        domains = sorted(str(d) for d in counts[counts >= min_docs].index)
+    rows = []
+    for dom in tqdm(domains, desc=f"find purity ({column})", unit="domain", disable=not progress):
+        members = np.flatnonzero(_members(values, dom) & ~in_pool)
+        if len(members) < n_query:
+            log.info("find purity: %s has %d texts outside the pool, fewer than %d: skipped", dom, len(members), n_query)
+            continue
+        texts = [corpus.texts[i] for i in rng.choice(members, size=n_query, replace=False)]
+        q = query_firing(tree, texts, model=model, layer=layer)
+        words = query_words(texts)
+        is_dom = _members(judge_values, dom)
+        for level in ("token", "document"):
+            best = node_scores(tree, q, level=level, bg_rates=bg_rates, only=only, words=words,
+                               label_weight=label_weight).iloc[0]
+            d = tree.graph.nodes[best.node]
+            col = judge.document_matrix(str(d["rung"]))[:, int(d["index"])]
+            fires = np.asarray(col.todense()).ravel() > 0
+            rows.append({"column": column, "domain": dom, "level": level, "node": best.node,
+                         "label": best.label, "purity": float(is_dom[fires].mean()) if fires.any() else 0.0,
+                         "fires_in": int(fires.sum()), "base_rate": float(is_dom.mean())})
+    return pd.DataFrame(rows, columns=["column", "domain", "level", "node", "label", "purity", "fires_in",
+                                       "base_rate"])

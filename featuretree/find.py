@@ -33,7 +33,8 @@ import pandas as pd
 from featuretree.config import FeatureTreeError, RefineConfig, settings
 from featuretree.utils import rung_key
 
-__all__ = ["SEARCH_REFINE", "background_texts", "coverage", "find", "lift", "node_scores", "novel", "search"]
+__all__ = ["SEARCH_REFINE", "background_texts", "coverage", "find", "lift", "node_scores", "novel", "query_words",
+           "rung_filter", "search"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,23 @@ def background_texts(tree, n: int = 300, *, exclude=(), seed: int = 0) -> list[s
 _WORD = re.compile(r"[a-z][a-z-]{2,}")
 
 
+def query_words(texts: list[str]) -> set[str]:
+    """The lower-cased content words (3+ letters, no stop words) of `texts`, which find matches against labels
+    (so a label of function words, "the · of · a", never matches the glosses' own "the" and "of").
+
+    Parameters
+    ----------
+    texts : list of str
+
+    Example:
+        >>> sorted(query_words(["The anthrax bacterium", "a spore of it"]))
+        ['anthrax', 'bacterium', 'spore']
+    """
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return set(_WORD.findall(" ".join(texts).lower())) - ENGLISH_STOP_WORDS
+
+
 def _texts(query: Any, what: str) -> list[str]:
     texts = [query] if isinstance(query, str) else list(query or [])
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
@@ -133,7 +151,18 @@ def _corpus_contexts(corpus, phrase: str, n: int) -> tuple[re.Pattern, list[str]
     return pattern, [t for t in texts if pattern.search(t)][:n]
 
 
-def _rung_filter(tree, rungs) -> set[str] | None:
+def rung_filter(tree, rungs) -> set[str] | None:
+    """The rung names `rungs` (names like "w512" or widths) stand for, checked against the tree; None for None.
+
+    Parameters
+    ----------
+    tree : FeatureTree
+    rungs : str, int, list of them, or None
+
+    Example:
+        >>> rung_filter(tree, [128, "w512"])  # doctest: +SKIP
+        {'w128', 'w512'}
+    """
     if rungs is None:
         return None
     names = {str(r) if not str(r).isdigit() else f"w{r}" for r in ([rungs] if isinstance(rungs, (str, int)) else rungs)}
@@ -190,9 +219,9 @@ def find(tree, query, *, negatives=None, rungs=None, model=None, layer: int | No
     if level not in ("auto", "token", "document"):
         raise FeatureTreeError(f"level={level!r} is not one of 'auto', 'token', 'document'")
     texts = _texts(query, "query")
-    only = _rung_filter(tree, rungs)
+    only = rung_filter(tree, rungs)
     model = tree_model(tree, model)  # loaded once for the query, the negatives and the background
-    words = set(_WORD.findall(" ".join(texts).lower()))  # label matches use the query's own words
+    words = query_words(texts)  # label matches use the query's own words
     span = None
     if isinstance(query, str) and tree.config is not None and n_contexts > 0:
         span, found = _corpus_contexts(tree.config.corpus, query.strip(), n_contexts)

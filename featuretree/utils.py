@@ -17,7 +17,7 @@ __all__ = ["atomic_path", "check_safetensors", "graph_of", "quiet", "resolve_dev
 
 
 @contextlib.contextmanager
-def quiet(name: str = "featuretree.activations") -> Iterator[None]:
+def quiet(name: str = "featuretree.harvest") -> Iterator[None]:
     """Silence a logger below errors inside the block (e.g. collect's "the corpus has only N tokens", expected
     when a few query or streamed texts are all there is).
 

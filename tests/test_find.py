@@ -199,3 +199,43 @@ def test_find_by_document_ranks_what_most_examples_share(run):
         find(tree, examples, model=model, layer=0, level="document")
     with pytest.raises(FeatureTreeError, match="level='sentence' is not one of"):
         find(tree, examples, model=model, layer=0, level="sentence")
+
+
+@pytest.mark.slow
+def test_find_purity_finds_each_planted_topic(caplog):
+    """Planted topics: every text has two words of its topic among ten filler words; given 20 texts of a topic,
+    find's top node (by document) fires in texts of that topic only, far above the topic's base rate."""
+    import pandas as pd
+
+    from featuretree.corpus import Corpus
+    from featuretree.eval import find_purity
+
+    topics = {"bio": ["photosynthesis", "chlorophyll", "enzyme", "bacterium"], "music": ["violin", "symphony"],
+              "geo": ["geology", "basalt"]}
+    filler = "the a cat dog bird tree river mountain house small large red runs".split()
+    rng = random.Random(5)
+    texts, labels = [], []
+    for i in range(1500):
+        topic = ["bio", "music", "geo"][i % 3]
+        words = rng.sample(filler, 10) + [rng.choice(topics[topic]) for _ in range(2)]
+        texts.append(" ".join(rng.sample(words, len(words))))
+        labels.append(topic)
+    corpus = Corpus(texts=texts, labels=pd.DataFrame({"topic": labels}))
+    model = load_model(tiny_gpt2(filler + [w for ws in topics.values() for w in ws], n_layer=1))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        acts = collect(model, 0, texts, n_tokens=30_000, out=tmp, progress=False)
+        torch.manual_seed(0)
+        tree = link(train_ladder(acts, (16, 48), k=2, epochs=12, batch_size=256, progress=False), acts)
+    caplog.set_level("WARNING")
+    caplog.clear()
+    df = find_purity(tree, corpus, column="topic", n_query=20, n_pool=450, n_background=150, model=model, layer=0,
+                     label_weight=0, progress=False)
+    assert "collected them all" not in caplog.text  # a query's few texts are all there is: nothing to warn about
+    assert set(df.domain) == {"bio", "geo", "music"} and len(df) == 6
+    doc = df[df.level == "document"].set_index("domain")
+    assert (doc.purity > 2 * doc.base_rate).all() and doc.purity.mean() > 0.85 and (doc.base_rate < 0.4).all(), doc
+    assert (df.fires_in > 20).all()
+    with pytest.raises(FeatureTreeError, match="no label column 'lexname'"):
+        find_purity(tree, corpus, model=model, layer=0)
