@@ -504,10 +504,10 @@ def find_purity(tree: FeatureTree, corpus, *, column: str = "lexname", n_query: 
             continue
         texts = [corpus.texts[i] for i in rng.choice(members, size=n_query, replace=False)]
         q = query_firing(tree, texts, model=model, layer=layer)
-        words = query_words(texts)
+        words = {"token": query_words(texts), "document": query_words(texts, share=True)}  # as find weighs them
         is_dom = _members(judge_values, dom)
         for level in ("token", "document"):
-            best = node_scores(tree, q, level=level, bg_rates=bg_rates, only=only, words=words,
+            best = node_scores(tree, q, level=level, bg_rates=bg_rates, only=only, words=words[level],
                                label_weight=label_weight).iloc[0]
             d = tree.graph.nodes[best.node]
             col = judge.document_matrix(str(d["rung"]))[:, int(d["index"])]
