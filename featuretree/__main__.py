@@ -394,7 +394,9 @@ def _eval_find(args: argparse.Namespace) -> int:
     corpus = load_corpus("wordnet")
     parts, out = [], []
     for column in ("lexname", "domains"):
-        df = find_purity(tree, corpus, column=column, n_query=args.n_query, seed=args.seeds[0],
+        df = find_purity(tree, corpus, column=column, n_query=args.n_query, n_pool=args.n_pool,
+                         n_background=min(300, args.n_pool // 3), min_docs=min(30, max(5, args.n_pool // 100)),
+                         seed=args.seeds[0],
                          progress=not args.quiet)
         parts.append(df)
         if df.empty:
@@ -568,6 +570,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "refine: purity of refined children vs their parent per local width and k; find: purity "
                         "of find's top node per WordNet domain given glosses of it, by token and by document")
     v.add_argument("--n-query", type=int, default=20, help="(find) glosses per domain given as the query (default 20)")
+    v.add_argument("--n-pool", type=int, default=3000,
+                   help="(find) corpus texts that make the background and judge the top nodes (default 3000)")
     v.add_argument("run", nargs="?", help="(wordnet, refine, find) a run directory built on the WordNet corpus")
     v.add_argument("--nodes", **list_flag(str), help="(refine) nodes to refine, e.g. w512/148 w128/66")
     v.add_argument("--widths", **list_flag(int), default=(32, 64), help="(refine) local widths (default: 32 64)")

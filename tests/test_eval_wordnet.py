@@ -82,3 +82,19 @@ def test_refined_purity_counts_gated_tokens_and_the_cli_prints_it(wordnet_run, c
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:4] == ["node", "width", "k", "parent_purity"] and len(lines) == 3
     assert main(["-q", "eval", "refine", str(out)]) == 2
+
+
+def test_eval_find_cli_prints_purity_per_domain_and_level(wordnet_run, capsys, tmp_path):
+    import pandas as pd
+
+    from featuretree.__main__ import main
+
+    out, *_ = wordnet_run
+    assert main(["-q", "eval", "find", str(out), "--n-query", "5", "--n-pool", "600",
+                 "--csv", str(tmp_path / "f.csv")]) == 0
+    text = capsys.readouterr().out
+    assert "lexname: purity of the top node given 5 glosses" in text and "mean purity: token" in text
+    df = pd.read_csv(tmp_path / "f.csv")
+    assert set(df.level) == {"token", "document"} and df.purity.between(0, 1).all()
+    assert (df.groupby(["column", "domain"]).size() == 2).all() and "noun.animal" in set(df.domain)
+    assert main(["-q", "eval", "find"]) == 2
