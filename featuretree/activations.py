@@ -294,6 +294,11 @@ class Activations:
 def is_store(acts) -> bool:
     """True for an Activations store (anything with `batches` and `d_model`), False for a Tensor.
 
+    Parameters
+    ----------
+    acts : Activations or Tensor
+        The object to test.
+
     Example:
         >>> is_store(torch.zeros(2, 3))
         False
@@ -306,6 +311,21 @@ def iter_batches(acts, batch_size: int, *, split: str = "train", epochs: int = 1
     """Shuffled (b, d_model) float32 batches from an Activations store or a Tensor [n, d_model].
 
     A Tensor is used whole (`split` is ignored); a store yields its `split` part.
+
+    Parameters
+    ----------
+    acts : Activations or Tensor [n, d_model]
+        Where the rows come from.
+    batch_size : int
+        Rows per batch (the last batch of an epoch may be smaller).
+    split : str
+        "train", "heldout" or "all": the part of a store to read (ignored for a Tensor).
+    epochs : int
+        Passes over the rows.
+    seed : int
+        Seed of the shuffle order.
+    shuffle : bool
+        Shuffle the rows (False: store / row order).
 
     Example:
         >>> [b.shape[0] for b in iter_batches(torch.randn(10, 4), 4)]
@@ -327,6 +347,13 @@ def iter_batches(acts, batch_size: int, *, split: str = "train", epochs: int = 1
 def n_rows(acts, split: str = "train") -> int:
     """Number of rows `iter_batches` yields per epoch.
 
+    Parameters
+    ----------
+    acts : Activations or Tensor [n, d_model]
+        A store or a Tensor (a Tensor counts all its rows).
+    split : str
+        "train", "heldout" or "all": the part of a store to count (ignored for a Tensor).
+
     Example:
         >>> n_rows(torch.zeros(7, 3))
         7
@@ -336,6 +363,11 @@ def n_rows(acts, split: str = "train") -> int:
 
 def d_model_of(acts) -> int:
     """Width of the activation vectors.
+
+    Parameters
+    ----------
+    acts : Activations or Tensor [n, d_model]
+        A store (its `d_model`) or a Tensor (its second dimension).
 
     Example:
         >>> d_model_of(torch.zeros(7, 3))

@@ -43,6 +43,11 @@ def fingerprint(obj: Any) -> str:
 def data_fingerprint(acts) -> str:
     """What a training stream is: an Activations store's recipe and shard checksums, or a Tensor's bytes.
 
+    Parameters
+    ----------
+    acts : Activations or Tensor
+        The stream: a store (fingerprinted by its meta.json) or anything `torch.as_tensor` takes (by value).
+
     Example:
         >>> import torch
         >>> data_fingerprint(torch.zeros(2, 3)) == data_fingerprint(torch.zeros(2, 3))
@@ -196,6 +201,13 @@ class Checkpoint:
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """What changed from `old` to `new` settings, one phrase per key ("k 16 -> 8", "inputs.corpus changed").
 
+    Parameters
+    ----------
+    old, new : dict
+        The settings before and after; nested dicts are compared key by key.
+    prefix : str
+        Put before every key named (the recursion passes "inputs." and so on).
+
     Example:
         >>> differences({"k": 16, "inputs": {"corpus": "a" * 64}}, {"k": 8, "inputs": {"corpus": "b" * 64}})
         ['k 16 -> 8', 'inputs.corpus changed']
@@ -217,6 +229,15 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 def save_state(path: str | os.PathLike, tensors: dict, info: dict) -> None:
     """Write tensors and a JSON-able `info` dict as one safetensors file, atomically.
 
+    Parameters
+    ----------
+    path : str or Path
+        The file to write (replaced if it exists).
+    tensors : dict of str to Tensor
+        The tensors to store.
+    info : dict
+        JSON-able facts stored in the file's metadata; `load_state` returns them.
+
     Example:
         >>> import tempfile, torch
         >>> p = Path(tempfile.mkdtemp()) / "state.safetensors"
@@ -229,6 +250,11 @@ def save_state(path: str | os.PathLike, tensors: dict, info: dict) -> None:
 
 def load_state(path: str | os.PathLike) -> tuple[dict, dict]:
     """(tensors, info) written by `save_state`; a damaged file is an error that says how to start over.
+
+    Parameters
+    ----------
+    path : str or Path
+        A file written by `save_state`.
 
     Example:
         >>> import tempfile, torch

@@ -48,6 +48,21 @@ class Match:
     `pairs` has columns a, b (node ids such as "w512/7"), corr, cos (decoder cosine; NaN across spaces),
     shared (corr >= threshold), label_a, label_b. Only pairs with a positive correlation are listed.
 
+    Parameters
+    ----------
+    pairs : pandas.DataFrame
+        The matched pairs, best first, with the columns above.
+    shared_fraction : float
+        Pairs with corr >= `threshold` over min(n_live_a, n_live_b) (0.0 when either has no live feature).
+    n_live_a, n_live_b : int
+        Live features of each dictionary: active on at least `match`'s `min_tokens` of the tokens compared.
+    n_tokens : int
+        Tokens the correlations were measured on.
+    threshold : float
+        The correlation at which a pair counts as shared.
+    rung_a, rung_b : str
+        The rungs compared, e.g. "w512".
+
     Example:
         >>> m = Match(pd.DataFrame(columns=_COLUMNS), 0.0, 10, 12, 1000, 0.7, "w16", "w16")
         >>> str(m)
@@ -163,6 +178,19 @@ def aligned_activations(texts, model_a, layer_a: int, model_b, layer_b: int, *, 
 
     Only tokens whose span exists in both tokenizations are kept. With the same model and layer the texts
     run once and the second tensor is None (one space).
+
+    Parameters
+    ----------
+    texts : list of str
+        The documents to run (or anything with a `.texts` list, such as a Corpus).
+    model_a, model_b : str, path, (module, tokenizer) or loaded model
+        The two models (anything `load_model` takes).
+    layer_a, layer_b : int
+        The block of each model whose output is harvested.
+    max_tokens : int
+        Most tokens harvested from each model.
+    max_length : int
+        Tokenizer truncation length for each text.
 
     Example:
         >>> xa, xb = aligned_activations(["a cat"], tiny_a, 0, tiny_b, 0)  # doctest: +SKIP
@@ -311,6 +339,33 @@ def match(a, b, acts=None, *, acts_b=None, texts=None, rung_a=None, rung_b=None,
     do not count as live: two features seen once on the same token correlate perfectly by chance (on the
     default run's w8192 rungs of two seeds, such pairs had corr 1.0 and decoder cosine 0.1). Decoder
     cosines are reported when `same_space` (default: same d_model and one activation space).
+
+    Parameters
+    ----------
+    a, b : TopKSAE, FeatureTree or dict of width or rung to TopKSAE
+        The two dictionaries (or trees / ladders holding them).
+    acts : Activations or Tensor [n, d_model], optional
+        The tokens for `a` (and for `b` without `acts_b`); a store's held-out split is used.
+    acts_b : Activations or Tensor [n, d_model_b], optional
+        `b`'s activations of the same tokens, row for row with `acts`.
+    texts : list of str, optional
+        Instead of `acts`: texts run through both models, tokens aligned by character span.
+    rung_a, rung_b : str or int, optional
+        The rung of each to compare, e.g. "w512" or 512 (default: the widest ladder rung).
+    max_tokens : int
+        Most tokens compared.
+    threshold : float
+        Correlation in (0, 1] from which a pair counts as shared.
+    same_space : bool, optional
+        Report decoder cosines (default: both read the same activations and d_model agrees).
+    model_a, model_b : str, path or loaded model, optional
+        With `texts`: the models to run (default: each tree's `config.model`).
+    layer_a, layer_b : int, optional
+        With `texts`: the layers to harvest (default: each tree's `config.layer`).
+    min_tokens : int
+        Features active on fewer of the tokens are left out and not counted as live.
+    dense_max : int
+        Up to this many (rows x cols) cells the assignment is dense, above it sparse (see `assign`).
 
     Example:
         >>> import featuretree as ft

@@ -129,6 +129,11 @@ def corpus_texts(source: str | os.PathLike) -> list[str]:
     find, refine and search read the run's corpus again and again (a phrase's contexts, texts to stream);
     the bundled WordNet takes seconds to parse. The list is shared: do not modify it.
 
+    Parameters
+    ----------
+    source : str or Path
+        "wordnet" (the bundled glosses) or a path to a .txt (one text per line) or .jsonl / .jsonl.gz file.
+
     Example:
         >>> corpus_texts("wordnet") is corpus_texts("wordnet")
         True

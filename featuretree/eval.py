@@ -35,6 +35,24 @@ class Planted:
 
     acts (n, d_model) float32; directions (n_features, d_model) unit rows; parent[i] is the index of
     feature i's parent (-1 for roots); level[i] its depth (0 = root); active (n, n_features) bool CSR.
+
+    Parameters
+    ----------
+    acts : Tensor (n, d_model)
+        The sampled activations, float32.
+    directions : Tensor (n_features, d_model)
+        Each true feature's unit direction.
+    parent : ndarray (n_features,)
+        Index of each feature's parent, -1 for roots.
+    level : ndarray (n_features,)
+        Depth of each feature (0 = root).
+    active : scipy.sparse.csr_matrix (n, n_features)
+        Bool: feature j fires on token i.
+
+    Example:
+        >>> p = planted_hierarchy(n_roots=2, branching=2, depth=2, d_model=8, n_tokens=50)
+        >>> p.parent.tolist(), p.level.tolist(), p.active.shape
+        ([-1, -1, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1], (50, 6))
     """
 
     acts: torch.Tensor
@@ -76,6 +94,34 @@ def planted_hierarchy(n_roots: int = 12, branching: int = 3, depth: int = 3, *, 
     `p_child` is one probability for every level or a sequence with one per level below the roots (level 1
     first). `p_sibling` > 0 makes siblings correlated: where a child fires, one other sibling also fires
     with that probability (the co-firing that provokes hedging and absorption in narrow dictionaries).
+
+    Parameters
+    ----------
+    n_roots : int
+        Root features.
+    branching : int
+        Children of every feature above the last level.
+    depth : int
+        Levels, the roots included.
+    d_model : int
+        Width of the activation vectors.
+    n_tokens : int
+        Tokens (rows) sampled.
+    p_root : float, optional
+        Probability that a token fires a given root (default: min(0.5, 2 / n_roots)).
+    p_child : float or sequence of float
+        Probability that a firing feature fires one of its children (one value, or one per level below
+        the roots, level 1 first).
+    child_cos : float
+        Cosine between a child's direction and its parent's.
+    coef : (float, float)
+        Range of the uniform coefficient of each firing feature.
+    noise : float
+        Standard deviation of the Gaussian noise added to every activation.
+    p_sibling : float
+        Probability that a second, different sibling fires beside the chosen child.
+    seed : int
+        Seed of the random generator (directions, firing, coefficients, noise).
 
     Example:
         >>> p = planted_hierarchy(n_roots=4, branching=2, depth=2, d_model=16, n_tokens=1000)
@@ -182,6 +228,15 @@ def edge_scores(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5
     among those whose two ends were both recovered, that some tree edge predicts. `recovered` is the
     share of true features matched by at least one node.
 
+    Parameters
+    ----------
+    tree : FeatureTree
+        The tree to score (its rungs fire on `planted.acts`).
+    planted : Planted
+        The truth: activations, parents and firing sets.
+    min_jaccard : float
+        A node matches a true feature only if their firing sets have at least this Jaccard similarity.
+
     Example:
         >>> edge_scores(tree, planted)["precision"]  # doctest: +SKIP
         0.97
@@ -207,6 +262,13 @@ def link_by_cosine(saes, acts) -> FeatureTree:
     """Baseline: link every live feature to its argmax-decoder-cosine feature in the next narrower rung.
 
     The cheap proxy that absorption fools (FINDINGS.md); kept to measure how much co-activation adds.
+
+    Parameters
+    ----------
+    saes : dict or list
+        The ladder: {width or rung name: TopKSAE} (what `train_ladder` returns), or a list narrow to wide.
+    acts : Activations or Tensor [n, d_model]
+        Tokens that decide which features are live (as for `link`, without labels).
 
     Example:
         >>> from featuretree.train import train_ladder
@@ -252,6 +314,21 @@ def compare_rules(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), *, n_train: i
     rungs only), "combined" (featuretree's `link`: co-activation across rungs plus within-rung edges,
     the most specific covering parent, cosine recorded). One ladder is trained per (config, seed); with
     `nested`, also a nested (Matryoshka) ladder of the same widths, linked by the combined rule ("nested").
+
+    Parameters
+    ----------
+    configs : sequence of str
+        Names in PLANTED_CONFIGS (default: all of them).
+    seeds : sequence of int
+        Seeds of the planted data and of the ladder, one run each.
+    n_train, n_eval : int
+        Planted tokens to train the ladder on and to link and score on.
+    epochs : int
+        Training passes of each ladder.
+    progress : bool
+        Show training progress bars.
+    nested : bool
+        Also train and score a nested (Matryoshka) ladder.
 
     Example:
         >>> compare_rules(["wide-8x5x2"], seeds=[0]).groupby("rule").precision.mean()  # doctest: +SKIP
@@ -312,6 +389,22 @@ def sweep_thresholds(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), grid=None,
     config, seed, threshold, value, is_default and the `edge_scores` metrics; docs/EVAL.md picks the
     defaults from the means.
 
+    Parameters
+    ----------
+    configs : sequence of str
+        Names in PLANTED_CONFIGS (default: all of them).
+    seeds : sequence of int
+        Seeds of the planted data and of the ladder, one run each.
+    grid : dict of str to sequence, optional
+        {threshold: values to try} for min_coverage, within_coverage, same_threshold or fire_rel
+        (default SWEEP_GRID).
+    n_train, n_eval : int
+        Planted tokens to train the ladder on and to link and score on.
+    epochs : int
+        Training passes of each ladder.
+    progress : bool
+        Show training progress bars.
+
     Example:
         >>> sweep_thresholds(["wide-8x5x2"], seeds=[0], grid={"min_coverage": (0.4, 0.5)})  # doctest: +SKIP
     """
@@ -345,6 +438,21 @@ def label_purity(tree: FeatureTree, acts, labels, *, column: str = "lexname", mi
     domain of its document, and purity is the share of firing tokens whose document has the top domain).
     Firing tokens are the held-out tokens of the store, with the tree's own firing rule (refined rungs
     gated by the node they refine). Nodes firing on fewer than `min_tokens` tokens are left out.
+
+    Parameters
+    ----------
+    tree : FeatureTree
+        The tree whose nodes are scored.
+    acts : Activations
+        A store of the corpus `labels` describes (its held-out split, or all of it if nothing is held out).
+    labels : pandas.DataFrame
+        Labels per document id, e.g. `ft.load_corpus("wordnet").labels`.
+    column : str
+        The label column: "lexname" (one per document) or "domains" (a list per document).
+    min_tokens : int
+        Nodes firing on fewer tokens are left out.
+    max_tokens : int
+        Most tokens of the store read.
 
     Example:
         >>> label_purity(tree, acts, corpus.labels, column="lexname").head()  # doctest: +SKIP
@@ -398,6 +506,27 @@ def refine_purity(tree: FeatureTree, acts, labels, nodes, *, widths=(32, 64), ks
     parent's purity, the children's mean purity, the share of children purer than the parent, the number
     of children with >= `min_tokens` held-out tokens, and their summed `reverse` (1 = they divide the
     region; more = they overlap in it). `refine_kw` goes to `refine` (e.g. stream_tokens).
+
+    Parameters
+    ----------
+    tree : FeatureTree
+        The tree to refine (a copy is refined for each setting; `tree` is unchanged).
+    acts : Activations
+        A store of the corpus `labels` describes; `label_purity` scores on its held-out tokens.
+    labels : pandas.DataFrame
+        Labels per document id, e.g. `ft.load_corpus("wordnet").labels`.
+    nodes : list of str
+        Node ids to refine, e.g. ["w512/148"].
+    widths, ks : sequence of int
+        Local dictionary widths and k values to try (every pair).
+    column : str
+        The label column ("lexname" or "domains").
+    min_tokens : int
+        Children with fewer held-out firing tokens are not measured.
+    progress : bool
+        Show a progress bar over the settings.
+    **refine_kw
+        Passed to `refine` (e.g. stream_tokens, max_tokens).
 
     Example:
         >>> refine_purity(tree, acts, labels, ["w512/148"], widths=(64,), ks=(1, 8))  # doctest: +SKIP

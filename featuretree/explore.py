@@ -253,6 +253,19 @@ def icicle(tree, *, root: str | None = None, max_depth: int | None = None, color
     `sunburst`. Long labels stay readable in an icicle's rectangles, where a sunburst's thin outer
     sectors have no room.
 
+    Parameters
+    ----------
+    tree : FeatureTree or networkx.DiGraph
+        The tree (or its graph) to draw.
+    root : str, optional
+        A node id: draw only its subtree (default: from every parentless feature of the narrowest rung).
+    max_depth : int, optional
+        Levels shown at once; click to zoom further (None: all).
+    color : str
+        "rung" (one colour per rung and refinement level) or "coverage" (P(parent | child)).
+    prefer_refined : bool
+        A refined node shows only its local dictionary's children, not the ladder's.
+
     Example:
         >>> import networkx as nx
         >>> g = nx.DiGraph(); g.add_node("w2/0", rung="w2", freq=0.5, label="animals")
@@ -269,6 +282,23 @@ def write_sunburst(tree, path: str | os.PathLike, *, root: str | None = None, ma
     """Write `sunburst(tree, ...)` as one self-contained HTML file (plotly.js inlined), atomically.
 
     kind="icicle" writes `icicle(tree, ...)` instead; the other options are those of `sunburst`.
+
+    Parameters
+    ----------
+    tree : FeatureTree or networkx.DiGraph
+        The tree (or its graph) to draw.
+    path : str or Path
+        The HTML file to write (replaced if it exists).
+    root : str, optional
+        A node id: draw only its subtree (default: from every parentless feature of the narrowest rung).
+    max_depth : int, optional
+        Levels shown at once; click to zoom further (None: all).
+    color : str
+        "rung" (one colour per rung and refinement level) or "coverage" (P(parent | child)).
+    prefer_refined : bool
+        A refined node shows only its local dictionary's children, not the ladder's.
+    kind : str
+        "sunburst" or "icicle".
 
     Example:
         >>> import tempfile, pathlib, networkx as nx

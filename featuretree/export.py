@@ -120,6 +120,11 @@ def _read_json(p: Path, what: str) -> Any:
 def load(path: str | os.PathLike) -> FeatureTree:
     """Read a tree written by `save`: graph, dictionaries and config (None if config.json is {}).
 
+    Parameters
+    ----------
+    path : str or Path
+        The directory `save` (or `featuretree build`) wrote: tree.json, config.json and saes/.
+
     Example:
         >>> import tempfile, networkx as nx
         >>> from featuretree.tree import FeatureTree

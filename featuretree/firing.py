@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 def encode_all(sae: TopKSAE, batches) -> tuple[np.ndarray, np.ndarray]:
     """Sparse codes of every row: (values (n, k) float32, indices (n, k) int64) as numpy arrays.
 
+    Parameters
+    ----------
+    sae : TopKSAE
+        The dictionary that encodes.
+    batches : iterable of Tensor (b, d_model)
+        The rows, batch by batch (e.g. `iter_batches(x, 4096, shuffle=False)`).
+
     Example:
         >>> v, i = encode_all(TopKSAE(8, 32, 2), [torch.randn(5, 8)])
         >>> v.shape, i.shape
@@ -105,6 +112,17 @@ def drop_weak(values: np.ndarray, indices: np.ndarray, width: int, rel: float = 
     Jaccard of root latents rose from 0.57 to 0.9 with rel 0.25-0.3). `at` gives the thresholds (one per
     feature, e.g. the `fire_at` that `link` stored) instead of measuring them on `values`.
 
+    Parameters
+    ----------
+    values, indices : ndarray (n, k)
+        Sparse codes (encode_all).
+    width : int
+        Number of features.
+    rel : float
+        The fraction of its 90th percentile a feature's activation must reach (<= 0 without `at`: keep all).
+    at : ndarray (width,), optional
+        Fixed thresholds per feature; measured on `values` when None.
+
     Example:
         >>> drop_weak(np.array([[2.0, 0.1], [2.0, 0.1]]), np.array([[0, 1], [0, 2]]), 3).tolist()
         [[2.0, 0.1], [2.0, 0.1]]
@@ -118,6 +136,13 @@ def drop_weak(values: np.ndarray, indices: np.ndarray, width: int, rel: float = 
 
 def firing_matrix(values: np.ndarray, indices: np.ndarray, width: int) -> sp.csr_matrix:
     """Boolean (n, width) CSR matrix: token i fires feature j (value > 0).
+
+    Parameters
+    ----------
+    values, indices : ndarray (n, k)
+        Sparse codes; a feature fires where its value is positive.
+    width : int
+        Number of features (columns).
 
     Example:
         >>> firing_matrix(np.array([[1.0, 0.0]]), np.array([[3, 1]]), 4).toarray().astype(int).tolist()
@@ -139,6 +164,19 @@ def fire(sae: TopKSAE, x: torch.Tensor, fire_rel: float = 0.25, at: np.ndarray |
     The one definition of "feature j fires on token i" used by linking, labels, refinement and evaluation.
     `at` (width,) holds fixed thresholds (a tree's stored `fire_at`); without it they are measured on `x`
     (`with_thresholds=True` appends them to the result).
+
+    Parameters
+    ----------
+    sae : TopKSAE
+        The dictionary that encodes.
+    x : Tensor [n, d_model] or Activations
+        The rows to encode (a store is read in order, its "train" split).
+    fire_rel : float
+        The fraction of its 90th-percentile activation a feature must reach to fire (LinkConfig.fire_rel).
+    at : ndarray (width,), optional
+        Fixed thresholds per feature; measured on `x` when None.
+    with_thresholds : bool
+        Also return the thresholds, as a fourth element.
 
     Example:
         >>> v, i, F = fire(TopKSAE(8, 32, 2), torch.randn(5, 8))
@@ -303,6 +341,15 @@ class QueryFiring:
     """Where every node fires on some texts: per rung a (tokens, width) firing matrix over the tokens that
     count, and which text each of those tokens came from. Made by `query_firing`.
 
+    Parameters
+    ----------
+    firing : dict of str to scipy.sparse.csr_matrix
+        {rung: (tokens, width) firing matrix} over the counted tokens.
+    doc : ndarray (tokens,)
+        The text number (0..n_docs-1) of each counted token.
+    n_docs : int
+        Number of texts.
+
     Example:
         >>> q = query_firing(tree, ["the anthrax bacterium", "a spore"])  # doctest: +SKIP
         >>> q.token_rates()["w512/11"], q.document_rates()["w512/11"]  # doctest: +SKIP
@@ -419,6 +466,17 @@ def query_rates(tree, texts: list[str], *, model=None, layer: int | None = None,
 
     `query_firing(...).token_rates()` (see there for which tokens count and the parameters), plus
     "_n_tokens": the number of tokens counted.
+
+    Parameters
+    ----------
+    tree : FeatureTree
+        The tree whose nodes fire.
+    texts : list of str
+        The texts to run.
+    model, layer : optional
+        The model and layer to run the texts through (default: the tree's config).
+    span : compiled regex, optional
+        Only tokens overlapping one of its matches count.
 
     Example:
         >>> query_rates(tree, ["the anthrax bacterium"])["w512/11"]  # doctest: +SKIP

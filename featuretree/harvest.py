@@ -289,6 +289,17 @@ def _saved_state(out: Path, progress: Checkpoint) -> dict | None:
 def write_shard(out: Path, name: str, rows: dict[str, torch.Tensor], batches: list[int]) -> dict:
     """Write one shard atomically and return its record: name, rows, bytes, sha256, batch range [b0, b1).
 
+    Parameters
+    ----------
+    out : Path
+        The store directory.
+    name : str
+        The shard's file name inside `out`.
+    rows : dict of str to Tensor
+        The shard's columns; "acts" (one row per token) gives the row count.
+    batches : list of int
+        [b0, b1): the harvest batches the shard holds.
+
     Example:
         >>> import tempfile
         >>> write_shard(Path(tempfile.mkdtemp()), "s.safetensors", {"acts": torch.zeros(2, 3)}, [0, 1])["rows"]
@@ -369,6 +380,20 @@ def doc_batches(texts: list[str], batch_size: int, seed: int) -> Iterator[list[i
 
     Length-bucketed batches carry far less padding (nearly 2x harvest speed, FINDINGS.md), while the
     shuffle keeps a partial harvest a sample of the whole corpus.
+
+    Parameters
+    ----------
+    texts : list of str
+        The corpus; a doc id is a position in it.
+    batch_size : int
+        Documents per batch (the last batch of a chunk may be smaller).
+    seed : int
+        Seed of the shuffle.
+
+    Example:
+        >>> texts = ["aaa", "b", "cc", "dddd", "e"]
+        >>> [[len(texts[i]) for i in b] for b in doc_batches(texts, 2, seed=0)]
+        [[1, 1], [2, 3], [4]]
     """
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
@@ -447,6 +472,11 @@ def _unk_spells_text(tokenizer: Any, unk: int) -> bool:
 
 def forward_args(module: torch.nn.Module) -> set[str]:
     """Tokenizer outputs the model's forward takes (GPT-2 takes no token_type_ids from some tokenizers).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The model; its `forward` signature is read (a `**kwargs` forward takes all three).
 
     Example:
         >>> sorted(forward_args(torch.nn.Linear(2, 2)))

@@ -52,6 +52,11 @@ def _clean_token(tok: str) -> str:
 def feature_table(values: np.ndarray, indices: np.ndarray) -> pd.DataFrame:
     """Long table of firings: one row per (token row, feature) with value > 0.
 
+    Parameters
+    ----------
+    values, indices : ndarray (n, k)
+        Sparse codes (encode_all).
+
     Example:
         >>> feature_table(np.array([[2.0, 0.0]]), np.array([[5, 1]])).to_dict("list")
         {'row': [0], 'feature': [5], 'value': [2.0]}
@@ -158,6 +163,25 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
     `contrast=True` ranks top tokens by `contrast_scores` against the tokens of `tokens` (for a refined
     rung, its parent's region) instead of by summed activation alone.
 
+    Parameters
+    ----------
+    tree : FeatureTree
+        The tree whose graph nodes get the labels (nodes not in the graph are skipped).
+    codes : dict
+        {rung: (values (n, k), indices (n, k))}, row i of each for row i of `tokens`.
+    tokens : pandas.DataFrame
+        One row per token: token_id, doc_id, start, end.
+    acts : Activations or Region
+        Anything with `texts()` ({doc_id: text}) and `token_strings(ids)`.
+    n_contexts : int
+        Contexts kept per node (`top_contexts`).
+    n_tokens : int
+        Top tokens kept per node (`top_tokens`).
+    parent_docs : dict of str to list of str, optional
+        {node: contexts} of parents that are not being labelled.
+    contrast : bool
+        Rank top tokens by their lift over the tokens of `tokens`, not by summed activation alone.
+
     Example:
         >>> annotate(tree, codes, acts.tokens("heldout"), acts)  # doctest: +SKIP
     """
@@ -212,6 +236,15 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
 
 def make_label(top_tokens: list[str], words: list[str], n: int = 3) -> str:
     """A short label: the top firing tokens, then distinctive context words not already among them.
+
+    Parameters
+    ----------
+    top_tokens : list of str
+        The node's top tokens, best first (empty ones and repeats are dropped).
+    words : list of str
+        Distinctive context words, best first; at most two are added.
+    n : int
+        Most tokens in the label.
 
     Example:
         >>> make_label(["dog", "dogs", "hound"], ["canine", "dog"])
@@ -304,6 +337,15 @@ A short name (a few words) for what this feature detects:"""
 def labeler_prompt(facts: dict, template: str = DEFAULT_PROMPT, n_contexts: int = 5) -> str:
     """Fill a prompt template ({parent}, {tokens}, {words}, {contexts}) from a node's facts.
 
+    Parameters
+    ----------
+    facts : dict
+        The node's top_tokens, words, top_contexts and parent_label (each optional).
+    template : str
+        A str.format template with {parent}, {tokens}, {words} and {contexts}.
+    n_contexts : int
+        Most contexts put in the prompt.
+
     Example:
         >>> p = labeler_prompt({"top_tokens": ["dog"], "words": ["bark"], "top_contexts": ["a «dog» barked"],
         ...                     "parent_label": "animals"})
@@ -323,6 +365,19 @@ class CausalLMLabeler:
     Greedy decoding (deterministic), `max_new_tokens` tokens, the first line of the answer. Works offline
     with any causal LM on disk (`from_pretrained(path)` never touches the network) or an already-loaded
     model + tokenizer. `prompt` is a str.format template with {parent}, {tokens}, {words}, {contexts}.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+        A model with a `generate` method (AutoModelForCausalLM), on any device.
+    tokenizer : transformers tokenizer
+        The model's tokenizer.
+    max_new_tokens : int
+        Most tokens generated per label (at least 1).
+    n_contexts : int
+        Most contexts of the node put in the prompt.
+    prompt : str
+        The prompt template (`labeler_prompt` fills it).
 
     Example:
         >>> labeler = CausalLMLabeler.from_pretrained("/models/qwen2.5-0.5b-instruct")  # doctest: +SKIP

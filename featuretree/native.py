@@ -286,6 +286,17 @@ def dots(a: Tensor, B: Tensor, idx: Tensor) -> Tensor:
 def csr_tensor(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
     """A CSR tensor without torch's once-per-process "CSR support is in beta" warning.
 
+    Parameters
+    ----------
+    crow : Tensor (n_rows + 1,)
+        Row pointers: row i's entries are col[crow[i]:crow[i + 1]].
+    col : Tensor (nnz,)
+        Column index of each entry.
+    values : Tensor (nnz,)
+        Value of each entry.
+    size : (int, int)
+        The dense shape (n_rows, n_cols).
+
     Example:
         >>> csr_tensor(torch.tensor([0, 1, 2]), torch.tensor([1, 0]), torch.ones(2), (2, 2)).to_dense().tolist()
         [[0.0, 1.0], [1.0, 0.0]]

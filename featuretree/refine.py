@@ -38,6 +38,11 @@ def submit_here(jobs: Sequence[LocalJob]) -> list[Callable]:
     Returns one callable per job that trains (fit_local) and returns its dictionary. featuretree.scale's
     Ray submitter has the same shape, so refine does not know where its dictionaries train.
 
+    Parameters
+    ----------
+    jobs : sequence of tuple
+        One (x, held, width, k, seed, batch_size, epochs[, device]) per dictionary: `fit_local`'s arguments.
+
     Example:
         >>> import torch
         >>> [f().width for f in submit_here([(torch.randn(600, 8), None, 16, 1, 0, 256, 1)])]

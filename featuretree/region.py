@@ -37,6 +37,19 @@ class Region:
     """Tokens where a node fires: activations `x` (n, d_model), `tokens` (token_id, doc_id, start, end; doc
     ids key `docs`), and how to spell token ids. It answers `texts()` / `token_strings()` like a store.
 
+    Parameters
+    ----------
+    x : Tensor (n, d_model)
+        The activations of the region's tokens.
+    tokens : pandas.DataFrame
+        token_id, doc_id, start, end per row of `x` (empty when the rows have no text).
+    docs : dict of int to str
+        {doc_id: text} of the documents the tokens come from.
+    spell : callable, optional
+        Token ids -> token strings (None: the ids written as numbers).
+    n_scanned : int
+        Tokens scanned to find the region.
+
     Example:
         >>> import torch
         >>> r = Region(torch.zeros(2, 4), pd.DataFrame({"token_id": [5, 6], "doc_id": [0, 0], "start": [0, 4],
@@ -152,6 +165,31 @@ def collect_region(tree, node: str, *, acts=None, texts=None, model=None, layer:
     that streaming cannot reach `min_tokens`, that error comes before any streaming (a rare node would
     otherwise cost a pass over the whole corpus).
 
+    Parameters
+    ----------
+    tree : FeatureTree
+        The tree `node` belongs to (its store, corpus, model and layer are the defaults).
+    node : str
+        The node whose region is gathered, e.g. "w512/7".
+    acts : Activations or Tensor [n, d_model], optional
+        Replaces the run's own store as the first source of tokens.
+    texts : list of str, optional
+        What streams through the model instead of the run's corpus.
+    model, layer : optional
+        The model and layer that stream the texts (default: the tree's config).
+    min_tokens : int
+        Fewest tokens the region may have (fewer is an error).
+    max_tokens : int
+        Most tokens gathered.
+    stream_tokens : int
+        Most tokens streamed through the model beyond the store.
+    chunk_docs : int
+        Documents per streamed chunk.
+    seed : int
+        Seed of the order in which documents stream.
+    progress : bool
+        Show a progress bar.
+
     Example:
         >>> r = collect_region(tree, "w512/7", max_tokens=5000)  # doctest: +SKIP
         >>> len(r), r.x.shape[1]  # doctest: +SKIP
@@ -246,7 +284,21 @@ def _vocab_of(store) -> Callable[[Any], list[str]]:
 
 def local_split(region: Region):
     """(training rows, held-out mask or None) of a region: every tenth document is held out when there are
-    >= 1000 tokens with text (else the local dictionary is evaluated on what it trained on)."""
+    >= 1000 tokens with text (else the local dictionary is evaluated on what it trained on).
+
+    Parameters
+    ----------
+    region : Region
+        The tokens where a node fires (`collect_region`); the rows are `region.x`, all of them.
+
+    Example:
+        >>> import torch
+        >>> n = 1000
+        >>> tok = pd.DataFrame({"token_id": 0, "doc_id": np.arange(n) % 20, "start": 0, "end": 1})
+        >>> x, held = local_split(Region(torch.zeros(n, 4), tok, {0: "a"}, None))
+        >>> x.shape[0], int(held.sum())
+        (1000, 100)
+    """
     held = (region.tokens["doc_id"].to_numpy() % 10 == 0) if region.has_text and len(region) >= 1000 else None
     if held is not None and (held.all() or not held.any()):
         held = None

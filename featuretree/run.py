@@ -33,6 +33,15 @@ STAGES = ("harvest", "train", "link", "done")
 def run_inputs(cfg: Config, shard_size: int, store_dtype: str = "float32") -> dict:
     """What a run is made from besides its config: the corpus file and the model's files.
 
+    Parameters
+    ----------
+    cfg : Config
+        The run's settings (its corpus and model are fingerprinted).
+    shard_size : int
+        Rows per shard of the activation store.
+    store_dtype : str
+        The store's dtype; recorded only when it is not "float32".
+
     Example:
         >>> run_inputs(Config(), 65536)["model"]["name"]
         'all-MiniLM-L6-v2'

@@ -109,6 +109,20 @@ class _SparseDecode(torch.autograd.Function):
 class TopKSAE(nn.Module):
     """TopK sparse autoencoder: exactly k features are active per token.
 
+    Parameters
+    ----------
+    d_model : int
+        Width of the activation vectors it reads.
+    width : int
+        Number of features (dictionary rows).
+    k : int
+        Active features per token, 1 <= k < width.
+    seed : int, optional
+        Seed of the random unit decoder rows (the encoder starts as their transpose); None: torch's
+        global RNG.
+    metadata : dict, optional
+        Free-form facts saved in cfg.json (e.g. the model and layer it was trained on).
+
     Example:
         >>> sae = TopKSAE(d_model=16, width=64, k=4)
         >>> x = torch.randn(8, 16)

@@ -151,6 +151,11 @@ def _fit_local(job: tuple, threads: int):
 def submit_ray(address: str | None = None):
     """A refine `submit` function that trains each local dictionary as a Ray task (siblings in parallel).
 
+    Parameters
+    ----------
+    address : str, optional
+        The Ray cluster to connect to (None: the running one, else a new local one; see `ray_init`).
+
     Example:
         >>> deep = featuretree.refine.refine(tree, "w512/7", submit=submit_ray())  # doctest: +SKIP
     """

@@ -184,6 +184,13 @@ def evaluate(sae: TopKSAE, batches: Iterable[Tensor]) -> dict[str, float]:
 def evaluate_many(saes: list[TopKSAE], batches: Iterable[Tensor]) -> list[dict[str, float]]:
     """`evaluate` for several dictionaries in one pass over `batches` (the data is read once).
 
+    Parameters
+    ----------
+    saes : list of TopKSAE
+        The dictionaries, all of the same d_model (batches move to the first one's device).
+    batches : iterable of Tensor (b, d_model)
+        The evaluation rows.
+
     Example:
         >>> a, b = evaluate_many([TopKSAE(8, 32, 2), TopKSAE(8, 64, 2)], [torch.randn(64, 8)])
         >>> a["n_tokens"] == b["n_tokens"] == 64

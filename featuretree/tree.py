@@ -139,6 +139,11 @@ def coverage_matrix(child: sp.csr_matrix, parent: sp.csr_matrix) -> tuple[sp.csr
 def decoder_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     """Cosine of two decoder rows (recorded on every edge; never decides a parent alone).
 
+    Parameters
+    ----------
+    a, b : Tensor (d_model,)
+        The two decoder rows.
+
     Example:
         >>> decoder_cos(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))  # doctest: +ELLIPSIS
         0.707...
@@ -491,6 +496,21 @@ def attach(g: nx.DiGraph, saes: dict, r: str, c: int, pool: list[tuple[str, int,
 
     Among parents that cover the child about equally, the most specific one (highest P(child | parent)) is
     the direct parent: an ancestor covers the child as well but fires more widely.
+
+    Parameters
+    ----------
+    g : networkx.DiGraph
+        The graph to add the edge to (in place).
+    saes : dict of str to TopKSAE
+        {rung: dictionary} holding rung `r` and every rung in `pool` (for the decoder cosine).
+    r : str
+        The child's rung, e.g. "w512".
+    c : int
+        The child's feature index in rung `r`.
+    pool : list of (str, int, float, float)
+        Candidate parents: (rung, index, coverage P(parent | child), reverse P(child | parent)).
+    same_threshold : float
+        The edge is kind "same" when both coverage and reverse reach this, else "split".
 
     Example:
         >>> g = nx.DiGraph(); s = {"w2": TopKSAE(4, 2, 1), "w4": TopKSAE(4, 4, 1)}

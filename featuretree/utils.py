@@ -21,6 +21,11 @@ def quiet(name: str = "featuretree.harvest") -> Iterator[None]:
     """Silence a logger below errors inside the block (e.g. collect's "the corpus has only N tokens", expected
     when a few query or streamed texts are all there is).
 
+    Parameters
+    ----------
+    name : str
+        The logger's name; its level is restored when the block ends.
+
     Example:
         >>> import logging
         >>> with quiet("x"):
@@ -133,6 +138,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Atomically save a dict of tensors as safetensors (contiguous CPU copies).
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to write (replaced if it exists).
+    tensors : dict of str to Tensor
+        The tensors, by name.
+    metadata : dict of str to str, optional
+        Stored in the file's header.
 
     Example:
         >>> import tempfile, pathlib, torch

@@ -164,6 +164,40 @@ def test_public_api_is_small_and_documented():
         assert "Example" in doc or ">>>" in doc, f"ft.{name} has no example in its docstring"
 
 
+def test_public_callables_document_their_parameters_with_an_example():
+    """Every callable a module exports (named in its `__all__` and defined there) has an example ("Example" or
+    a doctest) and documents its parameters: a numpy-style "Parameters" section, or every parameter named in
+    the docstring, or (dataclass fields) a docstring right under each field, as config.py writes them."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    from featuretree.config import field_docs
+
+    no_example, no_params = [], []
+    for name in sorted(set(_modules()) - {FACADE}):
+        module = importlib.import_module(f"featuretree.{name}")
+        for attr in getattr(module, "__all__", []):
+            obj = getattr(module, attr)
+            if getattr(obj, "__module__", None) != module.__name__ or not callable(obj):
+                continue
+            doc = inspect.getdoc(obj) or ""
+            if "Example" not in doc and ">>>" not in doc:
+                no_example.append(f"{name}.{attr}")
+            try:
+                params = [p for p in inspect.signature(obj).parameters
+                          if p not in ("self", "args", "kwargs", "overrides")]
+            except (TypeError, ValueError):  # no signature to read (some builtins)
+                params = []
+            fields = field_docs(obj) if inspect.isclass(obj) and dataclasses.is_dataclass(obj) else {}
+            if "Parameters" not in doc and not all(p in doc or p in fields for p in params):
+                no_params.append(f"{name}.{attr}")
+    assert not no_example and not no_params, (
+        f"public callables without an example in their docstring: {no_example}\n"
+        f"public callables whose docstring has no Parameters section and does not name every parameter: "
+        f"{no_params}")
+
+
 def _fresh(code: str) -> str:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=PKG.parent).stdout
