@@ -275,6 +275,11 @@ def load_state(path: str | os.PathLike) -> tuple[dict, dict]:
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes, read in 1 MiB blocks.
 
+    Parameters
+    ----------
+    path : str or Path
+        The file to hash; it must exist.
+
     Example:
         >>> import tempfile, pathlib
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "x"; _ = p.write_bytes(b"abc")
@@ -290,6 +295,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def file_record(path: str | os.PathLike) -> dict:
     """What a finished file is: {"bytes": size, "sha256": checksum}, to check it against later.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to describe; it must exist.
 
     Example:
         >>> import tempfile, pathlib

@@ -186,6 +186,11 @@ def planted_hierarchy(n_roots: int = 12, branching: int = 3, depth: int = 3, *, 
 def jaccard(a: sp.csr_matrix, b: sp.csr_matrix) -> np.ndarray:
     """Dense (n_cols_a, n_cols_b) Jaccard similarity of the columns' firing sets.
 
+    Parameters
+    ----------
+    a, b : scipy.sparse.csr_matrix
+        Firing matrices on the same rows (tokens), one column per feature; an entry > 0 counts as firing.
+
     Example:
         >>> m = sp.csr_matrix(np.array([[1, 1], [1, 0]], dtype=float))
         >>> jaccard(m, m).round(2).tolist()

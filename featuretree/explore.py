@@ -452,6 +452,24 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
     (~5 MB); node data is embedded as JSON and put on the page as text only, so corpus text cannot
     inject markup or script. With `root`, the panel starts on that node. Written atomically.
 
+    Parameters
+    ----------
+    tree : FeatureTree or networkx.DiGraph
+        The tree (or its graph) to draw.
+    path : str or Path
+        The HTML file to write (replaced if it exists); the returned Path points to it.
+    root : str, optional
+        A node id: draw only its subtree and open the panel on it (default: from every parentless feature of
+        the narrowest rung).
+    kind : str
+        "sunburst" or "icicle".
+    max_depth : int, optional
+        Levels shown at once; click to zoom further (None: all).
+    color : str
+        "rung" (one colour per rung and refinement level) or "coverage" (P(parent | child)).
+    prefer_refined : bool
+        A refined node shows only its local dictionary's children, not the ladder's.
+
     Example:
         >>> import tempfile, pathlib, networkx as nx
         >>> g = nx.DiGraph(); g.add_node("w2/0", rung="w2", freq=0.5, top_contexts=["a «dog» barked"])

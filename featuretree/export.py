@@ -288,6 +288,13 @@ def _json_names(dicts: Iterable[dict]) -> list[str]:
 def to_graphml(tree, path: str | os.PathLike) -> Path:
     """Write the graph as GraphML (for Gephi, Cytoscape, yEd); lists are stored as JSON strings.
 
+    Parameters
+    ----------
+    tree : FeatureTree or networkx.DiGraph
+        The tree (or its graph) to write.
+    path : str or Path
+        The GraphML file to write (replaced if it exists); the returned Path points to it.
+
     Example:
         >>> import tempfile, pathlib, networkx as nx
         >>> g = nx.DiGraph(); g.add_node("w2/0", top_tokens=["dog", "cat"])
@@ -316,6 +323,11 @@ def to_graphml(tree, path: str | os.PathLike) -> Path:
 
 def from_graphml(path: str | os.PathLike) -> nx.DiGraph:
     """Read GraphML written by `to_graphml`, decoding the JSON-encoded attributes back to lists.
+
+    Parameters
+    ----------
+    path : str or Path
+        A GraphML file, as `to_graphml` writes it.
 
     Example:
         >>> import tempfile, pathlib, networkx as nx

@@ -378,6 +378,11 @@ def _find_tokenizer(model: Any) -> Any:
 def get_tokenizer(model: Any) -> Any:
     """The tokenizer attached by `load_model` (also works on the wrapped module itself).
 
+    Parameters
+    ----------
+    model : model from `load_model`, or nn.Module
+        The nnsight-wrapped model or the module it wraps; one without a tokenizer is refused.
+
     Example:
         >>> get_tokenizer(load_model())("a cat")["input_ids"]
         [101, 1037, 4937, 102]
@@ -414,6 +419,11 @@ def find_layers(model: Any) -> tuple[str, nn.ModuleList]:
 
     The list whose length equals `config.num_hidden_layers` (or `n_layer`); else the longest one.
 
+    Parameters
+    ----------
+    model : model from `load_model`, or nn.Module
+        The nnsight-wrapped model or the module itself.
+
     Example:
         >>> path, blocks = find_layers(load_model())
         >>> path, len(blocks)
@@ -436,6 +446,11 @@ def find_layers(model: Any) -> tuple[str, nn.ModuleList]:
 def n_layers(model: Any) -> int:
     """Number of transformer blocks.
 
+    Parameters
+    ----------
+    model : model from `load_model`, or nn.Module
+        The nnsight-wrapped model or the module itself (its blocks as `find_layers` finds them).
+
     Example:
         >>> n_layers(load_model())
         6
@@ -445,6 +460,13 @@ def n_layers(model: Any) -> int:
 
 def check_layer(model: Any, layer: int) -> int:
     """Validate a block index (negative counts from the end) and return it as 0..n-1.
+
+    Parameters
+    ----------
+    model : model from `load_model`, or nn.Module
+        The model whose blocks `layer` indexes (`n_layers` counts them).
+    layer : int
+        A block index in -n..n-1 (a bool is refused).
 
     Example:
         >>> check_layer(load_model(), -1)

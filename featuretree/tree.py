@@ -124,6 +124,13 @@ def coverage_matrix(child: sp.csr_matrix, parent: sp.csr_matrix) -> tuple[sp.csr
     The whole matrix at once: for small rungs and tests. Linking (`candidates`) computes the same
     coverages block by block and keeps only those that pass its thresholds.
 
+    Parameters
+    ----------
+    child : scipy.sparse.csr_matrix
+        The child rung's 0/1 firing matrix (n_tokens, w_child).
+    parent : scipy.sparse.csr_matrix
+        The parent rung's 0/1 firing matrix (n_tokens, w_parent), on the same tokens.
+
     Example:
         >>> c = sp.csr_matrix(np.array([[1.0], [1.0]])); p = sp.csr_matrix(np.array([[1.0, 0], [0, 1.0]]))
         >>> coverage_matrix(c, p)[0].toarray().tolist()

@@ -127,6 +127,13 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write `obj` as indented JSON.
 
+    Parameters
+    ----------
+    path : str or Path
+        The file to write (replaced if it exists).
+    obj : Any
+        JSON-able data, written with sorted keys and non-ASCII text kept as is.
+
     Example:
         >>> import tempfile, pathlib
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.json"
@@ -181,6 +188,11 @@ def check_safetensors(path: str | os.PathLike) -> None:
     """Refuse a file that is not safetensors (a pickle, torch.save zip, numpy file) without ever unpickling it.
 
     safetensors starts with an 8-byte little-endian header length and then the JSON header's "{".
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to check; it is only read (its first 9 bytes and its size).
 
     Example:
         >>> import tempfile, pathlib, pickle
