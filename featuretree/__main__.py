@@ -349,11 +349,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         keys = ["config", "rule"]
     table = df.groupby(keys, sort=False)[["precision", "recall", "recovered"]].agg(["mean", "min"])
     sys.stdout.write(df.to_string(index=False) + "\n\n" + table.round(3).to_string() + "\n")
+    return _write_csv(args, df)
+
+
+def _write_csv(args: argparse.Namespace, df) -> int:
+    """Write `df` to --csv when given; the exit code 0."""
     if args.csv:
         from featuretree.utils import write_text
 
         write_text(args.csv, df.to_csv(index=False))
     return 0
+
+
+def _wordnet_run(args: argparse.Namespace, what: str):
+    """The saved tree of RUN for `featuretree eval WHAT RUN`, or one clear error when RUN is missing."""
+    from featuretree.export import load
+
+    if not args.run:
+        raise FeatureTreeError(f"featuretree eval {what} needs a run directory built on the WordNet corpus: "
+                               f"featuretree eval {what} runs/default")
+    return load(args.run)
 
 
 def _eval_refine(args: argparse.Namespace) -> int:
@@ -372,11 +387,7 @@ def _eval_refine(args: argparse.Namespace) -> int:
                        progress=not args.quiet,
                        stream_tokens=RefineConfig.from_args(args).stream_tokens)
     sys.stdout.write(df.to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n")
-    if args.csv:
-        from featuretree.utils import write_text
-
-        write_text(args.csv, df.to_csv(index=False))
-    return 0
+    return _write_csv(args, df)
 
 
 def _eval_find(args: argparse.Namespace) -> int:
@@ -385,12 +396,8 @@ def _eval_find(args: argparse.Namespace) -> int:
 
     from featuretree.corpus import load_corpus
     from featuretree.eval import find_purity
-    from featuretree.export import load
 
-    if not args.run:
-        raise FeatureTreeError("featuretree eval find needs a run directory built on the WordNet corpus: "
-                               "featuretree eval find runs/default")
-    tree = load(args.run)
+    tree = _wordnet_run(args, "find")
     corpus = load_corpus("wordnet")
     parts, out = [], []
     for column in ("lexname", "domains"):
@@ -411,11 +418,7 @@ def _eval_find(args: argparse.Namespace) -> int:
         out.append(f"  mean purity: token {table.token.mean():.3f}, document {table.document.mean():.3f}, "
                    f"base rate {table.base.mean():.3f}\n")
     sys.stdout.write("\n".join(out) + "\n")
-    if args.csv:
-        from featuretree.utils import write_text
-
-        write_text(args.csv, pd.concat(parts).to_csv(index=False))
-    return 0
+    return _write_csv(args, pd.concat(parts))
 
 
 def _eval_wordnet(args: argparse.Namespace) -> int:
@@ -423,12 +426,8 @@ def _eval_wordnet(args: argparse.Namespace) -> int:
     from featuretree.activations import Activations
     from featuretree.corpus import load_corpus
     from featuretree.eval import label_purity, purity_gain
-    from featuretree.export import load
 
-    if not args.run:
-        raise FeatureTreeError("featuretree eval wordnet needs a run directory built on the WordNet corpus: "
-                               "featuretree eval wordnet runs/default")
-    tree = load(args.run)
+    tree = _wordnet_run(args, "wordnet")
     acts = Activations(Path(args.run) / tree.graph.graph.get("acts", "acts"))
     labels = load_corpus("wordnet").labels
     out = []
