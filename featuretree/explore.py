@@ -337,7 +337,7 @@ def _facts(g: nx.DiGraph, n: str) -> dict:
             "coverage": _num(e.get("coverage")), "reverse": _num(e.get("reverse")), "cos": _num(e.get("cos")),
             "kind": str(e["kind"]) if e.get("kind") is not None else None,
             "n_children": sum(1 for c in g.successors(n) if not g.nodes[c].get("novel")),
-            **{k: [str(t) for t in d.get(k) or []] for k in ("top_tokens", "words", "top_contexts")}}
+            **{k: [str(t) for t in d.get(k) or []] for k in ("top_tokens", "top_words", "words", "top_contexts")}}
 
 
 def _script_json(obj: Any) -> str:
@@ -423,6 +423,7 @@ function featuretreeExplorer(gd) {
     });
     var h = el("h2", n.label);
     panel.replaceChildren(h, facts, el("h3", "Top tokens"), chips(n.top_tokens),
+                          el("h3", "In words"), chips(n.top_words),
                           el("h3", "Distinctive words"), chips(n.words),
                           el("h3", "Top contexts (" + n.top_contexts.length + ")"),
                           n.top_contexts.length ? ctx : el("p", "(none)"));

@@ -21,7 +21,8 @@ import pandas as pd
 from featuretree.utils import tree_edge
 
 __all__ = ["annotate", "CausalLMLabeler", "context", "contrast_scores", "DEFAULT_PROMPT", "family_words",
-           "feature_table", "label_tree", "Labeler", "labeler_prompt", "make_label", "node_facts"]
+           "feature_table", "label_tree", "Labeler", "labeler_prompt", "make_label", "node_facts",
+           "word_at"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,31 @@ def context(text: str, start: int, end: int, window: int = 60) -> str:
     if end + window < len(text) and " " in right:
         right = right.rsplit(" ", 1)[0] + "…"
     return _WS.sub(" ", f"{left}«{text[start:end]}»{right}").strip()
+
+
+def word_at(text: str, start: int, end: int) -> str:
+    """The whole word around the token text[start:end] (letters and digits on both sides), lower-cased: what a
+    subword piece belongs to ("ant" in "anthrax" -> "anthrax"); the token itself when it is not part of a word.
+
+    Parameters
+    ----------
+    text : str
+    start, end : int
+        The token's character span.
+
+    Example:
+        >>> word_at("the anthrax bacterium", 4, 7), word_at("a cat, a dog", 5, 6)
+        ('anthrax', ',')
+    """
+    if start < 0 or end <= start or end > len(text):
+        return ""
+    a, b = start, end
+    if text[a:b].strip() and any(c.isalnum() for c in text[a:b]):
+        while a > 0 and text[a - 1].isalnum():
+            a -= 1
+        while b < len(text) and text[b].isalnum():
+            b += 1
+    return text[a:b].strip().lower()
 
 
 def _clean_token(tok: str) -> str:
@@ -155,7 +181,9 @@ def contrast_scores(tok: pd.DataFrame, background: pd.Series) -> pd.Series:
 
 def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int = 5, n_tokens: int = 5,
              parent_docs: dict[str, list[str]] | None = None, contrast: bool = False) -> None:
-    """Fill each node's `top_tokens`, `top_contexts`, `words` (vs parent and siblings) and `label` (in place).
+    """Fill each node's `top_tokens`, `top_words` (the whole words those tokens are pieces of, ranked the same
+    way: "anthrax · ants" where the token is "ant"), `top_contexts`, `words` (vs parent and siblings) and
+    `label` (from top_words, in place).
 
     `codes` maps rung -> (values (n, k), indices (n, k)) for the rows of `tokens` (columns token_id,
     doc_id, start, end); `acts` supplies `texts()` and `token_strings()`. `parent_docs` ({node: contexts})
@@ -189,6 +217,8 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
     texts = acts.texts()
     token_ids = tokens["token_id"].to_numpy()
     doc_ids, starts, ends = (tokens[c].to_numpy() for c in ("doc_id", "start", "end"))
+    word_codes, word_names = pd.factorize(pd.Series(
+        [word_at(texts.get(int(d), ""), int(a), int(b)) for d, a, b in zip(doc_ids, starts, ends)], dtype=object))
     all_docs: dict[str, list[str]] = {}
     for rung, (values, indices) in codes.items():
         ft = feature_table(values, indices)
@@ -206,6 +236,17 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
         top_tok = tok.groupby("feature", sort=False).head(n_tokens)
         strings = dict(zip(top_tok["token"].tolist(), acts.token_strings(top_tok["token"].tolist())))
         tokens_of = {f: [_clean_token(strings[t]) for t in grp["token"]] for f, grp in top_tok.groupby("feature")}
+        # the same ranking over the whole words the firing tokens belong to (subword pieces joined)
+        ft["word"] = word_codes[ft["row"].to_numpy()]
+        wrd = ft.groupby(["feature", "word"], sort=False)["value"].agg(["sum", "size"]).reset_index()
+        wrd = wrd.rename(columns={"sum": "value", "size": "count", "word": "token"})
+        if contrast:
+            wrd["score"] = contrast_scores(wrd, pd.Series(word_codes).value_counts(normalize=True))
+            wrd = wrd.sort_values(["feature", "score", "value"], ascending=[True, False, False], kind="stable")
+        else:
+            wrd = wrd.sort_values(["feature", "value"], ascending=[True, False], kind="stable")
+        words_of = {f: [word_names[w] for w in grp["token"]]
+                    for f, grp in wrd.groupby("feature", sort=False).head(n_tokens).groupby("feature")}
         # strongest firings -> contexts; up to 40 per feature feed the distinctive-word TF-IDF
         ft = ft.sort_values(["feature", "value"], ascending=[True, False], kind="stable")
         best = ft.groupby("feature", sort=False).head(40)
@@ -223,6 +264,7 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
                 continue
             node = g.nodes[nid]
             node["top_tokens"] = tokens_of[f]
+            node["top_words"] = [w for w in words_of.get(f, []) if w] or tokens_of[f]
             node["top_contexts"] = ctx_of.get(int(f), [])
     # distinctive words against the parent and siblings (top-level features: against each other)
     parent = {n: tree_edge(g, n)[0] for n in all_docs if n in g}
@@ -230,7 +272,7 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
     for nid in parent:
         node = g.nodes[nid]
         node["words"] = words.get(nid, [])
-        node["label"] = make_label(node.get("top_tokens") or [], node["words"])
+        node["label"] = make_label(node.get("top_words") or node.get("top_tokens") or [], node["words"])
     log.info("labelled %d nodes", len(parent))
 
 
@@ -257,13 +299,13 @@ def make_label(top_tokens: list[str], words: list[str], n: int = 3) -> str:
 
 # ---- pluggable labelers ------------------------------------------------------------------------------
 Labeler = Callable[[dict], str]
-"""A labeler takes a node's facts (node, rung, freq, label, top_tokens, top_contexts, words, parent_label)
+"""A labeler takes a node's facts (node, rung, freq, label, top_tokens, top_words, top_contexts, words, parent_label)
 and returns a one-line label."""
 
 
 def node_facts(tree, node: str) -> dict:
-    """What a labeler sees about `node`: its id, rung, freq, current label, top tokens and contexts,
-    distinctive words, and its parent's label (None under the root).
+    """What a labeler sees about `node`: its id, rung, freq, current label, top tokens, the whole words they
+    belong to, contexts, distinctive words, and its parent's label (None under the root).
 
     Example:
         >>> import networkx as nx
@@ -278,7 +320,8 @@ def node_facts(tree, node: str) -> dict:
     p, _ = tree_edge(g, node)
     real_parent = p is not None and not g.nodes[p].get("virtual")
     return {"node": node, "rung": d.get("rung"), "freq": d.get("freq"), "label": d.get("label", node),
-            "top_tokens": list(d.get("top_tokens") or []), "top_contexts": list(d.get("top_contexts") or []),
+            "top_tokens": list(d.get("top_tokens") or []), "top_words": list(d.get("top_words") or []),
+            "top_contexts": list(d.get("top_contexts") or []),
             "words": list(d.get("words") or []), "parent_label": g.nodes[p].get("label") if real_parent else None}
 
 

@@ -82,3 +82,36 @@ def test_causal_lm_labeler_from_a_local_directory(tmp_path):
     assert labeler(node_facts(_family_tree(), "w8/1")) == "cat cat cat"
     with pytest.raises(ValueError, match="offline"):
         CausalLMLabeler.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_labels_show_the_whole_words_a_subword_feature_fires_in():
+    """A feature firing on the piece "ant" is labelled by anthrax, ants, antelopes, not by "ant" alone."""
+    import networkx as nx
+    import numpy as np
+    import pandas as pd
+
+    from featuretree.label import annotate
+    from featuretree.tree import FeatureTree
+
+    texts = {0: "the anthrax spores", 1: "ants and antelopes"}
+
+    class Acts:
+        def texts(self):
+            return texts
+
+        def token_strings(self, ids):
+            return [{7: "ant", 8: "and"}[i] for i in ids]
+
+    tokens = pd.DataFrame({"token_id": [7, 7, 8, 7], "doc_id": [0, 1, 1, 1], "start": [4, 0, 5, 9],
+                           "end": [7, 3, 8, 12]})
+    values = np.array([[3.0, 0.0], [2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    indices = np.array([[0, 1], [0, 1], [0, 1], [0, 1]])
+    g = nx.DiGraph()
+    g.add_node("w2/0", rung="w2", index=0, freq=0.5)
+    g.add_node("w2/1", rung="w2", index=1, freq=0.2)
+    tree = FeatureTree(g)
+    annotate(tree, {"w2": (values, indices)}, tokens, Acts())
+    node = tree.graph.nodes["w2/0"]
+    assert node["top_tokens"] == ["ant"] and node["top_words"] == ["anthrax", "ants", "antelopes"]
+    assert node["label"].startswith("anthrax · ants · antelopes")
+    assert tree.graph.nodes["w2/1"]["top_words"] == ["and"]  # a whole-word token stays itself
