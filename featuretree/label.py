@@ -22,7 +22,7 @@ from featuretree.utils import tree_edge
 
 __all__ = ["annotate", "CausalLMLabeler", "context", "contrast_scores", "DEFAULT_PROMPT", "family_words",
            "feature_table", "label_tree", "Labeler", "labeler_prompt", "make_label", "node_facts",
-           "word_at"]
+           "whole_word", "word_at"]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,9 @@ def context(text: str, start: int, end: int, window: int = 60) -> str:
 
 
 def word_at(text: str, start: int, end: int) -> str:
-    """The whole word around the token text[start:end] (letters and digits on both sides), lower-cased: what a
-    subword piece belongs to ("ant" in "anthrax" -> "anthrax"); the token itself when it is not part of a word.
+    """How the token text[start:end] reads: the token itself when it is a whole word (or punctuation), else the
+    piece marked with hyphens where the word goes on ("ant-" in "anthrax", "-al" in "dialectal", "-zo-"),
+    lower-cased.
 
     Parameters
     ----------
@@ -57,13 +58,36 @@ def word_at(text: str, start: int, end: int) -> str:
         The token's character span.
 
     Example:
-        >>> word_at("the anthrax bacterium", 4, 7), word_at("a cat, a dog", 5, 6)
-        ('anthrax', ',')
+        >>> word_at("the anthrax bacterium", 4, 7), word_at("a cat, a dog", 5, 6), word_at("a cat", 2, 5)
+        ('ant-', ',', 'cat')
+    """
+    if start < 0 or end <= start or end > len(text):
+        return ""
+    tok = text[start:end].strip().lower()
+    if not any(c.isalnum() for c in tok):
+        return tok
+    left = start > 0 and text[start - 1].isalnum()
+    right = end < len(text) and text[end].isalnum()
+    return ("-" if left else "") + tok + ("-" if right else "")
+
+
+def whole_word(text: str, start: int, end: int) -> str:
+    """The whole word around the token text[start:end] (letters and digits on both sides), lower-cased.
+
+    Parameters
+    ----------
+    text : str
+    start, end : int
+        The token's character span.
+
+    Example:
+        >>> whole_word("the anthrax bacterium", 4, 7)
+        'anthrax'
     """
     if start < 0 or end <= start or end > len(text):
         return ""
     a, b = start, end
-    if text[a:b].strip() and any(c.isalnum() for c in text[a:b]):
+    if any(c.isalnum() for c in text[a:b]):
         while a > 0 and text[a - 1].isalnum():
             a -= 1
         while b < len(text) and text[b].isalnum():
@@ -181,9 +205,9 @@ def contrast_scores(tok: pd.DataFrame, background: pd.Series) -> pd.Series:
 
 def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int = 5, n_tokens: int = 5,
              parent_docs: dict[str, list[str]] | None = None, contrast: bool = False) -> None:
-    """Fill each node's `top_tokens`, `top_words` (the whole words those tokens are pieces of, ranked the same
-    way: "anthrax · ants" where the token is "ant"), `top_contexts`, `words` (vs parent and siblings) and
-    `label` (from top_words, in place).
+    """Fill each node's `top_tokens`, `top_words` (each top token as it reads: the whole word when one word
+    holds most of its firing, "anthrax" for "ant", else the piece marked as one, "-al"), `top_contexts`,
+    `words` (vs parent and siblings) and `label` (from top_words, in place).
 
     `codes` maps rung -> (values (n, k), indices (n, k)) for the rows of `tokens` (columns token_id,
     doc_id, start, end); `acts` supplies `texts()` and `token_strings()`. `parent_docs` ({node: contexts})
@@ -217,8 +241,11 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
     texts = acts.texts()
     token_ids = tokens["token_id"].to_numpy()
     doc_ids, starts, ends = (tokens[c].to_numpy() for c in ("doc_id", "start", "end"))
+    spans = list(zip(doc_ids, starts, ends))
     word_codes, word_names = pd.factorize(pd.Series(
-        [word_at(texts.get(int(d), ""), int(a), int(b)) for d, a, b in zip(doc_ids, starts, ends)], dtype=object))
+        [whole_word(texts.get(int(d), ""), int(a), int(b)) for d, a, b in spans], dtype=object))
+    piece_codes, piece_names = pd.factorize(pd.Series(
+        [word_at(texts.get(int(d), ""), int(a), int(b)) for d, a, b in spans], dtype=object))
     all_docs: dict[str, list[str]] = {}
     for rung, (values, indices) in codes.items():
         ft = feature_table(values, indices)
@@ -236,17 +263,21 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
         top_tok = tok.groupby("feature", sort=False).head(n_tokens)
         strings = dict(zip(top_tok["token"].tolist(), acts.token_strings(top_tok["token"].tolist())))
         tokens_of = {f: [_clean_token(strings[t]) for t in grp["token"]] for f, grp in top_tok.groupby("feature")}
-        # the same ranking over the whole words the firing tokens belong to (subword pieces joined)
+        # how each top token reads: the whole word when one word holds most of the token's firing there
+        # ("anthrax" for "ant"), else the piece marked as a piece ("-al"), so labels never show bare fragments
         ft["word"] = word_codes[ft["row"].to_numpy()]
-        wrd = ft.groupby(["feature", "word"], sort=False)["value"].agg(["sum", "size"]).reset_index()
-        wrd = wrd.rename(columns={"sum": "value", "size": "count", "word": "token"})
-        if contrast:
-            wrd["score"] = contrast_scores(wrd, pd.Series(word_codes).value_counts(normalize=True))
-            wrd = wrd.sort_values(["feature", "score", "value"], ascending=[True, False, False], kind="stable")
-        else:
-            wrd = wrd.sort_values(["feature", "value"], ascending=[True, False], kind="stable")
-        words_of = {f: [word_names[w] for w in grp["token"]]
-                    for f, grp in wrd.groupby("feature", sort=False).head(n_tokens).groupby("feature")}
+        ft["piece"] = piece_codes[ft["row"].to_numpy()]
+        top_pairs = ft.merge(top_tok[["feature", "token"]], on=["feature", "token"])
+        by_word = top_pairs.groupby(["feature", "token", "word"])["value"].sum()  # sorted: fast .loc
+        by_piece = top_pairs.groupby(["feature", "token", "piece"])["value"].sum()
+        words_of: dict[int, list[str]] = {}
+        for f, t in zip(top_tok["feature"].tolist(), top_tok["token"].tolist()):  # in rank order
+            w = by_word.loc[(f, t)]
+            if w.max() >= 0.5 * w.sum():
+                shown = word_names[w.idxmax()]
+            else:
+                shown = piece_names[by_piece.loc[(f, t)].idxmax()]
+            words_of.setdefault(int(f), []).append(shown or _clean_token(strings[t]))
         # strongest firings -> contexts; up to 40 per feature feed the distinctive-word TF-IDF
         ft = ft.sort_values(["feature", "value"], ascending=[True, False], kind="stable")
         best = ft.groupby("feature", sort=False).head(40)
@@ -256,7 +287,7 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
             rows = grp["row"].to_numpy()
             ctxs = [context(texts.get(int(doc_ids[r]), ""), int(starts[r]), int(ends[r])) for r in rows]
             ctx_of[int(f)] = [c for c in ctxs if c][:n_contexts]
-            words_docs[f"{rung}/{int(f)}"] = [c.replace("«", " ").replace("»", " ") for c in ctxs]
+            words_docs[f"{rung}/{int(f)}"] = [c.replace("«", "").replace("»", "") for c in ctxs]
         all_docs.update(words_docs)
         for f in tokens_of:
             nid = f"{rung}/{int(f)}"
@@ -264,7 +295,7 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
                 continue
             node = g.nodes[nid]
             node["top_tokens"] = tokens_of[f]
-            node["top_words"] = [w for w in words_of.get(f, []) if w] or tokens_of[f]
+            node["top_words"] = list(dict.fromkeys(words_of.get(int(f), []))) or tokens_of[f]
             node["top_contexts"] = ctx_of.get(int(f), [])
     # distinctive words against the parent and siblings (top-level features: against each other)
     parent = {n: tree_edge(g, n)[0] for n in all_docs if n in g}

@@ -102,7 +102,7 @@ def _attach_local(tree, node: str, rung: str, sae, region: Region, *, n_contexts
         texts = region.texts()
         t = region.tokens
         docs = [context(texts[int(t.doc_id[r])], int(t.start[r]), int(t.end[r])) for r in rows]
-        parent_docs = {node: [c.replace("«", " ").replace("»", " ") for c in docs if c]}
+        parent_docs = {node: [c.replace("«", "").replace("»", "") for c in docs if c]}
         annotate(tree, {rung: (v, i)}, region.tokens, region, n_contexts=n_contexts, parent_docs=parent_docs,
                  contrast=True)
     return F

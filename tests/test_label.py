@@ -84,34 +84,33 @@ def test_causal_lm_labeler_from_a_local_directory(tmp_path):
         CausalLMLabeler.from_pretrained(str(tmp_path / "missing"))
 
 
-def test_labels_show_the_whole_words_a_subword_feature_fires_in():
-    """A feature firing on the piece "ant" is labelled by anthrax, ants, antelopes, not by "ant" alone."""
-    import networkx as nx
+def test_labels_show_a_piece_as_its_word_or_as_a_piece():
+    """Feature 0 fires on "ant" mostly inside "anthrax": labelled "anthrax". Feature 1 fires on "al" across many
+    words, none holding most of it: labelled "-al", never a bare fragment."""
     import numpy as np
     import pandas as pd
 
     from featuretree.label import annotate
     from featuretree.tree import FeatureTree
 
-    texts = {0: "the anthrax spores", 1: "ants and antelopes"}
+    texts = {0: "the anthrax spores", 1: "anthrax and ants", 2: "dialectal tonal vocal"}
 
     class Acts:
         def texts(self):
             return texts
 
         def token_strings(self, ids):
-            return [{7: "ant", 8: "and"}[i] for i in ids]
+            return [{7: "ant", 8: "and", 9: "al"}[i] for i in ids]
 
-    tokens = pd.DataFrame({"token_id": [7, 7, 8, 7], "doc_id": [0, 1, 1, 1], "start": [4, 0, 5, 9],
-                           "end": [7, 3, 8, 12]})
-    values = np.array([[3.0, 0.0], [2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    indices = np.array([[0, 1], [0, 1], [0, 1], [0, 1]])
+    tokens = pd.DataFrame({"token_id": [7, 7, 8, 7, 9, 9, 9], "doc_id": [0, 1, 1, 1, 2, 2, 2],
+                           "start": [4, 0, 8, 12, 7, 13, 19], "end": [7, 3, 11, 15, 9, 15, 21]})
+    values = np.array([[3.0, 0.0], [2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 2.0], [0.0, 2.0], [0.0, 2.0]])
+    indices = np.array([[0, 1]] * 7)
     g = nx.DiGraph()
     g.add_node("w2/0", rung="w2", index=0, freq=0.5)
     g.add_node("w2/1", rung="w2", index=1, freq=0.2)
     tree = FeatureTree(g)
     annotate(tree, {"w2": (values, indices)}, tokens, Acts())
-    node = tree.graph.nodes["w2/0"]
-    assert node["top_tokens"] == ["ant"] and node["top_words"] == ["anthrax", "ants", "antelopes"]
-    assert node["label"].startswith("anthrax · ants · antelopes")
-    assert tree.graph.nodes["w2/1"]["top_words"] == ["and"]  # a whole-word token stays itself
+    a, b = tree.graph.nodes["w2/0"], tree.graph.nodes["w2/1"]
+    assert a["top_tokens"] == ["ant"] and a["top_words"] == ["anthrax"] and a["label"].startswith("anthrax")
+    assert b["top_tokens"] == ["al", "and"] and b["top_words"] == ["-al", "and"] and b["label"].startswith("-al · and")
