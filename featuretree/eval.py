@@ -557,9 +557,14 @@ def refine_purity(tree: FeatureTree, acts, labels, nodes, *, widths=(32, 64), ks
     return pd.DataFrame(rows)
 
 
+def _label_list(v) -> list:
+    """A document's labels as a list: a list-valued label ("domains") as it is, a single one ("lexname") alone."""
+    return list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
+
+
 def _members(values, domain: str) -> np.ndarray:
-    """Bool per document: its label is `domain` (or, for a list-valued label, contains it)."""
-    return np.array([domain in v if isinstance(v, (list, tuple, np.ndarray)) else v == domain for v in values])
+    """Bool per document: `domain` is among its labels."""
+    return np.array([domain in _label_list(v) for v in values])
 
 
 def find_purity(tree: FeatureTree, corpus, *, column: str = "lexname", n_query: int = 20, n_pool: int = 3000,
@@ -627,10 +632,9 @@ def find_purity(tree: FeatureTree, corpus, *, column: str = "lexname", n_query: 
     judge = qp.subset(judge_pos)
     judge_values = [values[pool[i]] for i in judge_pos]
     if domains is None:
-        counts = pd.Series([v for i in pool for v in (values[i] if isinstance(values[i], (list, tuple, np.ndarray))
-                                                      else [values[i]]) if v]).value_counts()
+        counts = pd.Series([v for i in pool for v in _label_list(values[i]) if v]).value_counts()
         domains = sorted(str(d) for d in counts[counts >= min_docs].index)
-    rows = []
+    rows, judged = [], {}  # judged: {rung: (judging texts, width) firing}, made once per rung
     for dom in tqdm(domains, desc=f"find purity ({column})", unit="domain", disable=not progress):
         members = np.flatnonzero(_members(values, dom) & ~in_pool)
         if len(members) < n_query:
@@ -644,7 +648,10 @@ def find_purity(tree: FeatureTree, corpus, *, column: str = "lexname", n_query: 
             best = node_scores(tree, q, level=level, bg_rates=bg_rates, only=only, words=words[level],
                                label_weight=label_weight).iloc[0]
             d = tree.graph.nodes[best.node]
-            col = judge.document_matrix(str(d["rung"]))[:, int(d["index"])]
+            rung = str(d["rung"])
+            if rung not in judged:
+                judged[rung] = judge.document_matrix(rung).tocsc()
+            col = judged[rung][:, int(d["index"])]
             fires = np.asarray(col.todense()).ravel() > 0
             rows.append({"column": column, "domain": dom, "level": level, "node": best.node,
                          "label": best.label, "purity": float(is_dom[fires].mean()) if fires.any() else 0.0,

@@ -103,14 +103,7 @@ def background_texts(tree, n: int = 300, *, exclude=(), seed: int = 0) -> list[s
     """
     import numpy as np
 
-    from featuretree.corpus import corpus_texts
-
-    if tree.config is None:
-        return []
-    try:
-        texts = corpus_texts(tree.config.corpus)
-    except (FeatureTreeError, OSError, ValueError):  # the corpus is gone or was a list
-        return []
+    texts = _readable_corpus(tree.config.corpus) if tree.config is not None else []
     skip = set(exclude)
     pool = [t for t in texts if t not in skip and t.strip()]
     if not pool:
@@ -156,15 +149,28 @@ def _texts(query: Any, what: str) -> list[str]:
     return texts
 
 
-def _corpus_contexts(corpus, phrase: str, n: int) -> tuple[re.Pattern, list[str]]:
+def _readable_corpus(corpus) -> list[str]:
+    """The texts of a run's corpus, or [] when it cannot be read (gone, or it was a list)."""
     from featuretree.corpus import corpus_texts
 
-    pattern = re.compile(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", re.IGNORECASE)
     try:
-        texts = corpus_texts(corpus)
-    except (FeatureTreeError, OSError, ValueError):  # the corpus is gone or was a list: use the phrase alone
-        return pattern, []
-    return pattern, [t for t in texts if pattern.search(t)][:n]
+        return corpus_texts(corpus)
+    except (FeatureTreeError, OSError, ValueError):
+        return []
+
+
+def _corpus_contexts(corpus, phrase: str, n: int) -> tuple[re.Pattern, list[str]]:
+    pattern = re.compile(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", re.IGNORECASE)
+    return pattern, [t for t in _readable_corpus(corpus) if pattern.search(t)][:n]  # none: the phrase alone
+
+
+def _scoring_level(level: str, query, texts: list[str]) -> str:
+    """find's level: "auto" is by document for two or more example texts, by token for a word or phrase."""
+    if level not in ("auto", "token", "document"):
+        raise FeatureTreeError(f"level={level!r} is not one of 'auto', 'token', 'document'")
+    if level == "auto":
+        return "document" if not isinstance(query, str) and len(texts) >= 2 else "token"
+    return level
 
 
 def rung_filter(tree, rungs) -> set[str] | None:
@@ -232,9 +238,8 @@ def find(tree, query, *, negatives=None, rungs=None, model=None, layer: int | No
     """
     from featuretree.firing import query_firing, tree_model
 
-    if level not in ("auto", "token", "document"):
-        raise FeatureTreeError(f"level={level!r} is not one of 'auto', 'token', 'document'")
     texts = _texts(query, "query")
+    level = _scoring_level(level, query, texts)  # a phrase is scored by token, whatever its corpus contexts
     only = rung_filter(tree, rungs)
     model = tree_model(tree, model)  # loaded once for the query, the negatives and the background
     span = None
@@ -245,8 +250,6 @@ def find(tree, query, *, negatives=None, rungs=None, model=None, layer: int | No
             texts = found
         else:
             span = None
-    if level == "auto":
-        level = "document" if not isinstance(query, str) and len(texts) >= 2 else "token"
     # label matches use the query's own words (several examples: weighted by how many contain each)
     words = query_words(_texts(query, "query"), share=level == "document")
     q = query_firing(tree, texts, model=model, layer=layer, span=span)
@@ -387,7 +390,7 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
     model = tree_model(tree, model)
     layer = tree_layer(tree, layer)
     background = None  # document level: one background sample for every step
-    if level == "document" or (level == "auto" and not isinstance(query, str) and len(_texts(query, "query")) >= 2):
+    if _scoring_level(level, query, _texts(query, "query")) == "document":
         background = background_texts(tree, exclude=_texts(query, "query")) or None
 
     def score(t) -> tuple[pd.DataFrame, dict[str, float]]:  # every node's score, and where each branch leads

@@ -380,13 +380,7 @@ class QueryFiring:
 
     def token_rates(self) -> dict[str, float]:
         """{node: share of the counted tokens on which it fires} (nodes that never fire are left out)."""
-        out: dict[str, float] = {}
-        n = max(self.n_tokens, 1)
-        for rung, F in self.firing.items():
-            counts = np.asarray(F.sum(0)).ravel()
-            for j in np.flatnonzero(counts):
-                out[f"{rung}/{j}"] = float(counts[j]) / n
-        return out
+        return _shares(self.firing, self.n_tokens)
 
     def document_matrix(self, rung: str) -> sp.csr_matrix:
         """Bool-valued (texts, width) matrix: text d has a counted token on which feature j of `rung` fires."""
@@ -399,13 +393,17 @@ class QueryFiring:
 
     def document_rates(self) -> dict[str, float]:
         """{node: share of the texts in which it fires on at least one counted token}."""
-        out: dict[str, float] = {}
-        n = max(self.n_docs, 1)
-        for rung in self.firing:
-            counts = np.asarray(self.document_matrix(rung).sum(0)).ravel()
-            for j in np.flatnonzero(counts):
-                out[f"{rung}/{j}"] = float(counts[j]) / n
-        return out
+        return _shares({r: self.document_matrix(r) for r in self.firing}, self.n_docs)
+
+
+def _shares(matrices: dict[str, sp.csr_matrix], n: int) -> dict[str, float]:
+    """{"rung/j": (rows where column j is set) / n} over every rung's 0/1 matrix, nonzero counts only."""
+    out: dict[str, float] = {}
+    for rung, M in matrices.items():
+        counts = np.asarray(M.sum(0)).ravel()
+        for j in np.flatnonzero(counts):
+            out[f"{rung}/{j}"] = float(counts[j]) / max(n, 1)
+    return out
 
 
 def query_firing(tree, texts: list[str], *, model=None, layer: int | None = None,
