@@ -203,7 +203,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not len(path):
         raise FeatureTreeError(f"no top-level feature fires on {args.query[0]!r} more than it usually does: "
                                "try another word, or example texts that contain it")
-    cols = ["step", "node", "score", "query_rate", "label"]
+    cols = ["step", "node", "score", "coverage", "precision", "confidence", "label"]
+    if path["coverage"].isna().all():  # example texts: scored by document, no concept columns
+        cols = ["step", "node", "score", "query_rate", "confidence", "label"]
     lines = [path[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")]
     if path.refined.any() and not args.no_save:
         lines.append(f"saved the refinements to {_save_into(deep, args.run, args.out)}/")

@@ -35,8 +35,8 @@ import pandas as pd
 from featuretree.config import FeatureTreeError, RefineConfig, settings
 from featuretree.utils import rung_key
 
-__all__ = ["SEARCH_REFINE", "background_texts", "coverage", "find", "lift", "node_scores", "novel", "query_words",
-           "rung_filter", "search"]
+__all__ = ["SEARCH_REFINE", "background_texts", "concept_query", "ConceptQuery", "coverage", "find", "lift",
+           "node_scores", "novel", "query_words", "rung_filter", "Sample", "sample_texts", "search"]
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,11 @@ def _corpus_contexts(corpus, phrase: str, n: int) -> tuple[re.Pattern, list[str]
 
 def _scoring_level(level: str, query, texts: list[str]) -> str:
     """find's level: "auto" is by document for two or more example texts, by token for a word or phrase."""
-    if level not in ("auto", "token", "document"):
-        raise FeatureTreeError(f"level={level!r} is not one of 'auto', 'token', 'document'")
+    if level not in ("auto", "token", "document", "concept"):
+        raise FeatureTreeError(f"level={level!r} is not one of 'auto', 'token', 'document', 'concept'")
+    if level == "concept" and not isinstance(query, str):
+        raise FeatureTreeError("level='concept' scores a word or phrase: give one string, or example texts with "
+                               "level='document'")
     if level == "auto":
         return "document" if not isinstance(query, str) and len(texts) >= 2 else "token"
     return level
@@ -223,10 +226,13 @@ def find(tree, query, *, negatives=None, rungs=None, model=None, layer: int | No
         Corpus texts a word or phrase is looked up in (0: the phrase alone).
     top : int or None
         Rows returned (None: every node).
-    level : "auto", "token" or "document"
-        "auto": document level for two or more example texts, token level for a word or phrase.
+    level : "auto", "token", "document" or "concept"
+        "auto": document level for two or more example texts, token level for a word or phrase; "concept"
+        scores a word or phrase by its occurrences and how specific a node's firing is to texts near it
+        in meaning (`ConceptQuery`; adds columns coverage and precision).
     background : list of str, optional
-        Document level: the texts the examples are compared with (default: `n_background` of the corpus's).
+        Document and concept levels: the texts the examples are compared with (default: `n_background` of
+        the corpus's; concept level: a `Sample` too).
     n_background : int
 
     Example:
@@ -242,6 +248,13 @@ def find(tree, query, *, negatives=None, rungs=None, model=None, layer: int | No
     level = _scoring_level(level, query, texts)  # a phrase is scored by token, whatever its corpus contexts
     only = rung_filter(tree, rungs)
     model = tree_model(tree, model)  # loaded once for the query, the negatives and the background
+    if level == "concept":
+        cq = concept_query(tree, query, n_contexts=n_contexts, background=background, n_background=n_background,
+                           model=model, layer=layer)
+        scores = cq.scores(tree, only=only, words=query_words(texts), label_weight=label_weight)
+        if (neg := _negative_firing(tree, negatives, model, layer)) is not None:
+            scores = _minus_negatives(tree, scores, neg)
+        return scores.head(top) if top is not None else scores
     span = None
     if isinstance(query, str) and tree.config is not None and n_contexts > 0:
         span, found = _corpus_contexts(tree.config.corpus, query.strip(), n_contexts)
@@ -312,9 +325,7 @@ def node_scores(tree, q, *, level: str, bg_rates: dict[str, float], neg=None, on
             score = coverage(doc, bg, eps_doc)
             if neg is not None:
                 score -= max(0.0, coverage(neg_rates.get(n, 0.0), bg, 1.0 / max(neg.n_docs, 1)))
-        text = " ".join([str(d.get("label", "")), *map(str, d.get("top_tokens") or []), *map(str, d.get("words") or [])])
-        hits = (sum(words.get(w, 0.0) for w in set(_WORD.findall(text.lower()))) if isinstance(words, dict)
-                else len(words & set(_WORD.findall(text.lower()))))
+        hits = _label_hits(d, words)
         rows.append({"node": n, "score": score + label_weight * hits, "label": d.get("label", n), "freq": freq,
                      "query_rate": rate, "doc_rate": doc, "background_rate": bg, "label_hits": hits})
     cols = ["node", "score", "label", "freq", "query_rate", "doc_rate", "background_rate", "label_hits"]
@@ -322,11 +333,252 @@ def node_scores(tree, q, *, level: str, bg_rates: dict[str, float], neg=None, on
     return df.sort_values(["score", "query_rate"], ascending=False, kind="stable").reset_index(drop=True)
 
 
+class Sample:
+    """Texts run once through a tree's model: activations `x`, their `tokens` (token_id, doc_id, start, end),
+    and each text's unit sentence embedding (`featuretree.model.embed_texts`). Made by `sample_texts`; a
+    search or an evaluation reuses one for every step or query, re-firing only the dictionaries.
+
+    Parameters
+    ----------
+    texts : list of str
+    x : Tensor (n, d_model)
+    tokens : pandas.DataFrame
+    emb : ndarray (len(texts), 384)
+
+    Example:
+        >>> bg = sample_texts(tree, background_texts(tree, 300))  # doctest: +SKIP
+        >>> len(bg.texts), bg.emb.shape  # doctest: +SKIP
+        (300, (300, 384))
+    """
+
+    def __init__(self, texts: list[str], x, tokens: pd.DataFrame, emb) -> None:
+        self.texts, self.x, self.tokens, self.emb = list(texts), x, tokens, emb
+
+    @property
+    def doc(self):
+        """The text number of each token row."""
+        return self.tokens["doc_id"].to_numpy()
+
+
+def sample_texts(tree, texts: list[str], *, model=None, layer: int | None = None) -> Sample:
+    """Run `texts` through the tree's model (at its layer) and the sentence encoder, once: a `Sample`.
+
+    Parameters
+    ----------
+    tree : FeatureTree
+    texts : list of str
+    model, layer : optional
+        Default: the tree's config.
+
+    Example:
+        >>> s = sample_texts(tree, ["the anthrax bacterium"])  # doctest: +SKIP
+        >>> s.x.shape[0] == len(s.tokens)  # doctest: +SKIP
+        True
+    """
+    from featuretree.firing import forward_texts
+    from featuretree.model import embed_texts
+
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    x, toks, _ = forward_texts(tree, texts, model=model, layer=layer)
+    return Sample(texts, x, toks, embed_texts(texts))
+
+
+class ConceptQuery:
+    """A word or phrase in its corpus contexts, and a background sample of the corpus: what concept-level
+    scoring (`find(level="concept")`, the default of `search` for a word) needs. Made by `concept_query`.
+
+    For each node it estimates, over the whole corpus,
+
+    - coverage: the share of the query's occurrences (all subword tokens of one occurrence together) on
+      whose span the node fires;
+    - precision: of the tokens where the node fires, the relevance-weighted share that are the query's or in
+      texts near it in meaning. A token of the query's span counts 1; any other token counts its text's
+      relevance, r = clip((cos - c0) / (c1 - c0), 0, 1) with cos the text's sentence-embedding cosine to the
+      mean of the query's contexts, c1 the median cos of the query's contexts and c0 that of the background.
+      The node's firing mass outside the query's texts is freq x (corpus tokens) minus its mass inside them
+      (so a node seen rarely in the background still has its corpus-wide firing counted), with the relevance
+      of its background firings shrunk towards the background's mean relevance r0;
+    - score = (coverage + 1 / (occurrences + 1)) x log(precision / r0), plus label_weight per query word in
+      its label or top words (the smoothing lets a node that fires in the query's texts but misses its span
+      answer a little, so search can pass through it to a child that covers the span).
+
+    A feature of a shared subword ("ant" in ants, antelope and anthrax) covers every occurrence but fires
+    mostly in texts unrelated to the query, so its precision is low; a topical feature fires in texts near the
+    query; the query's own feature has both.
+
+    Parameters
+    ----------
+    phrase : str
+    query, background : Sample
+        The query's contexts (texts containing the phrase) and a background sample without the phrase.
+    pattern : compiled regex
+        The phrase as a whole word.
+    n_query_docs, n_corpus : int
+        Corpus texts containing the phrase, and corpus texts in all.
+
+    Example:
+        >>> cq = concept_query(tree, "anthrax")  # doctest: +SKIP
+        >>> cq.scores(tree).iloc[0][["node", "coverage", "precision"]].tolist()  # doctest: +SKIP
+        ['w2048/1337', 0.95, 0.71]
+    """
+
+    def __init__(self, phrase: str, query: Sample, background: Sample, pattern: re.Pattern, n_query_docs: int,
+                 n_corpus: int) -> None:
+        import numpy as np
+
+        from featuretree.firing import in_spans
+
+        self.phrase, self.query, self.background, self.pattern = phrase, query, background, pattern
+        self.n_query_docs, self.n_corpus = max(int(n_query_docs), len(query.texts)), int(n_corpus)
+        self.occ = in_spans(query.texts, query.tokens, pattern, occurrence=True)
+        if not (self.occ >= 0).any():  # the phrase alone, or a tokenizer that drops it: every token is the phrase
+            self.occ = np.zeros(len(query.tokens), dtype=np.int64)
+        self.n_occ = int(self.occ.max()) + 1
+        centre = query.emb.mean(0)
+        centre = centre / max(float(np.linalg.norm(centre)), 1e-12)
+        cq, cb = query.emb @ centre, background.emb @ centre if len(background.texts) else np.zeros(0)
+        c1, c0 = float(np.median(cq)), float(np.median(cb)) if len(cb) else 0.0
+        scale = (lambda c: np.clip((c - c0) / (c1 - c0), 0.0, 1.0)) if c1 > c0 + 1e-6 else (lambda c: np.clip(c, 0, 1))
+        self.doc_relevance_q, self.doc_relevance_b = scale(cq), scale(cb)
+        self.rel_q = np.where(self.occ >= 0, 1.0, self.doc_relevance_q[query.doc])
+        self.rel_b = self.doc_relevance_b[background.doc] if len(background.texts) else np.zeros(0)
+        n_b = max(len(background.texts), 1)
+        self.w_q = self.n_query_docs / max(len(query.texts), 1)  # corpus texts each sampled one stands for
+        self.w_b = max(self.n_corpus - self.n_query_docs, 0) / n_b
+        self.n_tokens = len(query.tokens) * self.w_q + len(background.tokens) * self.w_b  # corpus tokens
+        mass = self.rel_q.sum() * self.w_q + self.rel_b.sum() * self.w_b
+        self.r0 = float(mass / max(self.n_tokens, 1e-12)) or 1e-6
+
+    def scores(self, tree, *, only: set[str] | None = None, words=frozenset(), label_weight: float = 0.5,
+               prior: float = 5.0) -> pd.DataFrame:
+        """Every node's concept score, best first: DataFrame (node, score, label, freq, query_rate, coverage,
+        precision, label_hits); query_rate is the share of the query's span tokens the node fires on.
+
+        Parameters
+        ----------
+        tree : FeatureTree
+            Its dictionaries fire on the samples (a refined tree scores its new nodes too).
+        only : set of str, optional
+            Rung names to rank.
+        words : set of str
+            Query words matched against labels (`query_words`).
+        label_weight : float
+        prior : float
+            Pseudo-count of background firings at the background's mean relevance.
+
+        Example:
+            >>> concept_query(tree, "anthrax").scores(tree, only={"w128"}).head(3)  # doctest: +SKIP
+        """
+        import numpy as np
+        import scipy.sparse as sp
+        import torch
+
+        from featuretree.firing import fire_rungs
+
+        n_q = len(self.query.tokens)
+        F_all = fire_rungs(tree, torch.cat([self.query.x, self.background.x]))
+        span = self.occ >= 0
+        occ_m = sp.csr_matrix((np.ones(int(span.sum()), np.float32), (self.occ[span], np.flatnonzero(span))),
+                              shape=(self.n_occ, n_q))
+        stats = {}
+        for rung, F in F_all.items():
+            Fq, Fb = F[:n_q], F[n_q:]
+            stats[rung] = (np.asarray(Fq.sum(0)).ravel(), Fq.T @ self.rel_q, np.asarray(Fb.sum(0)).ravel(),
+                           Fb.T @ self.rel_b if Fb.shape[0] else np.zeros(F.shape[1]),
+                           np.asarray(((occ_m @ Fq) > 0).sum(0)).ravel() / max(self.n_occ, 1),
+                           np.asarray(Fq[span].sum(0)).ravel() / max(int(span.sum()), 1))
+        rows = []
+        for n, d in tree.graph.nodes(data=True):
+            rung = str(d.get("rung"))
+            if d.get("virtual") or rung not in stats or (only is not None and rung not in only):
+                continue
+            j, freq = int(d["index"]), float(d.get("freq") or 0.0)
+            fq, fq_rel, fb, fb_rel, cov, rate = (a[j] for a in stats[rung])
+            m_q, r_q = fq * self.w_q, fq_rel * self.w_q
+            m_o = max(freq * self.n_tokens - m_q, fb * self.w_b)
+            r_o = (fb_rel + prior * self.r0) / (fb + prior)
+            precision = (r_q + m_o * r_o) / (m_q + m_o) if m_q + m_o > 0 else self.r0
+            hits = _label_hits(d, words)
+            # coverage smoothed by one occurrence: a node specific to the query's texts that misses its
+            # span still answers a little, so search can pass through it to a child that covers the span
+            score = (float(cov) + 1.0 / (self.n_occ + 1)) * math.log(max(precision, 1e-12) / self.r0) \
+                + label_weight * hits
+            rows.append({"node": n, "score": score, "label": d.get("label", n), "freq": freq,
+                         "query_rate": float(rate), "coverage": float(cov), "precision": float(precision),
+                         "label_hits": hits})
+        cols = ["node", "score", "label", "freq", "query_rate", "coverage", "precision", "label_hits"]
+        df = pd.DataFrame(rows, columns=cols)
+        return df.sort_values(["score", "coverage"], ascending=False, kind="stable").reset_index(drop=True)
+
+
+def concept_query(tree, phrase: str, *, n_contexts: int = 50, background=None, n_background: int = 300,
+                  model=None, layer: int | None = None, seed: int = 0) -> ConceptQuery:
+    """A `ConceptQuery` for `phrase`: up to `n_contexts` corpus texts containing it (as a whole word), and a
+    background of `n_background` corpus texts without it, run through the tree's model once.
+
+    Parameters
+    ----------
+    tree : FeatureTree
+    phrase : str
+    n_contexts : int
+        Query contexts sampled (seeded) from the corpus texts containing the phrase.
+    background : Sample or list of str, optional
+        Texts the query is compared with (default: drawn from the corpus). A Sample is reused as it is;
+        texts containing the phrase are dropped from a list.
+    n_background : int
+    model, layer : optional
+        Default: the tree's config.
+    seed : int
+
+    Example:
+        >>> cq = concept_query(tree, "anthrax")  # doctest: +SKIP
+        >>> cq.n_query_docs, cq.n_occ  # doctest: +SKIP
+        (29, 31)
+    """
+    import numpy as np
+
+    from featuretree.firing import tree_model
+
+    phrase = phrase.strip()
+    if not phrase:
+        raise FeatureTreeError("the query is empty: give a word or phrase")
+    model = tree_model(tree, model)  # loaded once for the query and the background
+    pattern = re.compile(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", re.IGNORECASE)
+    corpus = _readable_corpus(tree.config.corpus) if tree.config is not None else []
+    hits = [t for t in corpus if pattern.search(t)]
+    rng = np.random.default_rng(seed)
+    found = [hits[i] for i in np.sort(rng.choice(len(hits), size=min(n_contexts, len(hits)), replace=False))] \
+        if hits and n_contexts > 0 else [phrase]
+    if not isinstance(background, Sample):
+        if background is None:
+            background = [t for t in background_texts(tree, n_background + 50, seed=seed) if not pattern.search(t)]
+            background = background[:n_background]
+        else:
+            background = [t for t in background if isinstance(t, str) and not pattern.search(t)]
+        if not background:
+            raise FeatureTreeError("concept scoring needs background texts and this tree has no corpus to draw them "
+                                   "from: pass background=[...] (texts on other topics) or level='token'")
+        background = sample_texts(tree, background, model=model, layer=layer)
+    log.info("concept query %r: %d of %d corpus texts contain it; %d sampled, %d background texts", phrase,
+             len(hits), len(corpus), len(found), len(background.texts))
+    query = sample_texts(tree, found, model=model, layer=layer)
+    return ConceptQuery(phrase, query, background, pattern, len(hits) or 1,
+                        len(corpus) or len(background.texts) + len(found))
+
+
+def _label_hits(d: dict, words) -> float:
+    """Query words in a node's label, top tokens, top words or distinctive words (weighted when a dict)."""
+    text = " ".join([str(d.get("label", "")), *map(str, d.get("top_tokens") or []),
+                     *map(str, d.get("top_words") or []), *map(str, d.get("words") or [])])
+    found = set(_WORD.findall(text.lower()))
+    return float(sum(words.get(w, 0.0) for w in found)) if isinstance(words, dict) else float(len(words & found))
+
+
 def _children(tree, n: str) -> list[str]:
     from featuretree.tree import ROOT
 
-    if n == ROOT:
-        return tree.roots()
+    if n == ROOT:  # the top-level features, and the novel ones no narrower feature covers
+        return list(dict.fromkeys([*tree.roots(), *tree.novel_features()]))
     return [c for c in tree.graph.successors(n) if not tree.graph.nodes[c].get("virtual")]
 
 
@@ -337,22 +589,27 @@ branch narrows fast, so leaves are smaller than the nodes one refines by hand)."
 
 def search(tree, query, config: RefineConfig | None = None, *, start: str | None = None, max_depth: int = 6,
            negatives=None, refine_leaves: bool = True, texts=None, model=None, layer: int | None = None,
-           level: str = "auto", progress: bool = True, **overrides) -> pd.DataFrame:
+           level: str = "auto", label_weight: float = 0.5, background=None, n_contexts: int = 50,
+           progress: bool = True, **overrides) -> pd.DataFrame:
     """Targeted depth-first search: from the top, step to the child that answers `query` best, refining leaves.
 
-    At each step the children of the current node (the tree's top-level features first, or `start`'s
-    children) that fire on the query more than they usually do (`find`'s score > 0) are candidates, and the
-    one whose branch leads to the best score (through such nodes) is taken: a broad ancestor of a very
-    specific feature wins over a sibling that only scores well itself. A node none of whose children answers
-    (a leaf, or one whose ladder children miss the query) is refined (depth 1) when `refine_leaves`, so the
-    search goes below the ladder only along the branch it follows. Stops after `max_depth` steps, when no
+    A word or phrase is scored as a concept (`ConceptQuery`, the default): each candidate by how many of the
+    query's occurrences it fires on (all their subword tokens) times how specific its firing is to the
+    query's texts and texts near them in meaning, so a feature of a shared subword ("ant" in ants and
+    anthrax) loses to one about the query's topic. Several example texts are scored by document, as `find`
+    does. At each step the children of the current node (the tree's top-level features first, or `start`'s
+    children) with a positive score are candidates, and the one whose branch leads to the best score
+    (through such nodes) is taken: a broad ancestor of a very specific feature wins over a sibling that only
+    scores well itself. A node none of whose children answers (a leaf, or one whose ladder children miss the
+    query) is refined (depth 1) when `refine_leaves`, on a region that holds the query's contexts first, so
+    the search goes below the ladder only along the branch it follows. Stops after `max_depth` steps, when no
     child answers, or when a leaf has too few tokens to refine.
 
     Parameters
     ----------
     tree : FeatureTree
     query : str or list of str
-        A word or phrase (looked up in the corpus, as `find` does), or example texts.
+        A word or phrase (looked up in the corpus), or example texts.
     config : RefineConfig, optional
         How leaves are refined (default SEARCH_REFINE); `overrides` (width=, k=, min_tokens=, ...) replace fields.
     start : str, optional
@@ -367,21 +624,32 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
         What refinement streams instead of the run's corpus.
     model, layer : optional
         Default: the tree's config.
-    level : "auto", "token" or "document"
-        How nodes are scored, as in `find` (several example texts: by document, against the corpus).
+    level : "auto", "concept", "token" or "document"
+        How nodes are scored: "auto" is "concept" for a word or phrase (token level when the tree has no
+        corpus to draw a background from and none is given), "document" for example texts.
+    label_weight : float
+        Added per query word in a node's label or top words.
+    background : Sample or list of str, optional
+        Concept and document levels: what the query is compared with (default: drawn from the corpus).
+    n_contexts : int
+        Corpus texts containing a word or phrase that are sampled as its contexts.
     progress : bool
 
     Returns
     -------
     DataFrame
-        The path (step, node, label, score, query_rate, freq, refined); `path.attrs["tree"]` is the tree with
-        the refinements made.
+        The path (step, node, label, score, coverage, precision, query_rate, freq, confidence, n_candidates,
+        refined). `confidence` is the chosen child's share of exp(branch score) among the candidates (1: it
+        was the only one). `path.attrs["candidates"]` lists every candidate of every step (step, node,
+        label, score, reach, coverage, precision, chosen); `path.attrs["tree"]` is the tree with the
+        refinements made.
 
-    Example (the default run; the last step is a feature of a dictionary trained where w8192/8012 fires):
-        >>> path = search(tree, "malaria")  # doctest: +SKIP
-        >>> path[["node", "label"]].values.tolist()[-1]  # doctest: +SKIP
-        ['w8192/8012/r64/51', 'parasite · malaria · parasites | mosquito']
+    Example (the default run):
+        >>> path = search(tree, "anthrax")  # doctest: +SKIP
+        >>> path[["node", "label", "confidence"]].values.tolist()[-1]  # doctest: +SKIP
     """
+    import numpy as np
+
     rc = settings(RefineConfig, config if config is not None else SEARCH_REFINE, **overrides)
     from featuretree.firing import tree_layer, tree_model
     from featuretree.refine import refine
@@ -389,35 +657,58 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
 
     model = tree_model(tree, model)
     layer = tree_layer(tree, layer)
-    background = None  # document level: one background sample for every step
-    if _scoring_level(level, query, _texts(query, "query")) == "document":
-        background = background_texts(tree, exclude=_texts(query, "query")) or None
+    q_texts = _texts(query, "query")
+    if level == "auto" and isinstance(query, str):  # concept scoring needs a background: the corpus, or given
+        level = "concept" if background is not None or background_texts(tree, 1) else "token"
+    if level == "concept":
+        if not isinstance(query, str):
+            raise FeatureTreeError("level='concept' scores a word or phrase: give one string, or example texts "
+                                   "with level='document'")
+        cq = concept_query(tree, query, n_contexts=n_contexts, background=background, model=model, layer=layer)
+        focus, words = cq.query.texts, query_words(q_texts)
+        neg = _negative_firing(tree, negatives, model, layer)
 
-    def score(t) -> tuple[pd.DataFrame, dict[str, float]]:  # every node's score, and where each branch leads
-        s = find(t, query, negatives=negatives, model=model, layer=layer, top=None, level=level,
-                 background=background).set_index("node")
-        return s, branch_reach(t, s)
+        def score(t) -> tuple[pd.DataFrame, dict[str, float]]:
+            s = cq.scores(t, words=words, label_weight=label_weight)
+            if neg is not None:
+                s = _minus_negatives(t, s, neg)
+            s = s.set_index("node")
+            return s, branch_reach(t, s)
+    else:
+        focus = None
+        if _scoring_level(level, query, q_texts) == "document" and background is None:
+            background = background_texts(tree, exclude=q_texts) or None
+
+        def score(t) -> tuple[pd.DataFrame, dict[str, float]]:
+            s = find(t, query, negatives=negatives, model=model, layer=layer, top=None, level=level,
+                     background=background, label_weight=label_weight, n_contexts=n_contexts).set_index("node")
+            return s, branch_reach(t, s)
+
+    def row(step: int, node: str, r, confidence: float, n_cand: int) -> dict:
+        d = tree.graph.nodes[node]
+        get = (lambda c, v=float("nan"): float(r[c]) if r is not None and c in r.index else v)
+        return {"step": step, "node": node, "label": d.get("label", node), "score": get("score"),
+                "coverage": get("coverage"), "precision": get("precision"), "query_rate": get("query_rate", 0.0),
+                "freq": float(d.get("freq") or 0.0), "confidence": confidence, "n_candidates": n_cand,
+                "refined": bool(d.get("refined", False))}
 
     scores, reach = score(tree)
-    rows, current = [], ROOT
+    rows, cands, current = [], [], ROOT
     if start is not None and start != ROOT:
         tree.node(start)  # an unknown id is a clear error
-        r = scores.loc[start] if start in scores.index else None
-        rows.append({"step": 0, "node": start, "label": tree.graph.nodes[start].get("label", start),
-                     "score": float(r["score"]) if r is not None else float("nan"),
-                     "query_rate": float(r["query_rate"]) if r is not None else 0.0,
-                     "freq": float(tree.graph.nodes[start].get("freq") or 0.0),
-                     "refined": bool(tree.graph.nodes[start].get("refined", False))})
+        rows.append(row(0, start, scores.loc[start] if start in scores.index else None, float("nan"), 0))
         current = start
     refined_here: set[str] = set()
     for step in range(len(rows), len(rows) + int(max_depth)):
         kids = _children(tree, current)
         answer = answering(kids, scores)
         if not answer and refine_leaves and current != ROOT and current not in refined_here:
-            # no finer level answers (none, or the ladder's children miss the query): make one where it fires
+            # no finer level answers (none, or the ladder's children miss the query): make one where it fires,
+            # on a region that holds the query's own contexts first
             refined_here.add(current)
             try:
-                tree = refine(tree, current, rc, depth=1, texts=texts, model=model, layer=layer, progress=progress)
+                tree = refine(tree, current, rc, depth=1, texts=texts, focus=focus, model=model, layer=layer,
+                              progress=progress)
             except FeatureTreeError as e:
                 log.info("search stops at %s: %s", current, e)
                 break
@@ -427,20 +718,47 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
         if not answer:
             log.info("search stops at %s: none of its %d children answers %r", current, len(kids), query)
             break
-        best = max(answer, key=lambda c: (reach[c], scores.at[c, "score"], scores.at[c, "query_rate"]))
-        r = scores.loc[best]
-        rows.append({"step": step, "node": best, "label": r["label"], "score": float(r["score"]),
-                     "query_rate": float(r["query_rate"]), "freq": float(r["freq"]),
-                     "refined": bool(tree.graph.nodes[best].get("refined", False))})
+        answer.sort(key=lambda c: (reach[c], scores.at[c, "score"], scores.at[c, "query_rate"]), reverse=True)
+        best = answer[0]
+        r = np.array([reach[c] for c in answer])
+        confidence = float(1.0 / np.exp(r - r[0]).sum())
+        for c in answer:
+            cands.append({"step": step, "node": c, "label": scores.at[c, "label"], "score": float(scores.at[c, "score"]),
+                          "reach": float(reach[c]), "coverage": float(scores.get("coverage", pd.Series()).get(c, np.nan)),
+                          "precision": float(scores.get("precision", pd.Series()).get(c, np.nan)), "chosen": c == best})
+        rows.append(row(step, best, scores.loc[best], confidence, len(answer)))
         current = best
-    path = pd.DataFrame(rows, columns=["step", "node", "label", "score", "query_rate", "freq", "refined"])
+    path = pd.DataFrame(rows, columns=["step", "node", "label", "score", "coverage", "precision", "query_rate", "freq",
+                                       "confidence", "n_candidates", "refined"])
+    path.attrs["candidates"] = pd.DataFrame(cands, columns=["step", "node", "label", "score", "reach", "coverage",
+                                                            "precision", "chosen"])
     path.attrs["tree"] = tree
     return path
 
 
+def _negative_firing(tree, negatives, model, layer):
+    """Firing on negative example texts, or None when there are none."""
+    from featuretree.firing import query_firing
+
+    texts = _texts(negatives, "negatives") if negatives is not None else []
+    return query_firing(tree, texts, model=model, layer=layer) if texts else None
+
+
+def _minus_negatives(tree, s: pd.DataFrame, neg) -> pd.DataFrame:
+    """Scores less each node's positive lift on the negatives (its firing there above its usual rate)."""
+    rates, eps = neg.token_rates(), 1.0 / max(neg.n_tokens, 1)
+    s = s.copy()
+    s["score"] -= [max(0.0, lift(rates.get(n, 0.0), f, eps)) for n, f in zip(s["node"], s["freq"])]
+    return s.sort_values(["score", "coverage"], ascending=False, kind="stable").reset_index(drop=True)
+
+
 def answering(nodes: list[str], scores: pd.DataFrame) -> list[str]:
-    """The nodes that fire on the query more than they usually do (score > 0, query rate > 0)."""
-    return [c for c in nodes if c in scores.index and scores.at[c, "score"] > 0 and scores.at[c, "query_rate"] > 0]
+    """The nodes that answer the query: score > 0, and (token and document levels) firing on it at all;
+    concept scores (which have a precision column) count a node specific to the query's texts that misses
+    its span."""
+    concept = "precision" in scores.columns
+    return [c for c in nodes if c in scores.index and scores.at[c, "score"] > 0
+            and (concept or scores.at[c, "query_rate"] > 0)]
 
 
 def branch_reach(tree, scores: pd.DataFrame) -> dict[str, float]:

@@ -23,8 +23,8 @@ from featuretree.config import FeatureTreeError
 from featuretree.sae import TopKSAE
 from featuretree.utils import quiet, rung_key
 
-__all__ = ["drop_weak", "encode_all", "fire", "fire_codes", "fire_rungs", "firing_matrix", "gate_of", "node_mask",
-           "query_firing", "query_rates", "QueryFiring", "thresholds", "tree_layer", "tree_model"]
+__all__ = ["drop_weak", "encode_all", "fire", "fire_codes", "fire_rungs", "firing_matrix", "forward_texts", "gate_of",
+           "in_spans", "node_mask", "query_firing", "query_rates", "QueryFiring", "thresholds", "tree_layer", "tree_model"]
 
 log = logging.getLogger(__name__)
 
@@ -428,6 +428,35 @@ def query_firing(tree, texts: list[str], *, model=None, layer: int | None = None
         >>> q.n_docs, q.n_tokens  # doctest: +SKIP
         (1, 2)
     """
+    x, toks, strings = forward_texts(tree, texts, model=model, layer=layer)
+    if span is not None:  # corpus contexts of a phrase: only the phrase's own tokens count
+        keep = in_spans(texts, toks, span)
+    else:  # the query is about its content words: drop stop words and punctuation unless nothing else is left
+        keep = np.array([_is_content(t) for t in strings])
+    doc = toks["doc_id"].to_numpy()
+    if keep.any():
+        x, doc = x[torch.from_numpy(keep)], doc[keep]
+    return QueryFiring(fire_rungs(tree, x), doc, len(texts))
+
+
+def forward_texts(tree, texts: list[str], *, model=None, layer: int | None = None):
+    """Run `texts` through the tree's model at its layer: (activations (n, d_model), tokens, token strings).
+
+    `tokens` has token_id, doc_id (the text's position in `texts`), start, end per row; special tokens are
+    dropped as in a harvest. The dictionaries' d_model is checked against the layer's.
+
+    Parameters
+    ----------
+    tree : FeatureTree
+    texts : list of str
+    model, layer : optional
+        Default: the tree's config.
+
+    Example:
+        >>> x, toks, strings = forward_texts(tree, ["the anthrax bacterium"])  # doctest: +SKIP
+        >>> strings  # doctest: +SKIP
+        ['the', 'ant', '##hra', '##x', 'bacterium']
+    """
     from featuretree.harvest import collect
 
     wrapped = tree_model(tree, model)
@@ -439,23 +468,46 @@ def query_firing(tree, texts: list[str], *, model=None, layer: int | None = None
         x = acts.load("all")
         toks = acts.tokens("all")
         strings = acts.token_strings(toks["token_id"].tolist())
-        docs = acts.texts()
     if x.shape[0] == 0:
         raise FeatureTreeError("the query has no tokens the model keeps (only special tokens?): give real text")
-    if span is not None:  # corpus contexts of a phrase: only the phrase's own tokens count
-        spans = {d: [m.span() for m in span.finditer(t)] for d, t in docs.items()}
-        keep = np.array([any(a < e and s_ < b for a, b in spans.get(int(d), ()))
-                         for d, s_, e in zip(toks["doc_id"], toks["start"], toks["end"])])
-    else:  # the query is about its content words: drop stop words and punctuation unless nothing else is left
-        keep = np.array([_is_content(t) for t in strings])
-    doc = toks["doc_id"].to_numpy()
-    if keep.any():
-        x, doc = x[torch.from_numpy(keep)], doc[keep]
     for rung, sae in tree.saes.items():
         if sae.d_model != x.shape[1]:
             raise FeatureTreeError(f"rung {rung} expects d_model {sae.d_model} but the model's layer {layer} "
                                    f"gives {x.shape[1]}: pass the model and layer the tree was built from")
-    return QueryFiring(fire_rungs(tree, x), doc, len(texts))
+    return x, toks.reset_index(drop=True), strings
+
+
+def in_spans(texts: list[str], tokens, pattern: re.Pattern, occurrence: bool = False) -> np.ndarray:
+    """Bool per token row: it overlaps a match of `pattern` in its text (all pieces of a query word).
+
+    Parameters
+    ----------
+    texts : list of str
+        The texts the tokens' doc_id numbers point into.
+    tokens : pandas.DataFrame
+        doc_id, start, end per token (as `forward_texts` returns).
+    pattern : compiled regex
+    occurrence : bool
+        Return, instead, the number of the match each token is in (-1 outside any), counting matches over
+        all texts in order: the pieces of one occurrence share a number.
+
+    Example:
+        >>> import pandas as pd, re
+        >>> toks = pd.DataFrame({"doc_id": [0, 0, 0], "start": [0, 4, 9], "end": [3, 8, 11]})
+        >>> in_spans(["ant hrax is"], toks, re.compile("anthrax|ant hrax")).tolist()
+        [True, True, False]
+    """
+    spans, first, n = {}, {}, 0
+    for d in sorted(set(int(v) for v in tokens["doc_id"])):
+        spans[d] = [m.span() for m in pattern.finditer(texts[d])]
+        first[d], n = n, n + len(spans[d])
+    out = np.full(len(tokens), -1, dtype=np.int64)
+    for i, (d, s_, e) in enumerate(zip(tokens["doc_id"], tokens["start"], tokens["end"])):
+        for j, (a, b) in enumerate(spans[int(d)]):
+            if a < e and s_ < b:
+                out[i] = first[int(d)] + j
+                break
+    return out if occurrence else out >= 0
 
 
 def query_rates(tree, texts: list[str], *, model=None, layer: int | None = None,

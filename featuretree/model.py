@@ -11,18 +11,20 @@ hidden layers (`num_hidden_layers` / `n_layer`), else the longest `ModuleList`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from featuretree.config import DEFAULT_MODEL, FeatureTreeError
 
-__all__ = ["check_layer", "EMBEDDED_NAMES", "find_layers", "get_tokenizer", "is_remote", "layer_module",
+__all__ = ["check_layer", "EMBEDDED_NAMES", "embed_texts", "find_layers", "get_tokenizer", "is_remote", "layer_module",
            "load_model", "model_name", "n_layers", "REMOTE_ATTR", "resolve_model_dir", "SMOLLM2_NAMES"]
 
 log = logging.getLogger(__name__)
@@ -405,6 +407,42 @@ def model_name(model: Any) -> str:
     module = getattr(model, "_module", model)
     name = getattr(module, _NAME_ATTR, None)
     return name or str(getattr(getattr(module, "config", None), "name_or_path", "") or type(module).__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def _sentence_encoder():
+    nm = load_model()
+    return _unwrap(nm), get_tokenizer(nm)
+
+
+@torch.no_grad()
+def embed_texts(texts: list[str], *, batch_size: int = 64, max_length: int = 128) -> np.ndarray:
+    """Unit-length sentence embeddings (n, 384) of `texts` from the embedded all-MiniLM-L6-v2: the mean of
+    its last layer over each text's tokens, as sentence-transformers computes them. What featuretree uses to
+    tell which texts are near each other in meaning, whatever model a tree was built on (offline, on CPU).
+
+    Parameters
+    ----------
+    texts : list of str
+    batch_size : int
+        Texts per forward pass.
+    max_length : int
+        Tokens kept per text.
+
+    Example:
+        >>> e = embed_texts(["a disease of cattle", "an infection of sheep", "a fast car"])
+        >>> e.shape, bool(e[0] @ e[1] > e[0] @ e[2])
+        ((3, 384), True)
+    """
+    module, tok = _sentence_encoder()
+    out = []
+    for i in range(0, len(texts), batch_size):
+        batch = tok(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt")
+        h = module(**batch).last_hidden_state
+        m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+        out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1))
+    return torch.cat(out).numpy() if out else np.zeros((0, 384), np.float32)
 
 
 def _unwrap(model: Any) -> nn.Module:

@@ -108,7 +108,7 @@ def _attach_local(tree, node: str, rung: str, sae, region: Region, *, n_contexts
     return F
 
 
-def refine(tree, node: str, config: RefineConfig | None = None, *, acts=None, texts=None, model=None,
+def refine(tree, node: str, config: RefineConfig | None = None, *, acts=None, texts=None, focus=None, model=None,
            layer: int | None = None, seed: int | None = None, checkpoint=None, submit=None, progress: bool = True,
            **overrides):
     """A new tree in which `node` has children from a `width`-feature dictionary trained only where it fires.
@@ -134,6 +134,9 @@ def refine(tree, node: str, config: RefineConfig | None = None, *, acts=None, te
         Replaces the run's own store as the first source of region tokens.
     texts : list of str, optional
         What streams through the model instead of the run's corpus.
+    focus : list of str, optional
+        Texts whose tokens where `node` fires join the region before the store's (search gives its query's
+        contexts, so the local dictionary sees them however few the store harvested).
     model, layer : optional
         The model and layer (default: the tree's config).
     seed : int, optional
@@ -172,12 +175,13 @@ def refine(tree, node: str, config: RefineConfig | None = None, *, acts=None, te
     if checkpoint is not None:
         saved = _Saved(checkpoint, tree, {**rc.to_dict(), "node": node, "k": k, "seed": seed,
                                           "texts": None if texts is None else "given",
-                                          "acts": None if acts is None else "given"})
+                                          "acts": None if acts is None else "given",
+                                          **({"focus": "given"} if focus is not None else {})})
     region = saved.region() if saved is not None else None
     if region is None:
-        region = collect_region(tree, node, acts=acts, texts=texts, model=model, layer=layer, min_tokens=min_tokens,
-                                max_tokens=rc.max_tokens, stream_tokens=rc.stream_tokens, seed=seed,
-                                progress=progress)
+        region = collect_region(tree, node, acts=acts, texts=texts, focus=focus, model=model, layer=layer,
+                                min_tokens=min_tokens, max_tokens=rc.max_tokens, stream_tokens=rc.stream_tokens,
+                                seed=seed, progress=progress)
         if saved is not None:
             saved.save_region(region)
     new = FeatureTree(tree.graph.copy(), dict(tree.saes), cfg, tree.path)

@@ -124,11 +124,15 @@ class _Collector:
         self.spell: Callable | None = None
         self.n = self.n_scanned = 0
 
-    def add(self, x: torch.Tensor, tokens: pd.DataFrame | None, texts: dict[int, str] | None) -> None:
+    def add(self, x: torch.Tensor, tokens: pd.DataFrame | None, texts: dict[int, str] | None,
+            skip: set[str] = frozenset()) -> None:
         self.n_scanned += x.shape[0]
         if self.n >= self.max_tokens or x.shape[0] == 0:
             return
-        keep = np.flatnonzero(node_mask(self.tree, self.node, x))[: self.max_tokens - self.n]
+        fires = node_mask(self.tree, self.node, x)
+        if skip and tokens is not None and texts is not None:  # rows of texts already gathered (focus texts)
+            fires &= ~np.array([texts.get(int(d), "") in skip for d in tokens["doc_id"].tolist()], dtype=bool)
+        keep = np.flatnonzero(fires)[: self.max_tokens - self.n]
         if keep.size == 0:
             return
         self.xs.append(x[torch.from_numpy(keep)])
@@ -153,11 +157,14 @@ class _Collector:
         return Region(x, tokens, self.docs if len(tokens) else {}, self.spell, self.n_scanned)
 
 
-def collect_region(tree, node: str, *, acts=None, texts=None, model=None, layer: int | None = None,
+def collect_region(tree, node: str, *, acts=None, texts=None, focus=None, model=None, layer: int | None = None,
                    min_tokens: int = 500, max_tokens: int = 20_000, stream_tokens: int = 100_000,
                    chunk_docs: int = 1000, seed: int = 0, progress: bool = True) -> Region:
-    """The tokens where `node` fires: from the run's activation store, then from more corpus text.
+    """The tokens where `node` fires: from `focus` texts first, then the run's activation store, then more
+    corpus text.
 
+    `focus` texts (e.g. a search's query contexts) go through the model before anything else, so the region
+    covers them however few of them the store harvested; they are not counted twice later.
     `acts` (an Activations store or a Tensor [n, d_model]) replaces the run's own store. Then, while the
     region holds fewer than `max_tokens`, texts the store did not harvest (`texts`, else the run's corpus)
     stream through the model in shuffled chunks of `chunk_docs` documents, `stream_tokens` tokens at most.
@@ -175,6 +182,8 @@ def collect_region(tree, node: str, *, acts=None, texts=None, model=None, layer:
         Replaces the run's own store as the first source of tokens.
     texts : list of str, optional
         What streams through the model instead of the run's corpus.
+    focus : list of str, optional
+        Texts whose tokens where `node` fires join the region first.
     model, layer : optional
         The model and layer that stream the texts (default: the tree's config).
     min_tokens : int
@@ -207,15 +216,29 @@ def collect_region(tree, node: str, *, acts=None, texts=None, model=None, layer:
     if store is None and (p := store_path(tree)) is not None and (p / "meta.json").is_file():
         store = Activations(p)
     bar = tqdm(total=max_tokens, unit="tok", desc=f"region of {node}", disable=not progress)
+    focused = {t for t in (focus or []) if isinstance(t, str) and t.strip()}
+    loaded: dict[str, Any] = {}
+
+    def wrapped():  # the model, loaded once and only when text must stream
+        if "m" not in loaded:
+            loaded["m"] = tree_model(tree, model)
+        return loaded["m"]
+
+    if focused:
+        _stream(col, tree, sorted(focused), wrapped(), layer)
+        bar.update(col.n)
+        log.info("region of %s: %d tokens from %d focus texts", node, col.n, len(focused))
     if store is not None and is_store(store):
         doc_texts = store.texts()
-        col.spell = store.token_strings
+        col.spell = col.spell or store.token_strings
         harvested = set(doc_texts.values())
         for cols in store.rows("all", ("acts", "token_ids", "doc_ids", "starts", "ends"), None):
+            if col.n >= max_tokens:
+                break
             tok = pd.DataFrame({"token_id": cols["token_ids"].numpy(), "doc_id": cols["doc_ids"].numpy(),
                                 "start": cols["starts"].numpy(), "end": cols["ends"].numpy()})
             before = col.n
-            col.add(cols["acts"].float(), tok, doc_texts)
+            col.add(cols["acts"].float(), tok, doc_texts, focused)
             bar.update(col.n - before)
             bar.set_postfix(scanned=col.n_scanned, refresh=False)
             if col.n >= max_tokens:
@@ -236,7 +259,8 @@ def collect_region(tree, node: str, *, acts=None, texts=None, model=None, layer:
             with contextlib.suppress(FeatureTreeError, OSError, ValueError):
                 pool = corpus_texts(tree.config.corpus)
     if pool is not None:
-        order = [i for i in range(len(pool)) if pool[i].strip() and pool[i] not in harvested]
+        order = [i for i in range(len(pool)) if pool[i].strip() and pool[i] not in harvested
+                 and pool[i] not in focused]
         random.Random(seed).shuffle(order)
         if col.n_scanned and harvested:  # the store's rate says what streaming can add
             per_doc = col.n_scanned / len(harvested)
@@ -249,20 +273,11 @@ def collect_region(tree, node: str, *, acts=None, texts=None, model=None, layer:
                     f"{reach:,.0f} more corpus tokens would add about {expect:.0f}, short of min_tokens={min_tokens}: "
                     "lower min_tokens, raise stream_tokens, refine a coarser node, or give texts=...")
         budget = col.n_scanned + stream_tokens
-        wrapped = tree_model(tree, model) if order else None
-        at = tree_layer(tree, layer)
-        max_length = tree.config.max_length if tree.config is not None else 128
         for s in range(0, len(order), chunk_docs):
             if col.n >= max_tokens or col.n_scanned >= budget:
                 break
-            chunk = [pool[i] for i in order[s:s + chunk_docs]]
-            with quiet(), tempfile.TemporaryDirectory(prefix="featuretree-stream-") as tmp:
-                from featuretree.harvest import collect
-
-                part = collect(wrapped, at, chunk, n_tokens=10**12, out=tmp, progress=False, max_length=max_length)
-                col.spell = col.spell or _vocab_of(part)
-                before = col.n
-                col.add(part.load("all"), part.tokens("all"), part.texts())
+            before = col.n
+            _stream(col, tree, [pool[i] for i in order[s:s + chunk_docs]], wrapped(), layer)
             bar.update(col.n - before)
             bar.set_postfix(scanned=col.n_scanned, refresh=False)
     bar.close()
@@ -273,6 +288,18 @@ def collect_region(tree, node: str, *, acts=None, texts=None, model=None, layer:
             f"{node} fires on only {len(region)} of the {region.n_scanned} tokens scanned (min_tokens={min_tokens}): "
             "lower min_tokens, refine a coarser node, or give more texts (texts=...)")
     return region
+
+
+def _stream(col: _Collector, tree, chunk: list[str], model, layer: int | None) -> None:
+    """Run `chunk` through `model` (loaded) and add the rows where the node fires to `col`."""
+    from featuretree.harvest import collect
+
+    max_length = tree.config.max_length if tree.config is not None else 128
+    with quiet(), tempfile.TemporaryDirectory(prefix="featuretree-stream-") as tmp:
+        part = collect(model, tree_layer(tree, layer), chunk, n_tokens=10**12, out=tmp,
+                       progress=False, max_length=max_length)
+        col.spell = col.spell or _vocab_of(part)
+        col.add(part.load("all"), part.tokens("all"), part.texts())
 
 
 def _vocab_of(store) -> Callable[[Any], list[str]]:
