@@ -686,7 +686,9 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
 
     def row(step: int, node: str, r, confidence: float, n_cand: int) -> dict:
         d = tree.graph.nodes[node]
-        get = (lambda c, v=float("nan"): float(r[c]) if r is not None and c in r.index else v)
+        def get(c: str, v: float = float("nan")) -> float:
+            return float(r[c]) if r is not None and c in r.index else v
+
         return {"step": step, "node": node, "label": d.get("label", node), "score": get("score"),
                 "coverage": get("coverage"), "precision": get("precision"), "query_rate": get("query_rate", 0.0),
                 "freq": float(d.get("freq") or 0.0), "confidence": confidence, "n_candidates": n_cand,
