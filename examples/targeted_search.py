@@ -42,7 +42,7 @@ def main(argv=None):
         print(f"  {r.step}  {r.node:<22} {where}  score {r.score:5.2f}  on {r.query_rate:6.1%} of the query's "
               f"tokens, {r.freq:8.4%} of all  {r.label}")
 
-    deep = path.attrs["tree"]
+    deep = path.attrs.pop("tree")
     out = Path(args.out)
     ft.save(deep, out)
     write_explorer(deep, out / "explorer.html", root=path.node.iloc[0], max_depth=None)

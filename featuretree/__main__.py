@@ -199,7 +199,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     path = search(tree, query, RefineConfig.from_args(args, SEARCH_REFINE), start=args.start,
                   max_depth=args.max_depth, negatives=args.negative or None, refine_leaves=not args.no_refine,
                   progress=not args.quiet)
-    deep = path.attrs["tree"]
+    deep = path.attrs.pop("tree")
     if not len(path):
         raise FeatureTreeError(f"no top-level feature fires on {args.query[0]!r} more than it usually does: "
                                "try another word, or example texts that contain it")
@@ -337,6 +337,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_refine(args)
     if args.what == "find":
         return _eval_find(args)
+    if args.what == "search":
+        return _eval_search(args)
     if args.configs is None:
         from featuretree.eval import PLANTED_CONFIGS
 
@@ -421,6 +423,35 @@ def _eval_find(args: argparse.Namespace) -> int:
                    f"base rate {table.base.mean():.3f}\n")
     sys.stdout.write("\n".join(out) + "\n")
     return _write_csv(args, pd.concat(parts))
+
+
+def _eval_search(args: argparse.Namespace) -> int:
+    """Search quality on WordNet query nouns: end-node precision / recall against the query's spans, coherence."""
+    import pandas as pd
+
+    from featuretree.corpus import load_corpus
+    from featuretree.eval import search_quality, search_queries
+
+    tree = _wordnet_run(args, "search")
+    corpus = load_corpus("wordnet")
+    queries = search_queries(corpus, split=args.split, n=args.n_queries, seed=args.seeds[0])
+    parts = [search_quality(tree, corpus, queries, level=level, refine=args.refine, n_pool=args.n_pool,
+                            seed=args.seeds[0], progress=not args.quiet).assign(level=level)
+             for level in args.levels]
+    df = pd.concat(parts, ignore_index=True)
+    cols = ["precision", "recall", "f1", "coherent", "path_coherent", "domain_coherent", "depth"]
+    table = df.groupby("level", sort=False)[cols].mean()
+    table.insert(0, "queries", df.groupby("level", sort=False).size())
+    out = [f"search quality on {len(queries)} WordNet query nouns ({args.split} half"
+           f"{', refining leaves' if args.refine else ', walking the saved tree'}):",
+           table.to_string(float_format=lambda v: f"{v:.3f}"), ""]
+    for level, grp in df.groupby("level", sort=False):
+        out.append(f"{level}: first queries, their paths and end labels")
+        for r in grp.head(args.show).itertuples():
+            out.append(f"  {r.word:<16} {r.lexname:<20} {r.path}  | {r.end_label}  "
+                       f"(P {r.precision:.3f} R {r.recall:.2f})")
+    sys.stdout.write("\n".join(out) + "\n")
+    return _write_csv(args, df)
 
 
 def _eval_wordnet(args: argparse.Namespace) -> int:
@@ -565,15 +596,28 @@ def make_parser() -> argparse.ArgumentParser:
                                    "rung and from parent to child. refine RUN --nodes ...: how much purer refined "
                                    "children are than their parent, per local width and k. find RUN: given glosses of "
                                    "each WordNet domain, how pure find's top node is, by token and by document. "
-                                   "Tables: docs/EVAL.md.")
-    v.add_argument("what", choices=("planted", "wordnet", "refine", "find"),
+                                   "search RUN: for WordNet query nouns (a tuning and a held-out half), how "
+                                   "precisely search's end node fires on the query word and whether every node on "
+                                   "the path is about the query's lexicographer file. Tables: docs/EVAL.md.")
+    v.add_argument("what", choices=("planted", "wordnet", "refine", "find", "search"),
                    help="planted: linking rules on planted hierarchies; wordnet: purity of a WordNet run's nodes; "
                         "refine: purity of refined children vs their parent per local width and k; find: purity "
-                        "of find's top node per WordNet domain given glosses of it, by token and by document")
+                        "of find's top node per WordNet domain given glosses of it, by token and by document; "
+                        "search: end-node precision / recall and path coherence on WordNet query nouns")
     v.add_argument("--n-query", type=int, default=20, help="(find) glosses per domain given as the query (default 20)")
     v.add_argument("--n-pool", type=int, default=3000,
-                   help="(find) corpus texts that make the background and judge the top nodes (default 3000)")
-    v.add_argument("run", nargs="?", help="(wordnet, refine, find) a run directory built on the WordNet corpus")
+                   help="(find, search) corpus texts that judge the nodes (default 3000)")
+    v.add_argument("--n-queries", type=int, default=150, help="(search) query nouns (default 150)")
+    v.add_argument("--split", choices=("held-out", "tuning", "all"), default="held-out",
+                   help="(search) which half of the query nouns (default held-out: nothing is tuned on it)")
+    v.add_argument("--levels", **list_flag(str), default=("concept", "token"),
+                   help="(search) scorings to compare: concept (the default of search) and token (the scorer "
+                        "before it)")
+    v.add_argument("--refine", action="store_true",
+                   help="(search) let search refine leaves (a local dictionary per query: slow)")
+    v.add_argument("--show", type=int, default=20, help="(search) queries whose paths are printed (default 20)")
+    v.add_argument("run", nargs="?",
+                   help="(wordnet, refine, find, search) a run directory built on the WordNet corpus")
     v.add_argument("--nodes", **list_flag(str), help="(refine) nodes to refine, e.g. w512/148 w128/66")
     v.add_argument("--widths", **list_flag(int), default=(32, 64), help="(refine) local widths (default: 32 64)")
     v.add_argument("--ks", **list_flag(int), default=(1, 2, 4, 8), help="(refine) local k (default: 1 2 4 8)")

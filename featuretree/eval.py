@@ -12,6 +12,7 @@ their firing sets (Jaccard), which is reliable where decoder directions are ambi
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +24,8 @@ from featuretree.firing import fire, fire_rungs, gate_of
 from featuretree.tree import FeatureTree
 
 __all__ = ["compare_rules", "edge_scores", "find_purity", "jaccard", "label_purity", "link_by_cosine", "match_features",
-           "Planted", "PLANTED_CONFIGS", "planted_hierarchy", "purity_gain", "refine_purity", "SWEEP_GRID",
-           "sweep_thresholds"]
+           "Planted", "PLANTED_CONFIGS", "planted_hierarchy", "purity_gain", "refine_purity", "search_quality",
+           "search_queries", "SWEEP_GRID", "sweep_thresholds"]
 
 log = logging.getLogger(__name__)
 
@@ -658,3 +659,209 @@ def find_purity(tree: FeatureTree, corpus, *, column: str = "lexname", n_query: 
                          "fires_in": int(fires.sum()), "base_rate": float(is_dom.mean())})
     return pd.DataFrame(rows, columns=["column", "domain", "level", "node", "label", "purity", "fires_in",
                                        "base_rate"])
+
+
+_QUERY_WORD = re.compile(r"^[a-z]{4,}$")
+
+
+def search_queries(corpus, *, min_glosses: int = 3, max_glosses: int = 300, split: str = "held-out",
+                   n: int | None = None, seed: int = 0):
+    """Query nouns for `search_quality`, from the WordNet corpus's own labels: single lower-case words of 4+
+    letters (no stop words) that name noun synsets of ONE lexicographer file, occurring as a whole word in
+    `min_glosses` to `max_glosses` glosses of other synsets. Each word falls in a fixed half by a hash of its
+    spelling ("tuning" or "held-out"), so nothing tuned on one half sees the other.
+
+    Parameters
+    ----------
+    corpus : featuretree.corpus.Corpus
+        The WordNet corpus (`ft.load_corpus("wordnet")`).
+    min_glosses, max_glosses : int
+        How many other synsets' glosses the word must occur in.
+    split : "tuning", "held-out" or "all"
+    n : int, optional
+        Keep this many, drawn at random (seeded); None keeps every one.
+    seed : int
+
+    Returns
+    -------
+    DataFrame with columns word, lexname, domains (list), n_glosses, half.
+
+    Example:
+        >>> q = search_queries(ft.load_corpus("wordnet"), n=200)  # doctest: +SKIP
+        >>> sorted(q.columns)  # doctest: +SKIP
+        ['domains', 'half', 'lexname', 'n_glosses', 'word']
+    """
+    import zlib
+    from collections import defaultdict
+
+    import pandas as pd
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    if split not in ("tuning", "held-out", "all"):
+        raise FeatureTreeError(f"split={split!r} is not one of 'tuning', 'held-out', 'all'")
+    for col in ("pos", "lexname", "domains", "lemmas"):
+        if col not in corpus.labels.columns:
+            raise FeatureTreeError(f"the corpus has no {col!r} column: search queries come from the WordNet corpus "
+                                   "(ft.load_corpus('wordnet'))")
+    lab = corpus.labels
+    lexnames: dict[str, set] = defaultdict(set)
+    domains: dict[str, set] = defaultdict(set)
+    own: dict[str, set] = defaultdict(set)
+    for i, (pos, lex, doms, lemmas) in enumerate(zip(lab["pos"], lab["lexname"], lab["domains"], lab["lemmas"])):
+        for w in lemmas:
+            if pos == "n" and _QUERY_WORD.match(w) and w not in ENGLISH_STOP_WORDS:
+                lexnames[w].add(lex)
+                domains[w].update(_label_list(doms))
+                own[w].add(i)
+    docs: dict[str, int] = defaultdict(int)  # glosses of other synsets the word occurs in
+    for i, text in enumerate(corpus.texts):
+        gloss = text.split(": ", 1)[-1].lower()
+        for w in set(re.findall(r"[a-z]+", gloss)) & lexnames.keys():
+            if i not in own[w]:
+                docs[w] += 1
+    rows = [{"word": w, "lexname": next(iter(lexnames[w])), "domains": sorted(d for d in domains[w] if d),
+             "n_glosses": docs[w], "half": "tuning" if zlib.crc32(w.encode()) % 2 == 0 else "held-out"}
+            for w in sorted(docs) if len(lexnames[w]) == 1 and min_glosses <= docs[w] <= max_glosses]
+    df = pd.DataFrame(rows, columns=["word", "lexname", "domains", "n_glosses", "half"])
+    if split != "all":
+        df = df[df.half == split].reset_index(drop=True)
+    if n is not None and n < len(df):
+        df = df.iloc[np.sort(np.random.default_rng(seed).choice(len(df), size=n, replace=False))].reset_index(drop=True)
+    return df
+
+
+def _majority(weights: dict) -> str | None:
+    return max(weights, key=weights.get) if weights else None
+
+
+def search_quality(tree: FeatureTree, corpus, queries=None, *, n_queries: int = 150, split: str = "held-out",
+                   level: str = "concept", refine: bool = False, n_pool: int = 3000, n_background: int = 300,
+                   context_weight: float | None = None, seed: int = 0, model=None, layer: int | None = None,
+                   progress: bool = True, **search_kw):
+    """How well `search` finds WordNet query nouns: per query, the path, and how its end node's firing
+    matches the query word's occurrences and whether each node on the path is about the query's topic.
+
+    Judged on a pool of `n_pool` corpus texts (apart from search's own background) plus the query's sampled
+    contexts, each weighted by the corpus texts it stands for:
+    - recall: the share of the query's occurrences (in its contexts) on whose span the end node fires;
+    - precision: of the tokens where the end node fires (contexts and pool, weighted), the share inside the
+      query word's spans;
+    - coherent: per path node, whether the majority lexicographer file of the texts it fires in (weighted)
+      is the query's; `path_coherent` when every node is; `domain_coherent` likewise for the topic domain
+      (the majority among fired texts that have one), for queries that have one.
+
+    Parameters
+    ----------
+    tree : FeatureTree
+        Built on `corpus`.
+    corpus : featuretree.corpus.Corpus
+        The WordNet corpus.
+    queries : DataFrame, optional
+        From `search_queries` (default: `n_queries` of the `split` half).
+    n_queries : int
+    split : "tuning", "held-out" or "all"
+    level : "concept" or "token"
+        search's scoring ("token": the scorer before concepts, to compare with).
+    refine : bool
+        Let search refine leaves (slow: a local dictionary per query).
+    n_pool, n_background : int
+        Judging pool and search's background, in corpus texts.
+    context_weight : float, optional
+        Concept scoring's weight of tokens outside the query's span (default featuretree.find.CONTEXT_WEIGHT).
+    seed : int
+    model, layer : optional
+        Default: the tree's config.
+    progress : bool
+    search_kw :
+        Passed to `search` (e.g. label_weight, max_depth).
+
+    Returns
+    -------
+    DataFrame with columns word, lexname, domains, path, end_node, end_label, depth, confidence, precision,
+    recall, f1, coherent, path_coherent, domain_coherent.
+
+    Example:
+        >>> df = search_quality(tree, ft.load_corpus("wordnet"), n_queries=50)  # doctest: +SKIP
+        >>> df[["precision", "recall", "coherent"]].mean()  # doctest: +SKIP
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from featuretree.find import background_texts, concept_query, sample_texts, search
+    from featuretree.firing import tree_layer, tree_model
+
+    if level not in ("concept", "token"):
+        raise FeatureTreeError(f"level={level!r} is not one of 'concept', 'token'")
+    queries = search_queries(corpus, split=split, n=n_queries, seed=seed) if queries is None else queries
+    model, layer = tree_model(tree, model), tree_layer(tree, layer)
+    index = {t: i for i, t in enumerate(corpus.texts)}
+    values = corpus.labels["lexname"].tolist()
+    dom_values = corpus.labels["domains"].tolist()
+    bg_texts = background_texts(tree, n_background, seed=seed)
+    skip = set(bg_texts)
+    rng = np.random.default_rng(seed + 1)
+    pool_texts = [corpus.texts[i] for i in np.sort(rng.choice(len(corpus), size=min(n_pool + n_background,
+                                                                                      len(corpus)), replace=False))
+                  if corpus.texts[i] not in skip][:n_pool]
+    log.info("search quality: %d queries; background %d texts, judging pool %d", len(queries), len(bg_texts),
+             len(pool_texts))
+    background = sample_texts(tree, bg_texts, model=model, layer=layer)
+    pool = sample_texts(tree, pool_texts, model=model, layer=layer)
+    pool_labels = [(values[index[t]], _label_list(dom_values[index[t]])) for t in pool.texts]
+    rows = []
+    for q in tqdm(queries.itertuples(), total=len(queries), desc=f"search quality ({level})", unit="query",
+                  disable=not progress):
+        cq = concept_query(tree, q.word, background=background, model=model, layer=layer, seed=seed,
+                           **({"context_weight": context_weight} if context_weight is not None else {}))
+        path = search(tree, cq if level == "concept" else q.word, level=level, refine_leaves=refine, model=model, layer=layer, progress=False,
+                      background=background if level == "concept" else None, **search_kw)
+        deep = path.attrs.pop("tree")
+        if not len(path):
+            rows.append({"word": q.word, "lexname": q.lexname, "domains": q.domains, "path": "", "end_node": None,
+                         "end_label": None, "depth": 0, "confidence": float("nan"), "precision": 0.0, "recall": 0.0,
+                         "f1": 0.0, "coherent": 0.0, "path_coherent": False, "domain_coherent": float("nan")})
+            continue
+        n_q = len(cq.query.tokens)
+        F_all = fire_rungs(deep, torch.cat([cq.query.x, pool.x]), sorted({str(deep.graph.nodes[n]["rung"])
+                                                                          for n in path.node}))
+        w_pool = max(cq.n_corpus - cq.n_query_docs, 0) / max(len(pool.texts), 1)
+        q_labels = [(values[index[t]], _label_list(dom_values[index[t]])) if t in index else (None, [])
+                    for t in cq.query.texts]
+        span = cq.occ >= 0
+        coherent, dom_ok = [], []
+        for node in path.node:
+            d = deep.graph.nodes[node]
+            col = np.asarray(F_all[str(d["rung"])][:, int(d["index"])].todense()).ravel() > 0
+            fq, fp = col[:n_q], col[n_q:]
+            lex_w: dict = {}
+            dom_w: dict = {}
+            for docs, labels, w in ((cq.query.doc[fq], q_labels, cq.w_q), (pool.doc[fp], pool_labels, w_pool)):
+                for doc in set(docs.tolist()):
+                    lex, doms = labels[doc]
+                    if lex is not None:
+                        lex_w[lex] = lex_w.get(lex, 0.0) + w
+                    for dm in doms:
+                        if dm:
+                            dom_w[dm] = dom_w.get(dm, 0.0) + w
+            coherent.append(_majority(lex_w) == q.lexname)
+            if q.domains:
+                dom_ok.append(_majority(dom_w) in q.domains)
+        # the end node against the query word's spans
+        end = deep.graph.nodes[path.node.iloc[-1]]
+        col = np.asarray(F_all[str(end["rung"])][:, int(end["index"])].todense()).ravel() > 0
+        fq, fp = col[:n_q], col[n_q:]
+        in_span = float((fq & span).sum()) * cq.w_q
+        fired = float(fq.sum()) * cq.w_q + float(fp.sum()) * w_pool
+        occ_hit = set(cq.occ[fq & span].tolist())
+        precision = in_span / fired if fired > 0 else 0.0
+        recall = len(occ_hit) / max(cq.n_occ, 1)
+        rows.append({"word": q.word, "lexname": q.lexname, "domains": q.domains,
+                     "path": " > ".join(path.node), "end_node": path.node.iloc[-1],
+                     "end_label": path.label.iloc[-1], "depth": len(path),
+                     "confidence": float(path.confidence.iloc[-1]), "precision": precision, "recall": recall,
+                     "f1": 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0,
+                     "coherent": float(np.mean(coherent)), "path_coherent": bool(all(coherent)),
+                     "domain_coherent": float(np.mean(dom_ok)) if dom_ok else float("nan")})
+    return pd.DataFrame(rows, columns=["word", "lexname", "domains", "path", "end_node", "end_label", "depth",
+                                       "confidence", "precision", "recall", "f1", "coherent", "path_coherent",
+                                       "domain_coherent"])

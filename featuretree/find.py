@@ -35,7 +35,7 @@ import pandas as pd
 from featuretree.config import FeatureTreeError, RefineConfig, settings
 from featuretree.utils import rung_key
 
-__all__ = ["SEARCH_REFINE", "background_texts", "concept_query", "ConceptQuery", "coverage", "find", "lift",
+__all__ = ["CONTEXT_WEIGHT", "SEARCH_REFINE", "background_texts", "concept_query", "ConceptQuery", "coverage", "find", "lift",
            "node_scores", "novel", "query_words", "rung_filter", "Sample", "sample_texts", "search"]
 
 log = logging.getLogger(__name__)
@@ -333,6 +333,10 @@ def node_scores(tree, q, *, level: str, bg_rates: dict[str, float], neg=None, on
     return df.sort_values(["score", "query_rate"], ascending=False, kind="stable").reset_index(drop=True)
 
 
+CONTEXT_WEIGHT = 0.2
+"""What a token outside the query's own span counts towards concept precision, times its text's relevance."""
+
+
 class Sample:
     """Texts run once through a tree's model: activations `x`, their `tokens` (token_id, doc_id, start, end),
     and each text's unit sentence embedding (`featuretree.model.embed_texts`). Made by `sample_texts`; a
@@ -392,9 +396,11 @@ class ConceptQuery:
     - coverage: the share of the query's occurrences (all subword tokens of one occurrence together) on
       whose span the node fires;
     - precision: of the tokens where the node fires, the relevance-weighted share that are the query's or in
-      texts near it in meaning. A token of the query's span counts 1; any other token counts its text's
-      relevance, r = clip((cos - c0) / (c1 - c0), 0, 1) with cos the text's sentence-embedding cosine to the
-      mean of the query's contexts, c1 the median cos of the query's contexts and c0 that of the background.
+      texts near it in meaning. A token of the query's span counts 1; any other token counts
+      `context_weight` x its text's relevance, r = clip((cos - c0) / (c1 - c0), 0, 1) with cos the text's
+      sentence-embedding cosine to the mean of the query's contexts, c1 the median cos of the query's
+      contexts and c0 that of the background (so a feature of the contexts' other words, e.g. the Latin
+      endings of a genus's gloss, counts less than one of the query word itself).
       The node's firing mass outside the query's texts is freq x (corpus tokens) minus its mass inside them
       (so a node seen rarely in the background still has its corpus-wide firing counted), with the relevance
       of its background firings shrunk towards the background's mean relevance r0;
@@ -415,6 +421,8 @@ class ConceptQuery:
         The phrase as a whole word.
     n_query_docs, n_corpus : int
         Corpus texts containing the phrase, and corpus texts in all.
+    context_weight : float
+        What a token outside the query's span counts, times its text's relevance (CONTEXT_WEIGHT).
 
     Example:
         >>> cq = concept_query(tree, "anthrax")  # doctest: +SKIP
@@ -423,12 +431,13 @@ class ConceptQuery:
     """
 
     def __init__(self, phrase: str, query: Sample, background: Sample, pattern: re.Pattern, n_query_docs: int,
-                 n_corpus: int) -> None:
+                 n_corpus: int, context_weight: float = CONTEXT_WEIGHT) -> None:
         import numpy as np
 
         from featuretree.firing import in_spans
 
         self.phrase, self.query, self.background, self.pattern = phrase, query, background, pattern
+        self.context_weight = float(context_weight)
         self.n_query_docs, self.n_corpus = max(int(n_query_docs), len(query.texts)), int(n_corpus)
         self.occ = in_spans(query.texts, query.tokens, pattern, occurrence=True)
         if not (self.occ >= 0).any():  # the phrase alone, or a tokenizer that drops it: every token is the phrase
@@ -440,8 +449,9 @@ class ConceptQuery:
         c1, c0 = float(np.median(cq)), float(np.median(cb)) if len(cb) else 0.0
         scale = (lambda c: np.clip((c - c0) / (c1 - c0), 0.0, 1.0)) if c1 > c0 + 1e-6 else (lambda c: np.clip(c, 0, 1))
         self.doc_relevance_q, self.doc_relevance_b = scale(cq), scale(cb)
-        self.rel_q = np.where(self.occ >= 0, 1.0, self.doc_relevance_q[query.doc])
-        self.rel_b = self.doc_relevance_b[background.doc] if len(background.texts) else np.zeros(0)
+        w = self.context_weight  # a token outside the query's span counts its text's relevance times this
+        self.rel_q = np.where(self.occ >= 0, 1.0, w * self.doc_relevance_q[query.doc])
+        self.rel_b = w * self.doc_relevance_b[background.doc] if len(background.texts) else np.zeros(0)
         n_b = max(len(background.texts), 1)
         self.w_q = self.n_query_docs / max(len(query.texts), 1)  # corpus texts each sampled one stands for
         self.w_b = max(self.n_corpus - self.n_query_docs, 0) / n_b
@@ -512,7 +522,8 @@ class ConceptQuery:
 
 
 def concept_query(tree, phrase: str, *, n_contexts: int = 50, background=None, n_background: int = 300,
-                  model=None, layer: int | None = None, seed: int = 0) -> ConceptQuery:
+                  model=None, layer: int | None = None, seed: int = 0,
+                  context_weight: float = CONTEXT_WEIGHT) -> ConceptQuery:
     """A `ConceptQuery` for `phrase`: up to `n_contexts` corpus texts containing it (as a whole word), and a
     background of `n_background` corpus texts without it, run through the tree's model once.
 
@@ -529,6 +540,8 @@ def concept_query(tree, phrase: str, *, n_contexts: int = 50, background=None, n
     model, layer : optional
         Default: the tree's config.
     seed : int
+    context_weight : float
+        See `ConceptQuery`.
 
     Example:
         >>> cq = concept_query(tree, "anthrax")  # doctest: +SKIP
@@ -563,7 +576,7 @@ def concept_query(tree, phrase: str, *, n_contexts: int = 50, background=None, n
              len(hits), len(corpus), len(found), len(background.texts))
     query = sample_texts(tree, found, model=model, layer=layer)
     return ConceptQuery(phrase, query, background, pattern, len(hits) or 1,
-                        len(corpus) or len(background.texts) + len(found))
+                        len(corpus) or len(background.texts) + len(found), context_weight)
 
 
 def _label_hits(d: dict, words) -> float:
@@ -598,18 +611,19 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
     query's texts and texts near them in meaning, so a feature of a shared subword ("ant" in ants and
     anthrax) loses to one about the query's topic. Several example texts are scored by document, as `find`
     does. At each step the children of the current node (the tree's top-level features first, or `start`'s
-    children) with a positive score are candidates, and the one whose branch leads to the best score
-    (through such nodes) is taken: a broad ancestor of a very specific feature wins over a sibling that only
-    scores well itself. A node none of whose children answers (a leaf, or one whose ladder children miss the
-    query) is refined (depth 1) when `refine_leaves`, on a region that holds the query's contexts first, so
-    the search goes below the ladder only along the branch it follows. Stops after `max_depth` steps, when no
-    child answers, or when a leaf has too few tokens to refine.
+    children) with a positive score whose branch leads above the current node's own score are candidates,
+    and the one whose branch leads to the best score (through such nodes) is taken: a broad ancestor of a
+    very specific feature wins over a sibling that only scores well itself. A node none of whose children
+    does better (a leaf, or one whose ladder children miss the query) is refined (depth 1) when
+    `refine_leaves`, on a region that holds the query's contexts first, so the search goes below the ladder
+    only along the branch it follows. Stops after `max_depth` steps, when no child does better, or when a
+    leaf has too few tokens to refine.
 
     Parameters
     ----------
     tree : FeatureTree
-    query : str or list of str
-        A word or phrase (looked up in the corpus), or example texts.
+    query : str, list of str, or ConceptQuery
+        A word or phrase (looked up in the corpus), example texts, or a `concept_query` already made.
     config : RefineConfig, optional
         How leaves are refined (default SEARCH_REFINE); `overrides` (width=, k=, min_tokens=, ...) replace fields.
     start : str, optional
@@ -642,7 +656,8 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
         refined). `confidence` is the chosen child's share of exp(branch score) among the candidates (1: it
         was the only one). `path.attrs["candidates"]` lists every candidate of every step (step, node,
         label, score, reach, coverage, precision, chosen); `path.attrs["tree"]` is the tree with the
-        refinements made.
+        refinements made (take it with `path.attrs.pop("tree")`: pandas deep-copies attrs on every operation
+        on the frame, which for a whole tree takes about a second).
 
     Example (the default run):
         >>> path = search(tree, "anthrax")  # doctest: +SKIP
@@ -657,6 +672,9 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
 
     model = tree_model(tree, model)
     layer = tree_layer(tree, layer)
+    prepared = query if isinstance(query, ConceptQuery) else None
+    if prepared is not None:  # made by concept_query already (an evaluation reuses it)
+        query, level = prepared.phrase, "concept"
     q_texts = _texts(query, "query")
     if level == "auto" and isinstance(query, str):  # concept scoring needs a background: the corpus, or given
         level = "concept" if background is not None or background_texts(tree, 1) else "token"
@@ -664,7 +682,8 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
         if not isinstance(query, str):
             raise FeatureTreeError("level='concept' scores a word or phrase: give one string, or example texts "
                                    "with level='document'")
-        cq = concept_query(tree, query, n_contexts=n_contexts, background=background, model=model, layer=layer)
+        cq = prepared or concept_query(tree, query, n_contexts=n_contexts, background=background, model=model,
+                                       layer=layer)
         focus, words = cq.query.texts, query_words(q_texts)
         neg = _negative_firing(tree, negatives, model, layer)
 
@@ -703,7 +722,7 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
     refined_here: set[str] = set()
     for step in range(len(rows), len(rows) + int(max_depth)):
         kids = _children(tree, current)
-        answer = answering(kids, scores)
+        answer = better(current, kids, scores, reach)
         if not answer and refine_leaves and current != ROOT and current not in refined_here:
             # no finer level answers (none, or the ladder's children miss the query): make one where it fires,
             # on a region that holds the query's own contexts first
@@ -716,7 +735,7 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
                 break
             scores, reach = score(tree)
             kids = _children(tree, current)
-            answer = answering(kids, scores)
+            answer = better(current, kids, scores, reach)
         if not answer:
             log.info("search stops at %s: none of its %d children answers %r", current, len(kids), query)
             break
@@ -752,6 +771,15 @@ def _minus_negatives(tree, s: pd.DataFrame, neg) -> pd.DataFrame:
     s = s.copy()
     s["score"] -= [max(0.0, lift(rates.get(n, 0.0), f, eps)) for n, f in zip(s["node"], s["freq"])]
     return s.sort_values(["score", "coverage"], ascending=False, kind="stable").reset_index(drop=True)
+
+
+def better(current: str, kids: list[str], scores: pd.DataFrame, reach: dict[str, float]) -> list[str]:
+    """The answering children whose branch leads above `current`'s own score: where search may step down
+    (at the top, every answering top-level feature)."""
+    from featuretree.tree import ROOT
+
+    floor = float(scores.at[current, "score"]) if current != ROOT and current in scores.index else -math.inf
+    return [c for c in answering(kids, scores) if reach[c] > floor]
 
 
 def answering(nodes: list[str], scores: pd.DataFrame) -> list[str]:

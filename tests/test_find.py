@@ -239,3 +239,110 @@ def test_find_purity_finds_each_planted_topic(caplog):
     assert (df.fires_in > 20).all()
     with pytest.raises(FeatureTreeError, match="no label column 'lexname'"):
         find_purity(tree, corpus, model=model, layer=0)
+
+
+def test_concept_scoring_prefers_the_query_feature_then_its_topic_over_a_shared_subword(monkeypatch):
+    """Planted firing on 4 contexts of "anthrax" (two pieces each) and 40 background texts: C fires on the
+    whole word only, B on its second piece and in texts near it in meaning (disease), A on its first piece
+    and in unrelated texts (ants), D everywhere. Concept scoring ranks C > B > D (no information) > A, which
+    fires mostly where the query is not although it covers every occurrence."""
+    import re
+
+    import networkx as nx
+    import pandas as pd
+    import scipy.sparse as sp
+
+    import featuretree.firing as firing
+    from featuretree.find import ConceptQuery, Sample
+    from featuretree.tree import FeatureTree
+
+    texts_q = [f"ant hrax case {i}" for i in range(4)]  # the span "ant hrax": tokens 0 and 1 of each text
+    tok_q = pd.DataFrame({"token_id": 0, "doc_id": np.repeat(np.arange(4), 3),
+                          "start": np.tile([0, 4, 9], 4), "end": np.tile([3, 8, 13], 4)})
+    kinds = ["ants"] * 20 + ["disease"] * 10 + ["other"] * 10
+    tok_b = pd.DataFrame({"token_id": 0, "doc_id": np.repeat(np.arange(40), 3), "start": np.tile([0, 4, 9], 40),
+                          "end": np.tile([3, 8, 13], 40)})
+    e = np.eye(4, dtype=np.float32)
+    near = (0.9 * e[0] + 0.44 * e[1]) / np.linalg.norm(0.9 * e[0] + 0.44 * e[1])
+    emb_b = np.stack([e[2] if k == "ants" else near if k == "disease" else e[3] for k in kinds])
+    query = Sample(texts_q, torch.zeros(12, 2), tok_q, np.tile(e[0], (4, 1)))
+    background = Sample([f"{k} {i}" for i, k in enumerate(kinds)], torch.zeros(120, 2), tok_b, emb_b)
+    cq = ConceptQuery("anthrax", query, background, re.compile("ant hrax"), n_query_docs=4, n_corpus=44)
+    assert cq.n_occ == 4 and (cq.occ >= 0).sum() == 8
+
+    F = np.zeros((132, 4), np.float32)
+    F[0:12:3, 0] = 1                                  # A: first piece of every occurrence ...
+    for d in range(20):
+        F[12 + 3 * d: 12 + 3 * d + 2, 0] = 1          # ... and two tokens of every "ants" text
+    F[[1, 4, 7], 1] = 1                               # B: second piece in 3 of 4 occurrences ...
+    for d in range(20, 30):
+        F[12 + 3 * d, 1] = 1                          # ... and one token of every "disease" text
+    F[[0, 1, 3, 4, 6, 7, 9, 10], 2] = 1               # C: the whole word, nowhere else
+    F[:, 3] = 1                                       # D: everything
+    n_b = 120
+    freq = [F[12:, j].sum() / n_b for j in range(3)] + [1.0]
+    freq[2] = 8 / 132
+    monkeypatch.setattr(firing, "fire_rungs", lambda tree, x, rungs=None: {"w4": sp.csr_matrix(F)})
+    g = nx.DiGraph()
+    for j, name in enumerate("ABCD"):
+        g.add_node(f"w4/{j}", rung="w4", index=j, freq=float(freq[j]), label=name)
+    s = cq.scores(FeatureTree(g), label_weight=0).set_index("label")
+    assert list(s.index) == ["C", "B", "D", "A"]  # A fires mostly where the query is not: below chance
+    assert s.loc["A", "coverage"] == 1.0 and s.loc["B", "coverage"] == 0.75 and s.loc["C", "coverage"] == 1.0
+    assert s.loc["A", "precision"] < s.loc["B", "precision"] < s.loc["C", "precision"]
+    assert abs(s.loc["D", "score"]) < 0.1 and s.loc["A", "score"] < 0 < s.loc["B", "score"]
+
+
+@pytest.fixture(scope="module")
+def corpus_run(run, tmp_path_factory):
+    """The tiny run with a corpus file in its config, so concept scoring finds the query's contexts."""
+    from featuretree.config import Config
+    from featuretree.tree import FeatureTree
+
+    model, acts, tree = run
+    path = tmp_path_factory.mktemp("corpus") / "texts.txt"
+    texts = [t for _, t in sorted(acts.texts().items())]
+    path.write_text("\n".join(texts) + "\n")
+    return model, acts, FeatureTree(tree.graph, tree.saes, Config(corpus=str(path), layer=0)), texts
+
+
+def test_concept_search_refines_on_the_query_and_records_its_choices(corpus_run):
+    from featuretree import search
+
+    model, acts, tree, _ = corpus_run
+    path = search(tree, "anthrax", model=model, width=8, k=1, min_tokens=30, max_tokens=3000, stream_tokens=0,
+                  max_depth=5, progress=False)
+    deep = path.attrs.pop("tree")
+    assert len(path) >= 2 and path.coverage.notna().all(), path
+    end = path.node.iloc[-1]  # refined; stepped into a refined child only where one does better
+    assert f"{end}/r8" in deep.saes or path.refined.any() or "/r8" in end, (path, list(deep.saes))
+    on_word, elsewhere = fires_on_word(deep, acts, end, "anthrax")
+    assert on_word > 5 * max(elsewhere, 1e-3), (on_word, elsewhere)
+    assert path.coverage.iloc[-1] > 0.5 and path.precision.iloc[-1] > path.precision.iloc[0]
+    cands = path.attrs["candidates"]
+    assert cands[cands.chosen].node.tolist() == path.node.tolist()  # one chosen candidate per step
+    assert ((path.confidence > 0) & (path.confidence <= 1)).all()
+    for _, grp in cands.groupby("step"):  # the chosen one leads to the best branch score
+        assert grp[grp.chosen].reach.iloc[0] == grp.reach.max()
+
+
+def test_search_quality_judges_the_end_node_against_the_query_spans(corpus_run):
+    import pandas as pd
+
+    from featuretree.corpus import Corpus
+    from featuretree.eval import search_quality
+
+    model, _, tree, texts = corpus_run
+    topic = {"anthrax": "noun.state", "violin": "noun.artifact"}
+    lex = [next((topic[w] for w in topic if w in t.split()), "noun.other") for t in texts]
+    corpus = Corpus(texts, pd.DataFrame({"lexname": lex, "domains": [[]] * len(texts)}))
+    queries = pd.DataFrame({"word": ["anthrax", "violin"], "lexname": ["noun.state", "noun.artifact"],
+                            "domains": [[], []]})
+    df = search_quality(tree, corpus, queries, model=model, n_pool=150, n_background=100, progress=False,
+                        refine=True, width=8, k=1, min_tokens=30, max_tokens=3000, stream_tokens=0)
+    assert df.word.tolist() == ["anthrax", "violin"]
+    n_tok = sum(len(t.split()) for t in texts)
+    for r in df.itertuples():
+        share = sum(t.split().count(r.word) for t in texts) / n_tok  # a node firing everywhere scores this
+        assert r.recall > 0.5 and r.precision > 3 * share, r
+        assert 0 <= r.coherent <= 1 and r.path.split(" > ")[-1] == r.end_node
