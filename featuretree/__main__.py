@@ -210,7 +210,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if path.refined.any() and not args.no_save:
         lines.append(f"saved the refinements to {_save_into(deep, args.run, args.out)}/")
     if args.html:
-        write_explorer(deep, args.html, root=path.node.iloc[0], max_depth=None)
+        write_explorer(deep, args.html, root=path.node.iloc[0], max_depth=None, highlight=list(path.node))
         lines.append(f"wrote {args.html}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

@@ -111,7 +111,12 @@ class _Layout:
     maxdepth: int
 
 
-def _layout(tree, root: str | None, max_depth: int | None, color: str, prefer_refined: bool = True) -> _Layout:
+HIGHLIGHT = "#FFD700"
+"""Fill of the sectors on a highlighted path (a search's), with "★ " before their labels."""
+
+
+def _layout(tree, root: str | None, max_depth: int | None, color: str, prefer_refined: bool = True,
+            highlight=None) -> _Layout:
     import plotly.colors
 
     if color not in COLORS:
@@ -189,20 +194,30 @@ def _layout(tree, root: str | None, max_depth: int | None, color: str, prefer_re
                       colorbar=dict(title=dict(text="coverage")), line=line)
         key = "colour = coverage P(parent | child)"
     where = f"subtree of {_esc(root)}: " if root is not None else ""
+    marked = [n for n in (highlight or []) if n in seen]
+    if highlight:
+        missing = [n for n in highlight if n not in g]
+        if missing:
+            raise FeatureTreeError(f"highlight names nodes the tree does not have: {missing[:3]}")
+        if color == "rung":  # coverage colours are a scale: there the label mark alone shows the path
+            marker["colors"] = [HIGHLIGHT if n in set(marked) else c for n, c in zip(order, marker["colors"])]
+        key += f'<br><span style="color:#b8860b">★ path: {_esc(" > ".join(marked))}</span>'
+    on_path = set(marked)
     return _Layout(ids=order, parents=["" if n in top_set else parent_of[n] for n in order],
-                   labels=[_esc(g.nodes[n].get("label") or n) for n in order], values=[value[n] for n in order],
+                   labels=[("★ " if n in on_path else "") + _esc(g.nodes[n].get("label") or n) for n in order],
+                   values=[value[n] for n in order],
                    hover=[_hover(n, g.nodes[n], parent_of[n], edge[n]) for n in order], marker=marker,
                    title=f"{where}{len(order)} features in {len(shown_rungs)} rungs", key=key,
                    maxdepth=int(max_depth) if max_depth is not None else -1)
 
 
 def _figure(tree, kind: str, root: str | None, max_depth: int | None, color: str,
-            prefer_refined: bool = True) -> go.Figure:
+            prefer_refined: bool = True, highlight=None) -> go.Figure:
     import plotly.graph_objects as go
 
     if kind not in KINDS:
         raise FeatureTreeError(f"kind={kind!r} is not a figure: use kind='sunburst' or kind='icicle'")
-    lay = _layout(tree, root, max_depth, color, prefer_refined)
+    lay = _layout(tree, root, max_depth, color, prefer_refined, highlight)
     common = dict(ids=lay.ids, parents=lay.parents, labels=lay.labels, values=lay.values, branchvalues="total",
                   hovertext=lay.hover, hoverinfo="text", textinfo="label", marker=lay.marker, maxdepth=lay.maxdepth,
                   leaf=dict(opacity=1.0))  # plotly fades leaves by default, which would blur the colour key
@@ -443,7 +458,8 @@ function featuretreeExplorer(gd) {
 
 
 def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, kind: str = "sunburst",
-                   max_depth: int | None = 3, color: str = "rung", prefer_refined: bool = True) -> Path:
+                   max_depth: int | None = 3, color: str = "rung", prefer_refined: bool = True,
+                   highlight=None) -> Path:
     """Write one self-contained HTML page to explore the tree offline: the figure, and a panel for the clicked node.
 
     Left: `sunburst` (or `icicle` with kind="icicle") with the same `root`, `max_depth`, `color` and
@@ -470,6 +486,9 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
         "rung" (one colour per rung and refinement level) or "coverage" (P(parent | child)).
     prefer_refined : bool
         A refined node shows only its local dictionary's children, not the ladder's.
+    highlight : list of str, optional
+        Nodes to mark (a search's path, `path.node`): filled gold (colour "rung"), "★ " before their labels,
+        and listed under the title; the panel opens on the last one.
 
     Example:
         >>> import tempfile, pathlib, networkx as nx
@@ -478,9 +497,11 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
         >>> page = p.read_text(encoding="utf-8"); page.count("ft-panel") > 0, '"a «dog» barked"' in page
         (True, True)
     """
-    fig = _figure(tree, kind, root, max_depth, color, prefer_refined)
+    fig = _figure(tree, kind, root, max_depth, color, prefer_refined, highlight)
     g = graph_of(tree)
     data = {"kind": kind, "nodes": {n: _facts(g, n) for n in fig.data[0].ids}}
+    if highlight and highlight[-1] in data["nodes"]:
+        root = highlight[-1]  # the panel opens on the path's end
     title = fig.layout.title.text or ""  # already escaped, and free of markup
     plot = fig.to_html(include_plotlyjs=True, full_html=False, div_id="ft-plot", default_height="100vh",
                        default_width="100%", config={"responsive": True},

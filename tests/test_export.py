@@ -356,6 +356,13 @@ def _explorer_data(page: str) -> dict:
     return json.loads(m.group(1))
 
 
+def _explorer_figure(page: str) -> dict:
+    """The first trace of the page's Plotly.newPlot call, as JSON."""
+    at = page.index("Plotly.newPlot(")
+    start = page.index("[", at)
+    return json.JSONDecoder().raw_decode(page[start:])[0][0]
+
+
 def test_write_explorer_is_one_safe_self_contained_page(tree, tmp_path):
     from plotly.offline import get_plotlyjs
 
@@ -384,6 +391,17 @@ def test_write_explorer_is_one_safe_self_contained_page(tree, tmp_path):
     data = _explorer_data(page)
     assert data["kind"] == "icicle" and set(data["nodes"]) == {"w8/5", "w16/9", "w8/5/r4/0", "w8/5/r4/1"}
     assert 'data-select="w8/5"' in page and '"type":"icicle"' in page
+    # a search path: its sectors filled gold and starred, the panel opened on its end
+    page = write_explorer(tree, tmp_path / "path.html", max_depth=None, prefer_refined=False,
+                          highlight=["w4/0", "w8/0"]).read_text()
+    fig = _explorer_figure(page)
+    colours = dict(zip(fig["ids"], fig["marker"]["colors"]))
+    labels = dict(zip(fig["ids"], fig["labels"]))
+    assert colours["w4/0"] == colours["w8/0"] == "#FFD700" and colours["w4/1"] != "#FFD700"
+    assert labels["w8/0"].startswith("★ ") and not labels["w4/1"].startswith("★")
+    assert 'data-select="w8/0"' in page and "\\u2605 path: w4\\u002f0 &gt; w8\\u002f0" in page  # key line
+    with pytest.raises(FeatureTreeError, match="highlight names nodes"):
+        write_explorer(tree, tmp_path / "x.html", highlight=["w8/99"])
     with pytest.raises(FeatureTreeError, match="kind='sunburst' or kind='icicle'"):
         write_explorer(tree, tmp_path / "x.html", kind="pie")
     with pytest.raises(FeatureTreeError, match="unknown node 'w8/99'"):
