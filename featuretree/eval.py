@@ -734,6 +734,20 @@ def _majority(weights: dict) -> str | None:
     return max(weights, key=weights.get) if weights else None
 
 
+def _pool_firing(deep: FeatureTree, tree: FeatureTree, x: torch.Tensor, rung: str, cache: dict) -> sp.csr_matrix:
+    """`rung`'s firing on the judging pool: kept in `cache` for the saved tree's own dictionaries (with
+    their stored thresholds, so firing the pool alone equals firing it with the query), fired anew for a
+    query's refinements."""
+    if rung not in tree.saes or deep.saes.get(rung) is not tree.saes[rung]:
+        return fire_rungs(deep, x, [rung])[rung]
+    if rung not in cache:
+        stored = all(d.get("fire_at") is not None for _, d in tree.graph.nodes(data=True) if d.get("rung") == rung)
+        if not stored:  # thresholds measured on x: fire with the query as before, never cached
+            return fire_rungs(deep, x, [rung])[rung]
+        cache[rung] = fire_rungs(tree, x, [rung])[rung]
+    return cache[rung]
+
+
 def search_quality(tree: FeatureTree, corpus, queries=None, *, n_queries: int = 150, split: str = "held-out",
                    level: str = "concept", refine: bool = False, n_pool: int = 3000, n_background: int = 300,
                    context_weight: float | None = None, seed: int = 0, model=None, layer: int | None = None,
@@ -793,6 +807,7 @@ def search_quality(tree: FeatureTree, corpus, queries=None, *, n_queries: int = 
     if level not in ("concept", "token"):
         raise FeatureTreeError(f"level={level!r} is not one of 'concept', 'token'")
     queries = search_queries(corpus, split=split, n=n_queries, seed=seed) if queries is None else queries
+    pool_fired: dict = {}  # the saved tree's rungs fire on the pool once, for every query
     model, layer = tree_model(tree, model), tree_layer(tree, layer)
     index = {t: i for i, t in enumerate(corpus.texts)}
     values = corpus.labels["lexname"].tolist()
@@ -822,8 +837,9 @@ def search_quality(tree: FeatureTree, corpus, queries=None, *, n_queries: int = 
                          "f1": 0.0, "coherent": 0.0, "path_coherent": False, "domain_coherent": float("nan")})
             continue
         n_q = len(cq.query.tokens)
-        F_all = fire_rungs(deep, torch.cat([cq.query.x, pool.x]), sorted({str(deep.graph.nodes[n]["rung"])
-                                                                          for n in path.node}))
+        F_all = {r: sp.vstack([Fq, _pool_firing(deep, tree, pool.x, r, pool_fired)]).tocsr()
+                 for r, Fq in fire_rungs(deep, cq.query.x, sorted({str(deep.graph.nodes[n]["rung"])
+                                                                   for n in path.node})).items()}
         w_pool = max(cq.n_corpus - cq.n_query_docs, 0) / max(len(pool.texts), 1)
         q_labels = [(values[index[t]], _label_list(dom_values[index[t]])) if t in index else (None, [])
                     for t in cq.query.texts]

@@ -159,9 +159,15 @@ def _readable_corpus(corpus) -> list[str]:
         return []
 
 
-def _corpus_contexts(corpus, phrase: str, n: int) -> tuple[re.Pattern, list[str]]:
+def _phrase_hits(texts: list[str], phrase: str) -> tuple[re.Pattern, list[str]]:
+    """`phrase` as a whole-word, case-blind pattern, and every one of `texts` it occurs in."""
     pattern = re.compile(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", re.IGNORECASE)
-    return pattern, [t for t in _readable_corpus(corpus) if pattern.search(t)][:n]  # none: the phrase alone
+    return pattern, [t for t in texts if pattern.search(t)]
+
+
+def _corpus_contexts(corpus, phrase: str, n: int) -> tuple[re.Pattern, list[str]]:
+    pattern, hits = _phrase_hits(_readable_corpus(corpus), phrase)
+    return pattern, hits[:n]  # none: the phrase alone
 
 
 def _scoring_level(level: str, query, texts: list[str]) -> str:
@@ -556,9 +562,8 @@ def concept_query(tree, phrase: str, *, n_contexts: int = 50, background=None, n
     if not phrase:
         raise FeatureTreeError("the query is empty: give a word or phrase")
     model = tree_model(tree, model)  # loaded once for the query and the background
-    pattern = re.compile(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", re.IGNORECASE)
     corpus = _readable_corpus(tree.config.corpus) if tree.config is not None else []
-    hits = [t for t in corpus if pattern.search(t)]
+    pattern, hits = _phrase_hits(corpus, phrase)
     rng = np.random.default_rng(seed)
     found = [hits[i] for i in np.sort(rng.choice(len(hits), size=min(n_contexts, len(hits)), replace=False))] \
         if hits and n_contexts > 0 else [phrase]
@@ -678,10 +683,8 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
     q_texts = _texts(query, "query")
     if level == "auto" and isinstance(query, str):  # concept scoring needs a background: the corpus, or given
         level = "concept" if background is not None or background_texts(tree, 1) else "token"
-    if level == "concept":
-        if not isinstance(query, str):
-            raise FeatureTreeError("level='concept' scores a word or phrase: give one string, or example texts "
-                                   "with level='document'")
+    resolved = _scoring_level(level, query, q_texts)  # find's rule (and its errors)
+    if resolved == "concept":
         cq = prepared or concept_query(tree, query, n_contexts=n_contexts, background=background, model=model,
                                        layer=layer)
         focus, words = cq.query.texts, query_words(q_texts)
@@ -695,7 +698,7 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
             return s, branch_reach(t, s)
     else:
         focus = None
-        if _scoring_level(level, query, q_texts) == "document" and background is None:
+        if resolved == "document" and background is None:
             background = background_texts(tree, exclude=q_texts) or None
 
         def score(t) -> tuple[pd.DataFrame, dict[str, float]]:

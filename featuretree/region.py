@@ -125,13 +125,13 @@ class _Collector:
         self.n = self.n_scanned = 0
 
     def add(self, x: torch.Tensor, tokens: pd.DataFrame | None, texts: dict[int, str] | None,
-            skip: set[str] = frozenset()) -> None:
+            skip: np.ndarray | None = None) -> None:
         self.n_scanned += x.shape[0]
         if self.n >= self.max_tokens or x.shape[0] == 0:
             return
         fires = node_mask(self.tree, self.node, x)
-        if skip and tokens is not None and texts is not None:  # rows of texts already gathered (focus texts)
-            fires &= ~np.array([texts.get(int(d), "") in skip for d in tokens["doc_id"].tolist()], dtype=bool)
+        if skip is not None and len(skip) and tokens is not None:  # rows of docs already gathered (focus texts)
+            fires &= ~np.isin(tokens["doc_id"].to_numpy(), skip)
         keep = np.flatnonzero(fires)[: self.max_tokens - self.n]
         if keep.size == 0:
             return
@@ -232,13 +232,14 @@ def collect_region(tree, node: str, *, acts=None, texts=None, focus=None, model=
         doc_texts = store.texts()
         col.spell = col.spell or store.token_strings
         harvested = set(doc_texts.values())
+        skip = np.array([d for d, t in doc_texts.items() if t in focused], dtype=np.int64)
         for cols in store.rows("all", ("acts", "token_ids", "doc_ids", "starts", "ends"), None):
             if col.n >= max_tokens:
                 break
             tok = pd.DataFrame({"token_id": cols["token_ids"].numpy(), "doc_id": cols["doc_ids"].numpy(),
                                 "start": cols["starts"].numpy(), "end": cols["ends"].numpy()})
             before = col.n
-            col.add(cols["acts"].float(), tok, doc_texts, focused)
+            col.add(cols["acts"].float(), tok, doc_texts, skip)
             bar.update(col.n - before)
             bar.set_postfix(scanned=col.n_scanned, refresh=False)
             if col.n >= max_tokens:
