@@ -4,6 +4,7 @@
     featuretree export runs/default --html tree.html --explorer explorer.html --graphml tree.graphml --csv nodes.csv
     featuretree info runs/default
     featuretree faithful runs/smol                           # loss recovered / KL per rung (causal LMs)
+    featuretree label runs/default [--labeler smollm2]        # relabel and score labels on held-out texts
     featuretree find runs/default biology                     # nodes that answer a query
     featuretree refine runs/default w2048/5 --width 64 --depth 2
     featuretree search runs/default anthrax                   # DFS down the branch that answers it
@@ -265,12 +266,21 @@ def cmd_novel(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     """featuretree info: per-rung metrics and the widest-reaching nodes of a saved run."""
     from featuretree.export import load, to_frame
+    from featuretree.utils import rung_key
 
     tree = load(args.run)
     _merge_faithfulness(tree, Path(args.run))
     frame = to_frame(tree)
     lines = [f"run {args.run}: {len(frame)} features in {len(tree.rungs)} rungs, {tree.graph.number_of_edges()} edges"]
     lines += [f"  {_rung_line(tree, frame, rung)}" for rung in _ladder(tree)]
+    scored: dict[str, list[float]] = {}
+    for _, d in tree.graph.nodes(data=True):
+        v = d.get("label_score")
+        if v is not None and v == v:
+            scored.setdefault(str(d.get("rung")), []).append(float(v))
+    if scored:
+        lines.append("  label score (featuretree label; 0.5 = chance): " + "  ".join(
+            f"{r} {sum(v) / len(v):.3f} ({len(v)})" for r, v in sorted(scored.items(), key=lambda kv: rung_key(kv[0]))))
     refined = tree.graph.graph.get("refined") or {}
     if refined:
         lines.append(f"  + {len(refined)} refined dictionaries under {len({v['parent'] for v in refined.values()})} "
@@ -278,6 +288,85 @@ def cmd_info(args: argparse.Namespace) -> int:
     top = frame[(frame.depth == 0) & (frame.kind != "novel")].sort_values("freq", ascending=False).head(args.top)
     lines.append(f"top {len(top)} root features by firing rate:")
     lines += [f"  {r.node:<12} {100 * r.freq:5.1f}%  {r.label}" for r in top.itertuples()]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _label_nodes(tree, args: argparse.Namespace) -> list[str]:
+    """The nodes `featuretree label` works on: --nodes, else features firing at >= --min-freq, the --max-nodes
+    most frequent of them (default: all for the model-free labels, 200 for a labeler model)."""
+    g = tree.graph
+    if args.nodes:
+        missing = [n for n in args.nodes if n not in g]
+        if missing:
+            raise FeatureTreeError(f"unknown nodes {missing[:5]} in {args.run}: ids look like 'w512/7'; list them with "
+                                   "`featuretree export RUN --csv nodes.csv`")
+        return list(dict.fromkeys(args.nodes))
+    nodes = [n for n, d in g.nodes(data=True) if not d.get("virtual") and float(d.get("freq") or 0) >= args.min_freq]
+    cap = args.max_nodes if args.max_nodes is not None else (None if args.labeler == "auto" else 200)
+    if cap is not None and len(nodes) > cap:
+        nodes = sorted(nodes, key=lambda n: -float(g.nodes[n].get("freq") or 0))[:cap]
+        log.info("labelling the %d most frequent of the run's features (--max-nodes)", cap)
+    return nodes
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    """featuretree label: relabel nodes (model-free, or by a local causal LM) and score every label; save the run."""
+    import numpy as np
+
+    from featuretree.activations import Activations
+    from featuretree.export import load, save
+    from featuretree.label import CausalLMLabeler, label_tree, score_labels
+    from featuretree.utils import store_path
+
+    tree = load(args.run)
+    store = store_path(tree)
+    if store is None or not (store / "meta.json").is_file():
+        raise FeatureTreeError(f"{args.run} has no activation store: label scores read its held-out texts; run it on "
+                               "a directory written by `featuretree build`")
+    acts, g = Activations(store), tree.graph
+    nodes = _label_nodes(tree, args)
+    if not nodes:
+        raise FeatureTreeError(f"no feature of {args.run} fires at >= {args.min_freq}: lower --min-freq")
+    opts = {"max_docs": args.max_docs, "seed": args.seed, "progress": not args.quiet}
+    before = None
+    for n in nodes:  # every run starts from the model-free labels (a model relabels them anew)
+        d = g.nodes[n]
+        if "auto_label" in d:
+            d["label"] = d.pop("auto_label")
+        d.pop("auto_label_score", None)
+    if args.labeler != "auto":
+        before = score_labels(tree, acts, nodes=nodes, **opts).set_index("node")
+        labeler = CausalLMLabeler.load(args.labeler, max_new_tokens=args.max_new_tokens)
+        label_tree(tree, labeler, nodes=nodes, progress=not args.quiet)
+    scores = score_labels(tree, acts, nodes=nodes, **opts).set_index("node")
+    if before is not None:
+        for n in nodes:
+            g.nodes[n]["auto_label_score"] = float(before.label_score.get(n, np.nan))
+    lines = [f"{len(scores)} labels scored on held-out texts (detection / fuzzing AUROC, MiniLM scorer; 0.5 = chance)"]
+    for name, df in (("model-free", before), (args.labeler, scores)) if before is not None else (("model-free", scores),):
+        lines.append(f"  {name:<12} label_score {np.nanmean(df.label_score):.3f}  detection "
+                     f"{np.nanmean(df.detection):.3f}  fuzzing {np.nanmean(df.fuzzing):.3f}  "
+                     f"({int(df.label_score.notna().sum())} scored)")
+    show = scores.label_score.dropna().sort_values(ascending=False)
+    picks = list(show.index[:args.show // 2]) + list(show.index[-(args.show - args.show // 2):]) if args.show else []
+    for n in dict.fromkeys(picks):
+        d = g.nodes[n]
+        was = f"  (model-free {before.label_score[n]:.2f}: {d.get('auto_label', '')})" if before is not None else ""
+        lines.append(f"  {n:<18} {scores.label_score[n]:.2f}  {d.get('label', '')}{was}")
+    if args.csv:
+        out = scores.reset_index()
+        out["label"] = [g.nodes[n].get("label", "") for n in out.node]
+        if before is not None:
+            out["auto_label"] = [g.nodes[n].get("auto_label", "") for n in out.node]
+            out["auto_label_score"] = before.label_score.reindex(out.node).to_numpy()
+        from featuretree.utils import write_text
+
+        write_text(args.csv, out.to_csv(index=False))
+        lines.append(f"wrote {args.csv}")
+    if not args.no_save:
+        save(tree, args.run, dictionaries=False)
+        lines.append(f"saved {args.run}/ (labels and label_score on the nodes)")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
@@ -649,6 +738,29 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("run", help="run directory written by `featuretree build`")
     i.add_argument("--top", type=int, default=10, help="root features to list (default: 10)")
     i.set_defaults(func=cmd_info)
+
+    lb = sub.add_parser("label", help="relabel nodes (model-free or by a local LM) and score every label",
+                        description="Score how well each node's label predicts where it fires on the store's "
+                                    "held-out texts (delphi-style detection and fuzzing AUROC with the embedded "
+                                    "MiniLM as scorer; docs/EVAL.md defines them) and write label_score onto the "
+                                    "nodes. With --labeler MODEL, a local causal LM (smollm2: the embedded "
+                                    "SmolLM2-135M-Instruct; a .gguf file; a model directory) names each node from "
+                                    "its contexts first, and both labels' scores are printed. Offline.")
+    lb.add_argument("run", help="run directory written by `featuretree build`")
+    lb.add_argument("--labeler", default="auto",
+                    help="auto (the model-free labels, restored where a model relabelled them), smollm2, a .gguf "
+                         "file or a causal-LM directory (default: auto)")
+    lb.add_argument("--nodes", nargs="+", help="node ids to label (default: every feature, see --max-nodes)")
+    lb.add_argument("--min-freq", type=float, default=0.0, help="only features firing at least this often (default: 0)")
+    lb.add_argument("--max-nodes", type=int,
+                    help="the most frequent features at most (default: all for auto, 200 for a labeler model)")
+    lb.add_argument("--max-docs", type=int, default=3000, help="held-out texts scored on at most (default: 3000)")
+    lb.add_argument("--max-new-tokens", type=int, default=12, help="tokens a labeler model writes per label (default: 12)")
+    lb.add_argument("--seed", type=int, default=0, help="seed of the held-out sample (default: 0)")
+    lb.add_argument("--show", type=int, default=10, help="best and worst labels to print (default: 10)")
+    lb.add_argument("--csv", help="write node, scores and labels to this CSV file")
+    lb.add_argument("--no-save", action="store_true", help="print only; leave the run as it is")
+    lb.set_defaults(func=cmd_label)
 
     q = sub.add_parser("faithful", help="loss recovered and KL of each rung spliced into the run's causal LM",
                        description="Replace the output of the run's layer by each rung's reconstruction (and by "

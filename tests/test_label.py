@@ -1,6 +1,7 @@
 """Labels: distinctive words name what a child adds to its parent; pluggable labelers, incl. a local causal LM."""
 
 import networkx as nx
+import numpy as np
 import pytest
 
 from featuretree.label import CausalLMLabeler, family_words, label_tree, labeler_prompt, node_facts
@@ -63,7 +64,7 @@ def test_causal_lm_labeler_with_a_tiny_in_process_model():
     facts = node_facts(tree, "w8/0")
     assert facts["parent_label"] == "animal" and facts["top_contexts"] == ["a «dog» here"]
     prompt = labeler.prompt_for(facts)
-    assert "'animal'" in prompt and "- a «dog» here" in prompt and prompt == labeler_prompt(facts)
+    assert "'animal'" in prompt and "Snippets: a «dog» here\nLabel:" in prompt and prompt == labeler_prompt(facts)
     assert labeler(facts) == "canine canine canine"  # the model's greedy continuation, one line
     label_tree(tree, labeler, nodes=["w8/0", "w2/0"], progress=False)
     assert tree.graph.nodes["w8/0"]["label"] == "canine canine canine"
@@ -114,3 +115,93 @@ def test_labels_show_a_piece_as_its_word_or_as_a_piece():
     a, b = tree.graph.nodes["w2/0"], tree.graph.nodes["w2/1"]
     assert a["top_tokens"] == ["ant"] and a["top_words"] == ["anthrax"] and a["label"].startswith("anthrax")
     assert b["top_tokens"] == ["al", "and"] and b["top_words"] == ["-al", "and"] and b["label"].startswith("-al · and")
+
+
+# ---- label scores on a planted layer: block 0 outputs each word's own orthonormal direction ----------------
+CONCEPTS = {"animals dog cat horse cow": ["dog", "cat", "horse", "cow"],
+            "music violin guitar piano flute": ["violin", "guitar", "piano", "flute"],
+            "cities paris london rome tokyo": ["paris", "london", "rome", "tokyo"]}
+FILLER = ["the", "a", "saw", "played", "visited", "near", "big", "old", "we", "and"]
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    """A saved run whose w4 rung has one feature per concept (firing exactly on the concept's words) and a dead
+    fourth, over an activation store harvested from a tiny GPT-2 rigged so block 0 outputs the token's own
+    orthonormal embedding: where each feature fires is known, so a label's score can be checked."""
+    import torch
+    from _models import tiny_gpt2
+
+    from featuretree.export import save
+    from featuretree.harvest import collect
+    from featuretree.model import load_model
+    from featuretree.sae import TopKSAE
+    from featuretree.tree import FeatureTree
+
+    words = [w for ws in CONCEPTS.values() for w in ws] + FILLER
+    module, tok = tiny_gpt2(words, n_layer=1)
+    vocab = tok.get_vocab()
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(32, 32, generator=gen))[0]  # orthonormal rows
+    with torch.no_grad():
+        module.wte.weight.copy_(basis[:len(vocab)])
+        module.wpe.weight.zero_()
+        for p in (*module.h[0].attn.c_proj.parameters(), *module.h[0].mlp.c_proj.parameters()):
+            p.zero_()  # the block adds nothing: its output is the token embedding
+    sae = TopKSAE(32, 4, 1)
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.copy_(torch.tensor([-0.5, -0.5, -0.5, -9.0]))
+        for j, ws in enumerate(CONCEPTS.values()):
+            for w in ws:
+                sae.W_enc[:, j] += basis[vocab[w]]
+        sae.W_dec.copy_(torch.nn.functional.normalize(sae.W_enc.t().clone(), dim=1).nan_to_num())
+    rng = np.random.default_rng(0)
+    texts = []
+    for i in range(120):
+        ws = list(CONCEPTS.values())[i % 3]
+        body = [*rng.choice(FILLER, 3), *rng.choice(ws, 2, replace=False), *rng.choice(FILLER, 2)]
+        texts.append(" ".join(rng.permutation(body)))
+    run = tmp_path_factory.mktemp("planted_run")
+    collect(load_model((module, tok)), 0, texts, n_tokens=10_000, out=run / "acts", batch_size=16, max_length=16,
+            heldout_every=4, progress=False)
+    g = nx.DiGraph(rungs=["w4"], acts="acts")
+    for j, label in enumerate([*CONCEPTS, "unused"]):
+        g.add_node(f"w4/{j}", rung="w4", width=4, index=j, freq=0.1 if j < 3 else 0.0, label=label)
+    return save(FeatureTree(g, {"w4": sae}), run)
+
+
+def test_label_scores_rank_true_labels_above_shuffled_ones(planted_run):
+    """Each concept feature's own label scores near 1 on detection and fuzzing; the same labels rotated one
+    feature along score at or below chance; the dead feature fires nowhere and gets no score."""
+    from featuretree.activations import Activations
+    from featuretree.export import load
+    from featuretree.label import label_scores, score_labels
+
+    tree = load(planted_run)
+    acts = Activations(planted_run / "acts")
+    s = label_scores(tree, acts, progress=False).set_index("node")
+    assert (s.loc[["w4/0", "w4/1", "w4/2"], "n_docs"] == 10).all(), s  # a third of the 30 held-out texts each
+    assert (s.loc[["w4/0", "w4/1", "w4/2"], ["detection", "fuzzing"]] > 0.9).all().all(), s
+    assert s.n_docs["w4/3"] == 0 and np.isnan(s.label_score["w4/3"])
+    labels = [tree.graph.nodes[f"w4/{j}"]["label"] for j in range(3)]
+    for j in range(3):
+        tree.graph.nodes[f"w4/{j}"]["label"] = labels[(j + 1) % 3]
+    wrong = score_labels(tree, acts, progress=False).set_index("node")
+    assert (wrong.label_score[:3] < 0.6).all(), wrong
+    assert tree.graph.nodes["w4/0"]["label_score"] == wrong.label_score["w4/0"]
+
+
+def test_cli_label_scores_saves_and_info_reports(planted_run, capsys):
+    from featuretree.__main__ import main
+    from featuretree.export import load
+
+    assert main(["-q", "label", str(planted_run), "--show", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("4 labels scored")
+    tree = load(planted_run)
+    assert tree.graph.nodes["w4/1"]["label_score"] > 0.9
+    assert main(["info", str(planted_run)]) == 0
+    assert "label score" in capsys.readouterr().out
+    assert main(["-q", "label", str(planted_run), "--nodes", "w9/9"]) == 2
+    assert "unknown nodes" in capsys.readouterr().err
