@@ -5,6 +5,7 @@
     featuretree info runs/default
     featuretree faithful runs/smol                           # loss recovered / KL per rung (causal LMs)
     featuretree label runs/default [--labeler smollm2]        # relabel and score labels on held-out texts
+    featuretree effects runs/smol w512/7                       # ablation / logits / steering (causal LMs)
     featuretree find runs/default biology                     # nodes that answer a query
     featuretree refine runs/default w2048/5 --width 64 --depth 2
     featuretree search runs/default anthrax                   # DFS down the branch that answers it
@@ -367,6 +368,29 @@ def cmd_label(args: argparse.Namespace) -> int:
     if not args.no_save:
         save(tree, args.run, dictionaries=False)
         lines.append(f"saved {args.run}/ (labels and label_score on the nodes)")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_effects(args: argparse.Namespace) -> int:
+    """featuretree effects: what NODE does to the run's causal LM (ablation, promoted tokens, steering)."""
+    from featuretree.effect import effects
+    from featuretree.export import load
+    from featuretree.utils import write_json
+
+    tree = load(args.run)
+    texts = list(args.text or [])
+    if args.textfile:
+        texts += [t for t in Path(args.textfile).read_text(encoding="utf-8").splitlines() if t.strip()]
+    e = effects(tree, args.node, texts or None, max_docs=args.max_docs, top=args.top, prompt=args.prompt,
+                scale=args.scale, progress=not args.quiet)
+    lines = [str(e)]
+    if not args.no_save:
+        dest = Path(args.run) / "effects" / (args.node.replace("/", "_") + ".json")
+        write_json(dest, {"node": e.node, "summary": e.summary, "docs": e.docs.to_dict("records"),
+                          "subtree": e.subtree.to_dict("records"), "logits": e.logits.to_dict("records"),
+                          "steering": e.steering.to_dict("records")})
+        lines.append(f"wrote {dest}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
@@ -761,6 +785,25 @@ def make_parser() -> argparse.ArgumentParser:
     lb.add_argument("--csv", help="write node, scores and labels to this CSV file")
     lb.add_argument("--no-save", action="store_true", help="print only; leave the run as it is")
     lb.set_defaults(func=cmd_label)
+
+    ef = sub.add_parser("effects", help="what one feature does to the run's causal LM: ablation, logits, steering",
+                        description="Ablate NODE's feature (x -> x - a d at the positions where it fires) in texts "
+                                    "where it fires and report the next-token loss change, for the node and rung by "
+                                    "rung for its subtree; the tokens its decoder direction promotes and suppresses "
+                                    "(logit lens, and measured by the ablation); and the top next tokens when it is "
+                                    "added to a prompt. Needs a causal LM. Writes RUN/effects/NODE.json.")
+    ef.add_argument("run", help="run directory written by `featuretree build` on a causal LM")
+    ef.add_argument("node", help="feature id, e.g. w512/7")
+    ef.add_argument("--text", action="append", help="a text to measure on (repeatable; default: held-out texts "
+                                                    "of the run where the node fires)")
+    ef.add_argument("--textfile", help="a file of texts to measure on, one per line")
+    ef.add_argument("--max-docs", type=int, default=16, help="default texts at most (default: 16)")
+    ef.add_argument("--prompt", help="steering prompt (default: the first text up to the node's first firing token)")
+    ef.add_argument("--scale", type=float, default=4.0,
+                    help="steering strength, in units of the feature's mean activation (default: 4)")
+    ef.add_argument("--top", type=int, default=10, help="tokens per list (default: 10)")
+    ef.add_argument("--no-save", action="store_true", help="print only; write nothing into the run")
+    ef.set_defaults(func=cmd_effects)
 
     q = sub.add_parser("faithful", help="loss recovered and KL of each rung spliced into the run's causal LM",
                        description="Replace the output of the run's layer by each rung's reconstruction (and by "

@@ -52,7 +52,7 @@ from featuretree.harvest import forward_args, special_ids
 from featuretree.utils import write_json
 
 __all__ = ["causal_lm", "FAITHFUL_FILE", "faithfulness", "heldout_texts", "is_causal_lm", "METRIC_KEYS",
-           "record_faithfulness"]
+           "record_faithfulness", "Splice", "splice_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -193,27 +193,79 @@ def _reconstruct(sae: Any, rows: torch.Tensor) -> torch.Tensor:
 _ZERO = object()  # the zero ablation's splice mode (a sentinel: a rung may be called anything, "zero" too)
 
 
-class _Splice:
-    """A forward hook on the block: records its hidden size, or replaces its output at the spliced positions."""
+class Splice:
+    """A forward hook on a block that edits its output at chosen positions (what faithfulness and effects use).
 
-    def __init__(self) -> None:
+    Set `mask` ((batch, seq) bool: the positions to edit) and `mode` before each forward: None leaves the
+    output as it is, a dictionary replaces the rows by its reconstruction, and any other callable maps the
+    (n, d_model) rows at the masked positions to their replacement. `d_model` records the block's width;
+    `seen` (when `record` is True) the last rows at the masked positions, before any edit.
+
+    Example:
+        >>> import torch
+        >>> block = torch.nn.Linear(2, 2)
+        >>> hook = Splice(); handle = block.register_forward_hook(hook)
+        >>> hook.mask, hook.mode = torch.tensor([[True, False]]), (lambda rows: torch.zeros_like(rows))
+        >>> out = block(torch.ones(1, 2, 2)); handle.remove()
+        >>> out[0, 0].tolist(), hook.d_model
+        ([0.0, 0.0], 2)
+    """
+
+    def __init__(self, record: bool = False) -> None:
         self.mask: torch.Tensor | None = None  # (b, seq) bool: positions to replace
-        self.mode: Any = None  # None: clean; _ZERO; or a dictionary
+        self.mode: Any = None  # None: clean; _ZERO; a dictionary; or a callable on the rows
         self.d_model: int | None = None
+        self.record, self.seen = bool(record), None
 
     def __call__(self, module, args, output):
         hidden = output[0] if isinstance(output, (tuple, list)) else output
         self.d_model = int(hidden.shape[-1])
+        if self.record and self.mask is not None:
+            self.seen = hidden[self.mask.to(hidden.device)].detach()
         if self.mode is None or not bool(self.mask.any()):
             return None
         new = hidden.clone()
         mask = self.mask.to(hidden.device)
-        new[mask] = 0.0 if self.mode is _ZERO else _reconstruct(self.mode, hidden[mask])
+        if self.mode is _ZERO:
+            new[mask] = 0.0
+        elif hasattr(self.mode, "decode"):
+            new[mask] = _reconstruct(self.mode, hidden[mask])
+        else:
+            new[mask] = self.mode(hidden[mask]).to(hidden.dtype)
         if isinstance(output, tuple):
             return (new, *output[1:])
         if isinstance(output, list):
             return [new, *output[1:]]
         return new
+
+
+def splice_batch(tokenizer: Any, texts: Sequence[str], max_length: int, special: torch.Tensor):
+    """Tokenize a batch for splicing: (encoding, positions to splice, predictions to count), all (b, seq) bool.
+
+    Right-padded; the spliced positions are the real, non-special tokens (the harvest's rule); position t's
+    prediction of token t + 1 counts when both are inside the attention mask.
+
+    Parameters
+    ----------
+    tokenizer : the model's tokenizer.
+    texts : the batch's documents.
+    max_length : truncation, as in the harvest.
+    special : the ids never spliced (`special_ids(tokenizer)` as a LongTensor).
+
+    Example:
+        >>> from featuretree.model import get_tokenizer, load_model
+        >>> tok = get_tokenizer(load_model())
+        >>> enc, spliced, count = splice_batch(tok, ["a cat", "dogs bark loudly"], 16, torch.tensor(special_ids(tok)))
+        >>> spliced.sum(1).tolist(), count.sum(1).tolist()     # [CLS] and [SEP] are never spliced
+        ([2, 3], [3, 4])
+    """
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=int(max_length), return_tensors="pt",
+                    return_special_tokens_mask=True, padding_side="right")
+    real = enc["attention_mask"].bool()
+    spliced = real & ~enc.pop("special_tokens_mask").bool() & ~torch.isin(enc["input_ids"], special)
+    count = torch.zeros_like(real)
+    count[:, :-1] = real[:, :-1] & real[:, 1:]
+    return enc, spliced, count
 
 
 def faithfulness(
@@ -290,7 +342,7 @@ def faithfulness(
     ce_sum = {"clean": 0.0, "zero": 0.0}  # summed over the counted predictions, in float64
     ce_rung, kl_rung = dict.fromkeys(named, 0.0), dict.fromkeys(named, 0.0)
     n_done, checked = 0, False
-    splice = _Splice()
+    splice = Splice()
     handle = block.register_forward_hook(splice)
     batches = range(0, len(texts), int(batch_size))
     bar = tqdm(batches, unit="batch", desc=f"faithfulness layer {index}", disable=not progress)
@@ -299,16 +351,13 @@ def faithfulness(
             for b in bar:
                 if n_done >= max_tokens:
                     break
-                enc = tokenizer(texts[b:b + int(batch_size)], padding=True, truncation=True, max_length=int(max_length),
-                                return_tensors="pt", return_special_tokens_mask=True, padding_side="right")
-                real = enc["attention_mask"].bool()
-                # position t predicts token t + 1: both inside the mask (right padding), at most max_tokens in all
-                count = real[:, :-1] & real[:, 1:]
+                enc, spliced, count = splice_batch(tokenizer, texts[b:b + int(batch_size)], max_length, special)
+                count = count[:, :-1]  # (b, seq - 1): position t's prediction of token t + 1
                 count &= (count.reshape(-1).cumsum(0) <= max_tokens - n_done).reshape(count.shape)
                 n = int(count.sum())
                 if n == 0:
                     continue
-                splice.mask = real & ~enc["special_tokens_mask"].bool() & ~torch.isin(enc["input_ids"], special)
+                splice.mask = spliced
                 inputs = {k: v.to(device) for k, v in enc.items() if k in accepted}
                 targets = enc["input_ids"][:, 1:][count]
 

@@ -405,8 +405,8 @@ DEFAULT_PROMPT = """Each feature fires on the «marked» words of its snippets. 
 Snippets: a «dog» barked | the «cat» sat on a mat | a herd of «cattle» | «wolves» hunt in packs
 Label: animals
 
-Snippets: a piece «of» cake | the capital «of» France | the act «of» running
-Label: the word "of"
+Snippets: she was «singing» | «running» fast | they kept «walking» home
+Label: verbs ending in -ing
 
 Snippets: the «Rhine» flows north | the «Nile» delta | along the «Amazon» river
 Label: rivers

@@ -32,6 +32,7 @@ LAYERS = [
     "region",       # the tokens where a node fires (store, then streamed corpus)
     "refine",       # depth-first local dictionaries
     "find",         # find / search / novel: one scorer
+    "effect",       # effects: what a feature does to a causal LM: ablation, promoted tokens, steering
     "compare",      # match (universality)
     "eval",         # planted hierarchies, edge scores, corpus purity
     "explore",      # figures and the explorer page
