@@ -444,6 +444,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """featuretree eval planted: parent-edge precision / recall of the linking rules on planted hierarchies."""
     from featuretree.eval import compare_rules
 
+    args.runs = list(args.run or [])
+    args.run = args.runs[0] if args.runs else None
+    if len(args.runs) > 1 and args.what != "senses":
+        raise FeatureTreeError(f"featuretree eval {args.what} takes one run (only `eval senses` compares several)")
+
     if args.what == "wordnet":
         return _eval_wordnet(args)
     if args.what == "refine":
@@ -452,6 +457,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_find(args)
     if args.what == "search":
         return _eval_search(args)
+    if args.what == "senses":
+        return _eval_senses(args)
     if args.configs is None:
         from featuretree.eval import PLANTED_CONFIGS
 
@@ -565,6 +572,39 @@ def _eval_search(args: argparse.Namespace) -> int:
                        f"(P {r.precision:.3f} R {r.recall:.2f})")
     sys.stdout.write("\n".join(out) + "\n")
     return _write_csv(args, df)
+
+
+def _eval_senses(args: argparse.Namespace) -> int:
+    """Sense splitting of polysemous WordNet nouns, per run (layer) and rung: knn / raw / chance / F1 / AMI."""
+    import pandas as pd
+
+    from featuretree.corpus import load_corpus
+    from featuretree.export import load
+    from featuretree.senses import sense_examples, sense_scores, sense_words
+
+    _wordnet_run(args, "senses")
+    corpus = load_corpus("wordnet")
+    occ = sense_words(corpus, n=args.n_queries, seed=args.seeds[0])
+    out = [f"sense splitting: {occ.word.nunique()} polysemous WordNet nouns, {len(occ)} sense-labelled occurrences "
+           f"({occ.groupby('word').sense.nunique().sum()} senses) in their own glosses"]
+    parts, examples = [], []
+    for run in args.runs:
+        tree = load(run)
+        layer = tree.config.layer if tree.config is not None else None
+        model = tree.config.model if tree.config is not None else "?"
+        sc = sense_scores(tree, corpus, occ, progress=not args.quiet)
+        parts.append(sc.assign(run=run, model=str(model), layer=layer))
+        for r in sense_examples(tree, sc, corpus, n=args.show).itertuples():
+            examples.append(f"  {r.word:<12} {run} layer {layer} {r.rung}: {r.separated} senses separated")
+            examples += [f"      {line}" for line in r.senses]
+    df = pd.concat(parts, ignore_index=True)
+    raw = df[df.rung == "raw"].groupby(["run", "layer"], sort=False).knn.mean().rename("knn_raw")
+    table = (df[df.rung != "raw"].groupby(["run", "layer", "rung"], sort=False)[["knn", "chance", "f1", "f1_base", "ami"]]
+             .mean().join(raw, on=["run", "layer"]))
+    out += [table.to_string(float_format=lambda v: f"{v:.3f}"), "", "words whose senses single features separate:",
+            *examples]
+    sys.stdout.write("\n".join(out) + "\n")
+    return _write_csv(args, df.drop(columns=["best"]))
 
 
 def _eval_wordnet(args: argparse.Namespace) -> int:
@@ -712,15 +752,16 @@ def make_parser() -> argparse.ArgumentParser:
                                    "search RUN: for WordNet query nouns (a tuning and a held-out half), how "
                                    "precisely search's end node fires on the query word and whether every node on "
                                    "the path is about the query's lexicographer file. Tables: docs/EVAL.md.")
-    v.add_argument("what", choices=("planted", "wordnet", "refine", "find", "search"),
+    v.add_argument("what", choices=("planted", "wordnet", "refine", "find", "search", "senses"),
                    help="planted: linking rules on planted hierarchies; wordnet: purity of a WordNet run's nodes; "
                         "refine: purity of refined children vs their parent per local width and k; find: purity "
                         "of find's top node per WordNet domain given glosses of it, by token and by document; "
-                        "search: end-node precision / recall and path coherence on WordNet query nouns")
+                        "search: end-node precision / recall and path coherence on WordNet query nouns; senses: "
+                        "how well features separate the senses of polysemous nouns, per run (layer) and rung")
     v.add_argument("--n-query", type=int, default=20, help="(find) glosses per domain given as the query (default 20)")
     v.add_argument("--n-pool", type=int, default=3000,
                    help="(find, search) corpus texts that judge the nodes (default 3000)")
-    v.add_argument("--n-queries", type=int, default=150, help="(search) query nouns (default 150)")
+    v.add_argument("--n-queries", type=int, default=150, help="(search, senses) query nouns (default 150)")
     v.add_argument("--split", choices=("held-out", "tuning", "all"), default="held-out",
                    help="(search) which half of the query nouns (default held-out: nothing is tuned on it)")
     v.add_argument("--levels", **list_flag(str), default=("concept", "token"),
@@ -728,9 +769,11 @@ def make_parser() -> argparse.ArgumentParser:
                         "before it)")
     v.add_argument("--refine", action="store_true",
                    help="(search) let search refine leaves (a local dictionary per query: slow)")
-    v.add_argument("--show", type=int, default=20, help="(search) queries whose paths are printed (default 20)")
-    v.add_argument("run", nargs="?",
-                   help="(wordnet, refine, find, search) a run directory built on the WordNet corpus")
+    v.add_argument("--show", type=int, default=20,
+                   help="(search) queries whose paths are printed; (senses) example words per run (default 20)")
+    v.add_argument("run", nargs="*",
+                   help="(wordnet, refine, find, search) a run directory built on the WordNet corpus; (senses) one "
+                        "or more, e.g. runs of one model at several layers")
     v.add_argument("--nodes", **list_flag(str), help="(refine) nodes to refine, e.g. w512/148 w128/66")
     v.add_argument("--widths", **list_flag(int), default=(32, 64), help="(refine) local widths (default: 32 64)")
     v.add_argument("--ks", **list_flag(int), default=(1, 2, 4, 8), help="(refine) local k (default: 1 2 4 8)")

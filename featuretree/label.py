@@ -46,6 +46,15 @@ def context(text: str, start: int, end: int, window: int = 60) -> str:
     return _WS.sub(" ", f"{left}«{text[start:end]}»{right}").strip()
 
 
+def _trim(text: str, start: int, end: int) -> tuple[int, int]:
+    """A token's span without the spaces byte-level BPE tokens carry (" of" is the word "of", not a piece)."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
 def word_at(text: str, start: int, end: int) -> str:
     """How the token text[start:end] reads: the token itself when it is a whole word (or punctuation), else the
     piece marked with hyphens where the word goes on ("ant-" in "anthrax", "-al" in "dialectal", "-zo-"),
@@ -60,10 +69,13 @@ def word_at(text: str, start: int, end: int) -> str:
     Example:
         >>> word_at("the anthrax bacterium", 4, 7), word_at("a cat, a dog", 5, 6), word_at("a cat", 2, 5)
         ('ant-', ',', 'cat')
+        >>> word_at("a piece of cake", 7, 10)   # GPT-2 / Llama tokens carry their space: " of" is a word
+        'of'
     """
     if start < 0 or end <= start or end > len(text):
         return ""
-    tok = text[start:end].strip().lower()
+    start, end = _trim(text, start, end)
+    tok = text[start:end].lower()
     if not any(c.isalnum() for c in tok):
         return tok
     left = start > 0 and text[start - 1].isalnum()
@@ -86,7 +98,7 @@ def whole_word(text: str, start: int, end: int) -> str:
     """
     if start < 0 or end <= start or end > len(text):
         return ""
-    a, b = start, end
+    a, b = _trim(text, start, end)
     if any(c.isalnum() for c in text[a:b]):
         while a > 0 and text[a - 1].isalnum():
             a -= 1

@@ -35,6 +35,7 @@ LAYERS = [
     "effect",       # effects: what a feature does to a causal LM: ablation, promoted tokens, steering
     "compare",      # match (universality)
     "eval",         # planted hierarchies, edge scores, corpus purity
+    "senses",       # sense splitting of polysemous WordNet nouns, rung by rung
     "explore",      # figures and the explorer page
     "export",       # save / load / tables / GraphML
     "run",          # build: the run directory's life cycle
