@@ -6,6 +6,7 @@
     featuretree faithful runs/smol                           # loss recovered / KL per rung (causal LMs)
     featuretree label runs/default [--labeler smollm2]        # relabel and score labels on held-out texts
     featuretree effects runs/smol w512/7                       # ablation / logits / steering (causal LMs)
+    featuretree layers runs/L3 runs/L9 runs/L15               # features across layers: same / split / merge
     featuretree find runs/default biology                     # nodes that answer a query
     featuretree refine runs/default w2048/5 --width 64 --depth 2
     featuretree search runs/default anthrax                   # DFS down the branch that answers it
@@ -391,6 +392,38 @@ def cmd_effects(args: argparse.Namespace) -> int:
                           "subtree": e.subtree.to_dict("records"), "logits": e.logits.to_dict("records"),
                           "steering": e.steering.to_dict("records")})
         lines.append(f"wrote {dest}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    """featuretree layers: link the features of runs at several layers (same / split / merge) and summarise."""
+    import pandas as pd
+
+    from featuretree.crosslayer import as_tree, link_layers
+    from featuretree.export import load, to_graphml
+
+    trees = [load(r) for r in args.runs]
+    g = link_layers(trees, rungs=args.rungs, min_coverage=args.min_coverage)
+    lines = [f"{g.number_of_nodes()} features of layers {g.graph['layers']} ({', '.join(g.graph['rungs'])}), "
+             f"{g.number_of_edges()} cross-layer edges"]
+    edges = pd.DataFrame([{"a": u, "b": v, **d} for u, v, d in g.edges(data=True)])
+    for (la, lb), sub in (edges.groupby([edges.a.str.split(":").str[0], edges.b.str.split(":").str[0]], sort=False)
+                          if len(edges) else []):
+        counts = sub.kind.value_counts()
+        lines.append(f"  {la} -> {lb}: " + "  ".join(f"{k} {int(counts.get(k, 0))}" for k in ("same", "split", "merge",
+                                                                                            "into")))
+        for a, grp in list(sub[sub.kind == "split"].groupby("a"))[:args.show]:
+            kids = "; ".join(f"{g.nodes[b]['label']} ({p:.2f})" for b, p in zip(grp.b, grp.p_later))
+            lines.append(f"    split {a} '{g.nodes[a]['label']}' -> {kids}")
+    if args.graphml:
+        to_graphml(g, args.graphml)
+        lines.append(f"wrote {args.graphml}")
+    if args.html:
+        from featuretree.explore import write_sunburst
+
+        write_sunburst(as_tree(g), args.html)
+        lines.append(f"wrote {args.html}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
@@ -847,6 +880,20 @@ def make_parser() -> argparse.ArgumentParser:
     ef.add_argument("--top", type=int, default=10, help="tokens per list (default: 10)")
     ef.add_argument("--no-save", action="store_true", help="print only; write nothing into the run")
     ef.set_defaults(func=cmd_effects)
+
+    ly = sub.add_parser("layers", help="link features across layers: runs of one model at several layers",
+                        description="For runs of one model on one corpus at increasing layers (built with only "
+                                    "--layer different), link each layer's features to the next layer's by "
+                                    "co-activation on the same held-out tokens: same, split (an earlier feature's "
+                                    "tokens divide among later ones), merge (the other way), into.")
+    ly.add_argument("runs", nargs="+", metavar="RUN", help="run directories, in layer order")
+    ly.add_argument("--rungs", **list_flag(str), help="one rung per run (default: each run's widest)")
+    ly.add_argument("--min-coverage", type=float, default=0.5,
+                    help="P(earlier | later) or P(later | earlier) an edge needs (default: 0.5)")
+    ly.add_argument("--show", type=int, default=5, help="splits to print per layer pair (default: 5)")
+    ly.add_argument("--graphml", help="write the cross-layer graph as GraphML")
+    ly.add_argument("--html", help="write a sunburst of the primary edges (features under their earlier-layer parent)")
+    ly.set_defaults(func=cmd_layers)
 
     q = sub.add_parser("faithful", help="loss recovered and KL of each rung spliced into the run's causal LM",
                        description="Replace the output of the run's layer by each rung's reconstruction (and by "

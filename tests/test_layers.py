@@ -34,6 +34,7 @@ LAYERS = [
     "find",         # find / search / novel: one scorer
     "effect",       # effects: what a feature does to a causal LM: ablation, promoted tokens, steering
     "compare",      # match (universality)
+    "crosslayer",   # features of one layer linked to a later layer's (same / split / merge)
     "eval",         # planted hierarchies, edge scores, corpus purity
     "senses",       # sense splitting of polysemous WordNet nouns, rung by rung
     "explore",      # figures and the explorer page
