@@ -37,15 +37,18 @@ _LAZY = {
     "FeatureTree": "tree", "link": "tree",
     "build": "run",
     "effects": "effect",
+    "upstream": "crosslayer",
 }
 
 __all__ = [
     "Config", "FeatureTree", "FeatureTreeError", "TopKSAE", "__version__", "build", "collect", "effects", "find", "link",
     "load", "load_corpus", "load_model", "refine", "save", "search", "sunburst", "to_frame", "train_ladder",
+    "upstream",
 ]
 
 if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs; at run time they load on first use
     from featuretree.corpus import load_corpus  # noqa: F401
+    from featuretree.crosslayer import upstream  # noqa: F401
     from featuretree.effect import effects  # noqa: F401
     from featuretree.harvest import collect  # noqa: F401
     from featuretree.model import load_model  # noqa: F401

@@ -404,6 +404,14 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from featuretree.export import load, to_graphml
 
     trees = [load(r) for r in args.runs]
+    if args.upstream:
+        from featuretree.crosslayer import upstream
+
+        up = upstream(trees, args.upstream, top=args.show, progress=not args.quiet)
+        sys.stdout.write(f"earlier features driving {args.upstream} (activation x gradient of its pre-activation, "
+                         "per position where it fires):\n" + up.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+                         + "\n")
+        return 0
     g = link_layers(trees, rungs=args.rungs, min_coverage=args.min_coverage)
     lines = [f"{g.number_of_nodes()} features of layers {g.graph['layers']} ({', '.join(g.graph['rungs'])}), "
              f"{g.number_of_edges()} cross-layer edges"]
@@ -893,6 +901,8 @@ def make_parser() -> argparse.ArgumentParser:
     ly.add_argument("--show", type=int, default=5, help="splits to print per layer pair (default: 5)")
     ly.add_argument("--graphml", help="write the cross-layer graph as GraphML")
     ly.add_argument("--html", help="write a sunburst of the primary edges (features under their earlier-layer parent)")
+    ly.add_argument("--upstream", metavar="NODE",
+                    help="instead, rank the earlier runs' features by attribution to NODE (e.g. L15:w512/7; causal LMs)")
     ly.set_defaults(func=cmd_layers)
 
     q = sub.add_parser("faithful", help="loss recovered and KL of each rung spliced into the run's causal LM",

@@ -30,7 +30,7 @@ import pandas as pd
 
 from featuretree.config import FeatureTreeError
 
-__all__ = ["aligned_rows", "as_tree", "link_layers"]
+__all__ = ["aligned_rows", "as_tree", "link_layers", "upstream"]
 
 log = logging.getLogger(__name__)
 
@@ -186,3 +186,171 @@ def as_tree(graph: nx.DiGraph):
     if order:
         add_virtual_root(t, order[0])
     return FeatureTree(t)
+
+
+class _Stop(Exception):
+    """Raised by the hook on the node's block: nothing after it is needed for the attribution."""
+
+
+def _by_layer(trees) -> dict[int, object]:
+    if isinstance(trees, dict):
+        return {int(k): v for k, v in sorted(trees.items())}
+    out = {}
+    for t in trees:
+        if t.config is None:
+            raise FeatureTreeError("a tree without a config: upstream needs each tree's model and layer; load runs "
+                                   "written by `featuretree build`")
+        if int(t.config.layer) in out:
+            raise FeatureTreeError(f"two trees at layer {t.config.layer}: pass one tree per layer")
+        out[int(t.config.layer)] = t
+    return dict(sorted(out.items()))
+
+
+def upstream(trees, node: str, *, layer: int | None = None, texts: list[str] | None = None,
+             rungs: dict[int, str] | None = None, max_docs: int = 16, top: int = 20, max_length: int = 128,
+             batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
+    """Earlier-layer features ranked by how much they drive a later node: attribution = activation x gradient
+    of the node's pre-activation, summed over the positions where it fires (a circuit's first step back).
+
+    At each earlier layer the block output is replaced, at the real tokens, by its dictionary's decoding of
+    codes z plus the dictionary's error (detached), so the model computes exactly what it did; the gradient
+    of the node's pre-activation (x - b_dec) . W_enc[:, j] + b_enc[j] at the later layer, summed over the
+    positions where the node fires, is taken with respect to z (every position: attention carries earlier
+    positions' features forward). attribution_j = sum over positions of z_j * dpre/dz_j, reported per firing
+    position; share = its part of the positive total.
+
+    Parameters
+    ----------
+    trees : list or dict of FeatureTree
+        Runs of one model at several layers (a dict {layer: tree}, or trees whose configs give the layer).
+    node : str
+        "L15:w512/7" (the crosslayer id), or "w512/7" with `layer=` (default: the last tree's layer).
+    layer : int, optional
+        The node's layer when `node` does not say it.
+    texts : list of str, optional
+        Texts to attribute on (default: the node's run's held-out texts where it fires).
+    rungs : dict, optional
+        {layer: rung} of the earlier trees (default: each tree's widest ladder rung).
+    max_docs, top, max_length, batch_size : int
+        Default texts at most; rows returned per earlier layer; truncation; documents per forward.
+    progress : bool
+
+    Returns a DataFrame, best first per earlier layer: layer, node, label, attribution, share, n_active
+    (positions where it was active).
+
+    Example:
+        >>> up = upstream([ft.load("runs/smolL9"), ft.load("runs/smolL15")], "L15:w2048/17")  # doctest: +SKIP
+        >>> up.head()  # doctest: +SKIP
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from featuretree.effect import firing_texts
+    from featuretree.faithful import Splice, causal_lm, splice_batch
+    from featuretree.firing import fire_rungs, tree_model
+    from featuretree.harvest import forward_args, special_ids
+    from featuretree.model import check_layer, find_layers, get_tokenizer
+
+    by_layer = _by_layer(trees)
+    if ":" in node and node.startswith("L"):
+        head, node = node.split(":", 1)
+        layer = int(head[1:])
+    layer = int(layer) if layer is not None else max(by_layer)
+    if layer not in by_layer:
+        raise FeatureTreeError(f"no tree at layer {layer}: the trees are at layers {list(by_layer)}")
+    later = by_layer[layer]
+    d = later.graph.nodes.get(node)
+    if d is None or d.get("virtual") or "rung" not in d:
+        raise FeatureTreeError(f"{node!r} is not a feature of the layer-{layer} tree: ids look like 'w512/7'")
+    rung, j = str(d["rung"]), int(d["index"])
+    if "/" in rung:
+        raise FeatureTreeError(f"{node} is a refined feature (it fires only under its gate): pass a ladder feature")
+    earlier = {L: t for L, t in by_layer.items() if L < layer}
+    if not earlier:
+        raise FeatureTreeError(f"no tree below layer {layer} (layers {list(by_layer)}): pass an earlier layer's run")
+    models = {str(t.config.model) for t in by_layer.values() if t.config is not None}
+    if len(models) > 1:
+        raise FeatureTreeError(f"the trees come from different models {sorted(models)}: pass runs of one model")
+    rungs = {L: (rungs or {}).get(L) or _widest(t) for L, t in earlier.items()}
+    lm = causal_lm(tree_model(later))
+    module = getattr(lm, "_module", lm)
+    blocks = find_layers(lm)[1]
+    tok = get_tokenizer(lm)
+    special = torch.tensor(special_ids(tok), dtype=torch.long)
+    accepted = forward_args(module)
+    device = next(module.parameters()).device
+    if texts is None:
+        texts = firing_texts(later, node, max_docs)
+    sae_b = later.saes[rung]
+    w_j, b_j = sae_b.W_enc[:, j].detach().float(), float(sae_b.b_enc[j])
+    totals = {L: torch.zeros(earlier[L].saes[rungs[L]].width, dtype=torch.float64) for L in earlier}
+    active = {L: torch.zeros_like(totals[L], dtype=torch.long) for L in earlier}
+    n_fire = 0
+    grad_was = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        for b in tqdm(range(0, len(texts), int(batch_size)), desc=f"upstream {node}", unit="batch",
+                      disable=not progress):
+            enc, mask, _ = splice_batch(tok, texts[b:b + int(batch_size)], max_length, special)
+            inputs = {k: v.to(device) for k, v in enc.items() if k in accepted}
+            for L, tree_a in earlier.items():
+                sae_a = tree_a.saes[rungs[L]]
+                held: dict = {}
+
+                def recode(rows, sae_a=sae_a, held=held):
+                    x = rows.float()
+                    v, i = sae_a.encode(x)
+                    z = torch.zeros(x.shape[0], sae_a.width, device=x.device).scatter(1, i, v.detach())
+                    z.requires_grad_(True)
+                    recon = z @ sae_a.W_dec.detach().float() + sae_a.b_dec.detach().float()
+                    held["z"] = z
+                    return recon + (x - recon).detach()
+
+                def read(mod, args, output, held=held, mask=mask):
+                    h = (output[0] if isinstance(output, (tuple, list)) else output)[mask.to(device)].float()
+                    fires = fire_rungs(later, h.detach().cpu(), [rung])[rung][:, j].toarray().ravel() > 0
+                    held["n"] = int(fires.sum())
+                    pre = (h - sae_b.b_dec.detach().float()) @ w_j.to(h.device) + b_j
+                    held["target"] = pre[torch.from_numpy(fires).to(h.device)].sum()
+                    raise _Stop
+
+                splice = Splice()
+                splice.mask, splice.mode = mask, recode
+                handles = [blocks[check_layer(lm, L)].register_forward_hook(splice),
+                           blocks[check_layer(lm, layer)].register_forward_hook(read)]
+                try:
+                    with torch.enable_grad():
+                        try:
+                            module(**inputs)
+                        except _Stop:
+                            pass
+                        if held.get("n"):
+                            held["target"].backward()
+                finally:
+                    for h in handles:
+                        h.remove()
+                if not held.get("n"):
+                    continue
+                z = held["z"]
+                totals[L] += (z.detach() * z.grad).sum(0).double().cpu()
+                active[L] += (z.detach() > 0).sum(0).cpu()
+                if L == min(earlier):
+                    n_fire += held["n"]
+    finally:
+        for p, g_ in zip(module.parameters(), grad_was):
+            p.requires_grad_(g_)
+    if n_fire == 0:
+        raise FeatureTreeError(f"{node} fires on none of the {len(texts)} texts at layer {layer}: pass texts where "
+                               "it fires (default: its run's held-out texts where it does)")
+    rows = []
+    for L, tree_a in earlier.items():
+        att = totals[L] / n_fire
+        pos = float(att.clamp(min=0).sum()) or 1.0
+        order = torch.argsort(att.abs(), descending=True)[:int(top)]
+        for k in order.tolist():
+            nid = f"{rungs[L]}/{k}"
+            rows.append({"layer": L, "node": f"L{L}:{nid}",
+                         "label": tree_a.graph.nodes.get(nid, {}).get("label", ""), "attribution": float(att[k]),
+                         "share": float(att[k]) / pos, "n_active": int(active[L][k])})
+    log.info("upstream of L%d:%s over %d firing positions", layer, node, n_fire)
+    return pd.DataFrame(rows, columns=["layer", "node", "label", "attribution", "share", "n_active"])

@@ -35,7 +35,7 @@ from featuretree.faithful import Splice, causal_lm, splice_batch
 from featuretree.firing import fire_rungs, tree_layer, tree_model
 from featuretree.harvest import forward_args, special_ids
 
-__all__ = ["effects", "Effects", "feature_logits", "steer"]
+__all__ = ["effects", "Effects", "feature_logits", "firing_texts", "steer"]
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,21 @@ class _spliced:
         torch.set_grad_enabled(self.grad)
 
 
-def _firing_texts(tree, node: str, max_docs: int) -> list[str]:
-    """Held-out texts of the run's store where `node` fires, the most firing tokens first."""
+def firing_texts(tree, node: str, max_docs: int = 16) -> list[str]:
+    """Held-out texts of the run's store where `node` fires, the texts with the most firing tokens first.
+
+    Parameters
+    ----------
+    tree : FeatureTree
+        A tree loaded from a run directory (its `acts/` store).
+    node : str
+        The feature, e.g. "w512/7".
+    max_docs : int
+        Texts returned at most.
+
+    Example:
+        >>> firing_texts(tree, "w512/7", 3)  # doctest: +SKIP
+    """
     from featuretree.activations import Activations
     from featuretree.utils import store_path
 
@@ -308,7 +321,7 @@ def effects(tree, node: str, texts: list[str] | None = None, *, model: Any = Non
     layer = tree_layer(tree, layer)
     lm = causal_lm(tree_model(tree, model))
     if texts is None:
-        texts = _firing_texts(tree, node, max_docs)
+        texts = firing_texts(tree, node, max_docs)
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise FeatureTreeError("effects needs texts where the node fires: pass a non-empty list")

@@ -104,3 +104,63 @@ def test_cli_layers(runs, tmp_path, capsys):
     assert "L0 -> L1: same 1  split 2  merge 2  into 0" in out and "split L0:w5/0 'dog+cat' -> dog" in out
     assert (tmp_path / "x.graphml").stat().st_size > 0 and (tmp_path / "x.html").stat().st_size > 0
     assert main(["layers", str(runs[1].path), str(runs[0].path)]) == 2
+
+
+@pytest.fixture(scope="module")
+def circuit(tmp_path_factory):
+    """A two-block GPT-2 LM whose block 1 MLP reads "cat" and writes a free direction u; the layer-1 feature
+    reads u (so it fires on "cat" tokens only); at layer 0, feature 0 is "cat" and feature 1 is "dog"."""
+    import transformers
+    from _models import word_tokenizer
+
+    from featuretree.config import Config
+    from featuretree.sae import TopKSAE
+    from featuretree.tree import FeatureTree
+
+    tok = word_tokenizer(WORDS)
+    vocab = tok.get_vocab()
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(vocab), n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    lm = transformers.GPT2LMHeadModel(cfg)
+    basis = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(3)))[0]
+    cat, dog, u = basis[vocab["cat"]], basis[vocab["dog"]], basis[31]  # 31: no token's direction
+    with torch.no_grad():
+        lm.transformer.wte.weight.copy_(basis[:len(vocab)])
+        lm.transformer.wpe.weight.zero_()
+        for block in lm.transformer.h:
+            for p in (*block.attn.c_proj.parameters(), *block.mlp.c_fc.parameters(), *block.mlp.c_proj.parameters()):
+                p.zero_()
+        mlp = lm.transformer.h[1].mlp
+        mlp.c_fc.weight[:, 0] = cat * 10
+        mlp.c_proj.weight[0, :] = u * 0.05
+    path = tmp_path_factory.mktemp("circuit") / "lm"
+    lm.save_pretrained(path)
+    tok.save_pretrained(path)
+    trees = []
+    for layer, dirs, bias in ((0, [cat, dog], [0.0, 0.0, -9.0]), (1, [u, u], [-1.0, -99.0, -99.0])):
+        sae = TopKSAE(32, 3, 1)
+        with torch.no_grad():
+            sae.W_enc.zero_()
+            sae.W_enc[:, :2] = torch.stack(dirs).t()
+            sae.b_enc.copy_(torch.tensor(bias))
+            sae.W_dec[:2] = torch.stack(dirs)
+        g = nx.DiGraph(rungs=["w3"])
+        for j in range(3):
+            g.add_node(f"w3/{j}", rung="w3", width=3, index=j, freq=0.1, fire_at=0.1, label=f"L{layer}-{j}")
+        trees.append(FeatureTree(g, {"w3": sae}, config=Config(model=str(path), layer=layer)))
+    return trees
+
+
+def test_upstream_finds_the_earlier_feature_that_drives_the_later_one(circuit):
+    from featuretree.crosslayer import upstream
+
+    texts = ["we saw the cat and a dog", "a big cat near the dog", "the dog and the cat"]
+    up = upstream(circuit, "L1:w3/0", texts=texts, progress=False)
+    assert up.node.iloc[0] == "L0:w3/0" and up.attribution.iloc[0] > 0 and up.share.iloc[0] == pytest.approx(1.0)
+    dog = up.set_index("node").loc["L0:w3/1"]
+    assert abs(dog.attribution) < 1e-6 * up.attribution.iloc[0] and dog.n_active >= 3  # active, drives nothing
+    with pytest.raises(FeatureTreeError, match="no tree below"):
+        upstream(circuit, "L0:w3/0", texts=texts, progress=False)
+    with pytest.raises(FeatureTreeError, match="fires on none"):
+        upstream(circuit, "L1:w3/0", texts=["the dog saw a dog"], progress=False)
