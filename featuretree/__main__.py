@@ -49,9 +49,18 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     cfg = Config.from_args(args)
     out = Path(args.out)
-    tree = build(cfg, executor=args.executor, address=args.ray_address, out=out, force=args.force,
-                 progress=not args.quiet, checkpoint_every=args.checkpoint_every, shard_size=args.shard_size,
-                 store_dtype=args.store_dtype)
+    kw = dict(executor=args.executor, address=args.ray_address, force=args.force, progress=not args.quiet,
+              checkpoint_every=args.checkpoint_every, shard_size=args.shard_size, store_dtype=args.store_dtype)
+    if args.layers:
+        trees = build(cfg, out=out, layers=list(args.layers), **kw)
+        for layer, tree in trees.items():
+            frame = to_frame(tree)
+            for rung in _ladder(tree):
+                log.info("layer %d %s", layer, _rung_line(tree, frame, rung))
+        sys.stdout.write(f"wrote {', '.join(f'{out}/L{v}/' for v in trees)}; link them with: featuretree layers "
+                         f"{' '.join(f'{out}/L{v}' for v in trees)}\n")
+        return 0
+    tree = build(cfg, out=out, **kw)
     html = out / "sunburst.html"
     frame = to_frame(tree)
     for rung in _ladder(tree):
@@ -296,7 +305,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _label_nodes(tree, args: argparse.Namespace) -> list[str]:
     """The nodes `featuretree label` works on: --nodes, else features firing at >= --min-freq, the --max-nodes
-    most frequent of them (default: all for the model-free labels, 200 for a labeler model)."""
+    most frequent of them, or as many drawn at random with --random (default: all for the model-free labels,
+    200 for a labeler model)."""
     g = tree.graph
     if args.nodes:
         missing = [n for n in args.nodes if n not in g]
@@ -307,8 +317,15 @@ def _label_nodes(tree, args: argparse.Namespace) -> list[str]:
     nodes = [n for n, d in g.nodes(data=True) if not d.get("virtual") and float(d.get("freq") or 0) >= args.min_freq]
     cap = args.max_nodes if args.max_nodes is not None else (None if args.labeler == "auto" else 200)
     if cap is not None and len(nodes) > cap:
-        nodes = sorted(nodes, key=lambda n: -float(g.nodes[n].get("freq") or 0))[:cap]
-        log.info("labelling the %d most frequent of the run's features (--max-nodes)", cap)
+        if args.random:
+            import numpy as np
+
+            pick = np.random.default_rng(args.seed).choice(len(nodes), size=cap, replace=False)
+            nodes = [nodes[i] for i in sorted(pick)]
+            log.info("labelling %d of the run's features drawn at random (--max-nodes, --random)", cap)
+        else:
+            nodes = sorted(nodes, key=lambda n: -float(g.nodes[n].get("freq") or 0))[:cap]
+            log.info("labelling the %d most frequent of the run's features (--max-nodes)", cap)
     return nodes
 
 
@@ -719,6 +736,9 @@ def make_parser() -> argparse.ArgumentParser:
     scale_args(b, "train the ladder's rungs here or each as a Ray task")
     b.add_argument("--store-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype of the stored activations; bfloat16 halves the store (default: float32)")
+    b.add_argument("--layers", **list_flag(int),
+                   help="several layers in one harvest pass (strictly increasing, e.g. 3 9 15): a run per layer "
+                        "in OUT/L<layer>/ (--layer is ignored); link them with `featuretree layers`")
     b.set_defaults(func=cmd_build)
 
     t = sub.add_parser("train", help="train a ladder from an existing activation store (data parallel under torchrun)",
@@ -862,6 +882,8 @@ def make_parser() -> argparse.ArgumentParser:
     lb.add_argument("--min-freq", type=float, default=0.0, help="only features firing at least this often (default: 0)")
     lb.add_argument("--max-nodes", type=int,
                     help="the most frequent features at most (default: all for auto, 200 for a labeler model)")
+    lb.add_argument("--random", action="store_true",
+                    help="--max-nodes draws features at random (seeded by --seed) instead of the most frequent")
     lb.add_argument("--max-docs", type=int, default=3000, help="held-out texts scored on at most (default: 3000)")
     lb.add_argument("--max-new-tokens", type=int, default=12, help="tokens a labeler model writes per label (default: 12)")
     lb.add_argument("--seed", type=int, default=0, help="seed of the held-out sample (default: 0)")

@@ -282,7 +282,7 @@ def upstream(trees, node: str, *, layer: int | None = None, texts: list[str] | N
     if texts is None:
         texts = firing_texts(later, node, max_docs)
     sae_b = later.saes[rung]
-    w_j, b_j = sae_b.W_enc[:, j].detach().float(), float(sae_b.b_enc[j])
+    w_j, b_j = sae_b.W_enc[:, j].detach().float(), float(sae_b.b_enc.detach()[j])
     totals = {L: torch.zeros(earlier[L].saes[rungs[L]].width, dtype=torch.float64) for L in earlier}
     active = {L: torch.zeros_like(totals[L], dtype=torch.long) for L in earlier}
     n_fire = 0

@@ -1,4 +1,4 @@
-"""collect: harvest one layer's token activations through nnsight into an activation store.
+"""collect: harvest one layer's (or several layers') token activations through nnsight into activation stores.
 
 The model runs (nnsight trace, stopped right after the layer) over length-bucketed batches of a shuffled
 corpus; only real tokens are kept (no padding, no special tokens; [UNK] is kept). Rows are written as
@@ -28,7 +28,7 @@ from featuretree.checkpoint import Checkpoint, SettingsMismatch, differences, fi
 from featuretree.config import FeatureTreeError
 from featuretree.utils import save_tensors, write_json, write_text
 
-__all__ = ["PROGRESS_FILE", "STORE_DTYPES", "StoreMismatch", "collect", "doc_batches", "forward_args", "special_ids",
+__all__ = ["PROGRESS_FILE", "STORE_DTYPES", "StoreMismatch", "collect", "collect_layers", "doc_batches", "forward_args", "special_ids",
            "texts_fingerprint", "write_shard"]
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,57 @@ def collect(
     store, bit for bit, as one harvest never interrupted. A store made with other settings (model, layer,
     texts, n_tokens, batch_size, max_length, shard_size, heldout_every, seed) is then an error; without
     `resume` an existing store at `out` is overwritten. `dtype="bfloat16"` (or "float16") stores activations
-    at half the disk and read bandwidth; they are widened to float32 when read.
+    at half the disk and read bandwidth; they are widened to float32 when read. `collect_layers` harvests
+    several layers in one pass.
 
     Example:
         >>> from featuretree.model import load_model
         >>> acts = collect(load_model(), 3, ["A cat sat on the mat.", "Dogs bark."], progress=False)
         >>> acts.d_model, len(acts)
         (384, 10)
+    """
+    outs = {layer: Path(tempfile.mkdtemp(prefix="featuretree-acts-")) if out is None else Path(out)}
+    return next(iter(collect_layers(model, [layer], texts, n_tokens, outs, batch_size=batch_size,
+                                    max_length=max_length, shard_size=shard_size, heldout_every=heldout_every,
+                                    seed=seed, dtype=dtype, resume=resume, progress=progress).values()))
+
+
+def collect_layers(
+    model: Any,
+    layers: Sequence[int],
+    texts: Any,
+    n_tokens: int = 300_000,
+    outs: dict | None = None,
+    *,
+    batch_size: int = 64,
+    max_length: int = 128,
+    shard_size: int = 65536,
+    heldout_every: int = 10,
+    seed: int = 0,
+    dtype: str = "float32",
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[int, Activations]:
+    """`collect` for several layers in ONE forward pass per batch: one store per layer, each the same, bit for
+    bit, as `collect` at that layer alone would write (same documents, tokens and recipe).
+
+    Parameters
+    ----------
+    model, texts, n_tokens, batch_size, max_length, shard_size, heldout_every, seed, dtype, resume, progress :
+        As for `collect`.
+    layers : sequence of int
+        Distinct block indices (negative from the end); the pass stops after the deepest.
+    outs : dict, optional
+        {layer: store directory} (default: fresh temp directories).
+
+    Each store resumes on its own (a kill between two stores' shards costs only the batches since the
+    lagging one's last shard). Returns {layer (as given): Activations}.
+
+    Example:
+        >>> from featuretree.model import load_model
+        >>> stores = collect_layers(load_model(), [1, 4], ["A cat sat.", "Dogs bark."], progress=False)
+        >>> [len(s) for s in stores.values()], stores[1].meta["layer"], stores[4].meta["layer"]
+        ([7, 7], 1, 4)
     """
     import nnsight
     from tqdm.auto import tqdm
@@ -124,83 +168,124 @@ def collect(
         raise FeatureTreeError(f"heldout_every={heldout_every} must be >= 0 (0 holds nothing out)")
     if dtype not in STORE_DTYPES:
         raise FeatureTreeError(f"dtype={dtype!r} is not a store dtype: use one of {sorted(STORE_DTYPES)}")
-    layer_index = check_layer(model, layer)
-    harvest = _Harvest(model, layer_module(model, layer_index), get_tokenizer(model), texts, batch_size, max_length,
-                       seed, STORE_DTYPES[dtype])
-    recipe = {"model": model_name(model), "layer": layer_index, "texts": texts_fingerprint(texts),
-              "n_tokens": int(n_tokens), "batch_size": int(batch_size), "max_length": int(max_length),
-              "shard_size": int(shard_size), "heldout_every": int(heldout_every), "seed": int(seed)}
-    if dtype != "float32":  # (stores from before the option are float32 and their recipes lack the key)
-        recipe["dtype"] = dtype
+    layers = list(layers)
+    index = {layer: check_layer(model, layer) for layer in layers}
+    if not layers or len(set(index.values())) != len(layers):
+        raise FeatureTreeError(f"layers={layers} must name distinct blocks (got {sorted(index.values())})")
+    order = sorted(layers, key=index.__getitem__)  # blocks in execution order: nnsight reads them in that order
+    outs = {layer: Path(outs[layer]) if outs and layer in outs else Path(tempfile.mkdtemp(prefix="featuretree-acts-"))
+            for layer in order}
+    harvest = _Harvest(model, [layer_module(model, index[la]) for la in order], get_tokenizer(model), texts,
+                       batch_size, max_length, seed, STORE_DTYPES[dtype])
+    writers = []
+    for k, layer in enumerate(order):
+        recipe = {"model": model_name(model), "layer": index[layer], "texts": texts_fingerprint(texts),
+                  "n_tokens": int(n_tokens), "batch_size": int(batch_size), "max_length": int(max_length),
+                  "shard_size": int(shard_size), "heldout_every": int(heldout_every), "seed": int(seed)}
+        if dtype != "float32":  # (stores from before the option are float32 and their recipes lack the key)
+            recipe["dtype"] = dtype
+        writers.append(_StoreWriter(outs[layer], recipe, harvest, k, int(n_tokens), int(shard_size), resume))
+    todo = [w for w in writers if not w.done]
+    if todo:
+        start = min(w.state["next_batch"] for w in todo)
+        done0 = min(w.state["n_done"] for w in todo)
+        names = ", ".join(str(index[la]) for la in order)
+        bar = tqdm(total=n_tokens, initial=done0, unit="tok", desc=f"harvest layer{'s' if len(order) > 1 else ''} "
+                   f"{names}", disable=not progress)
+        with bar:
+            last = start - 1
+            for last, rows in harvest.batches(start=start):
+                before = min(w.state["n_done"] for w in todo)
+                for w in todo:
+                    w.add(last, rows[w.which])
+                bar.update(min(w.state["n_done"] for w in todo) - before)
+                if all(w.full for w in todo):
+                    break
+            for w in todo:
+                w.close(last + 1)
+        for w in todo:
+            if w.state["n_done"] == 0:
+                raise FeatureTreeError("the texts yielded no tokens besides special tokens: pass non-empty texts")
+        if todo[0].state["n_done"] < n_tokens:
+            log.warning("the corpus has only %d real tokens (asked for %d): collected them all",
+                        todo[0].state["n_done"], n_tokens)
+    result = {}
+    for layer, w in zip(order, writers):
+        if not w.done:
+            docs = _finish_store(w.out, w.state, harvest, texts, w.recipe, f"{find_layers(model)[0]}.{index[layer]}",
+                                 heldout_every=heldout_every, max_length=max_length, dtype=dtype, seed=seed)
+            log.info("collected %d tokens of %d docs at layer %d into %s", w.state["n_done"], len(docs), index[layer],
+                     w.out)
+        result[layer] = Activations(w.out)
+    return {layer: result[layer] for layer in layers}
 
-    out = Path(tempfile.mkdtemp(prefix="featuretree-acts-")) if out is None else Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".*.tmp"):  # a write a kill cut short: never read, cleared here
-        tmp.unlink(missing_ok=True)
-    saved = Checkpoint(out / PROGRESS_FILE, recipe, "an unfinished harvest", "resume only continues the same "
-                       "harvest; choose another directory or collect without resume to overwrite it", where=out)
-    state = _saved_state(out, saved) if resume else None
-    if state is None:
-        _clear_store(out)
-        state = {"shards": [], "next_batch": 0, "n_done": 0, "done": False}
-    repaired = False
-    for i, info in enumerate(state["shards"]):  # a shard a kill or a disk fault damaged is recomputed
-        if not file_matches(out / info["name"], info):
-            log.warning("shard %s is missing, truncated or corrupt: recomputing it", info["name"])
-            rows = harvest.rows_of(*info["batches"], limit=info["rows"])
-            state["shards"][i] = write_shard(out, info["name"], rows, info["batches"])
-            repaired = True
-    if state["done"]:
-        if repaired:  # the same bytes in principle; record what is on disk in any case
-            meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-            meta.update(shard_info=state["shards"], shard_sizes=[info["rows"] for info in state["shards"]])
-            write_json(out / "meta.json", meta)
-        log.info("the store at %s is complete and every shard checks out", out)
-        return Activations(out)
-    if state["shards"]:
-        log.info("resuming the harvest in %s at batch %d (%d tokens already in %d shards)", out,
-                 state["next_batch"], state["n_done"], len(state["shards"]))
 
-    pending: list[dict[str, torch.Tensor]] = []  # rows of the batches since the last shard
-    n_pending = 0
+class _StoreWriter:
+    """One store of a harvest: its recipe and resume state, the rows pending since its last shard, its shards."""
 
-    def flush(upto_batch: int) -> None:  # one shard of the pending rows, then the checkpoint that records it
-        nonlocal pending, n_pending
-        rows = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
-        info = write_shard(out, _shard_name(len(state["shards"])), rows, [state["next_batch"], upto_batch])
-        state["shards"].append(info)
-        state["next_batch"] = upto_batch
-        saved.save({k: state[k] for k in ("shards", "next_batch", "n_done")})
-        pending, n_pending = [], 0
+    def __init__(self, out: Path, recipe: dict, harvest: _Harvest, which: int, n_tokens: int, shard_size: int,
+                 resume: bool) -> None:
+        self.out, self.recipe, self.harvest, self.which = out, recipe, harvest, which
+        self.n_tokens, self.shard_size = n_tokens, shard_size
+        out.mkdir(parents=True, exist_ok=True)
+        for tmp in out.glob(".*.tmp"):  # a write a kill cut short: never read, cleared here
+            tmp.unlink(missing_ok=True)
+        self.saved = Checkpoint(out / PROGRESS_FILE, recipe, "an unfinished harvest", "resume only continues the "
+                                "same harvest; choose another directory or collect without resume to overwrite it",
+                                where=out)
+        state = _saved_state(out, self.saved) if resume else None
+        if state is None:
+            _clear_store(out)
+            state = {"shards": [], "next_batch": 0, "n_done": 0, "done": False}
+        self.state = state
+        repaired = False
+        for i, info in enumerate(state["shards"]):  # a shard a kill or a disk fault damaged is recomputed
+            if not file_matches(out / info["name"], info):
+                log.warning("shard %s is missing, truncated or corrupt: recomputing it", info["name"])
+                rows = harvest.rows_of(*info["batches"], limit=info["rows"], which=which)
+                state["shards"][i] = write_shard(out, info["name"], rows, info["batches"])
+                repaired = True
+        self.done = bool(state["done"])
+        if self.done:
+            if repaired:  # the same bytes in principle; record what is on disk in any case
+                meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+                meta.update(shard_info=state["shards"], shard_sizes=[info["rows"] for info in state["shards"]])
+                write_json(out / "meta.json", meta)
+            log.info("the store at %s is complete and every shard checks out", out)
+        elif state["shards"]:
+            log.info("resuming the harvest in %s at batch %d (%d tokens already in %d shards)", out,
+                     state["next_batch"], state["n_done"], len(state["shards"]))
+        self.pending: list[dict[str, torch.Tensor]] = []
+        self.n_pending = 0
 
-    bar = tqdm(total=n_tokens, initial=state["n_done"], unit="tok", desc=f"harvest layer {layer_index}",
-               disable=not progress)
-    with bar:
-        last = state["next_batch"] - 1
-        for last, rows in harvest.batches(start=state["next_batch"]):
-            rows = _first(rows, n_tokens - state["n_done"])
-            pending.append(rows)
-            n_pending += len(rows["acts"])
-            state["n_done"] += len(rows["acts"])
-            bar.update(len(rows["acts"]))
-            if n_pending >= shard_size or state["n_done"] >= n_tokens:
-                flush(last + 1)
-            if state["n_done"] >= n_tokens:
-                break
-        if n_pending:
-            flush(last + 1)
-    n_done = state["n_done"]
-    if n_done == 0:
-        raise FeatureTreeError("the texts yielded no tokens besides special tokens: pass non-empty texts")
-    if n_done < n_tokens:
-        log.warning("the corpus has only %d real tokens (asked for %d): collected them all", n_done, n_tokens)
+    @property
+    def full(self) -> bool:
+        return self.state["n_done"] >= self.n_tokens
 
-    harvested_docs = _finish_store(out, state, harvest, texts, recipe, f"{find_layers(model)[0]}.{layer_index}",
-                                   heldout_every=heldout_every, max_length=max_length, dtype=dtype, seed=seed)
-    log.info(
-        "collected %d tokens of %d docs at layer %d into %s", n_done, len(harvested_docs), layer_index, out
-    )
-    return Activations(out)
+    def add(self, b: int, rows: dict[str, torch.Tensor]) -> None:
+        """Batch `b`'s rows (skipped when this store already holds the batch or is full)."""
+        if b < self.state["next_batch"] or self.full:
+            return
+        rows = _first(rows, self.n_tokens - self.state["n_done"])
+        self.pending.append(rows)
+        self.n_pending += len(rows["acts"])
+        self.state["n_done"] += len(rows["acts"])
+        if self.n_pending >= self.shard_size or self.full:
+            self.flush(b + 1)
+
+    def flush(self, upto_batch: int) -> None:
+        """One shard of the pending rows, then the checkpoint that records it."""
+        rows = {k: torch.cat([p[k] for p in self.pending]) for k in self.pending[0]}
+        info = write_shard(self.out, _shard_name(len(self.state["shards"])), rows,
+                           [self.state["next_batch"], upto_batch])
+        self.state["shards"].append(info)
+        self.state["next_batch"] = upto_batch
+        self.saved.save({k: self.state[k] for k in ("shards", "next_batch", "n_done")})
+        self.pending, self.n_pending = [], 0
+
+    def close(self, upto_batch: int) -> None:
+        if self.n_pending:
+            self.flush(upto_batch)
 
 
 def _version() -> str:
@@ -324,9 +409,9 @@ def _first(rows: dict[str, torch.Tensor], limit: int) -> dict[str, torch.Tensor]
 class _Harvest:
     """The model side of `collect`: doc batches in a fixed order, and the real-token rows of any of them."""
 
-    def __init__(self, model, block, tokenizer, texts: list[str], batch_size: int, max_length: int, seed: int,
+    def __init__(self, model, blocks: list, tokenizer, texts: list[str], batch_size: int, max_length: int, seed: int,
                  dtype: torch.dtype = torch.float32):
-        self.model, self.block, self.tokenizer, self.texts = model, block, tokenizer, texts
+        self.model, self.blocks, self.tokenizer, self.texts = model, list(blocks), tokenizer, texts
         self.max_length, self.dtype = max_length, dtype
         self.special_ids = torch.tensor(special_ids(tokenizer), dtype=torch.long)
         self.fast = bool(getattr(tokenizer, "is_fast", False))
@@ -338,8 +423,8 @@ class _Harvest:
         self.docs = list(doc_batches(texts, batch_size, seed))
         self.n_batches = len(self.docs)
 
-    def rows(self, b: int) -> dict[str, torch.Tensor]:
-        """Store columns of the real tokens of batch `b` (no padding, no special tokens)."""
+    def rows(self, b: int) -> list[dict[str, torch.Tensor]]:
+        """Store columns of the real tokens of batch `b` (no padding, no special tokens), one dict per block."""
         batch_docs = self.docs[b]
         enc = self.tokenizer(
             [self.texts[i] for i in batch_docs],
@@ -353,25 +438,30 @@ class _Harvest:
         )
         inputs = {k: v.to(self.device) for k, v in enc.items() if k in self.accepted}
         with torch.inference_mode():  # the same trace runs locally, or on NDIF for a remote model
+            saved: list = []  # nnsight runs the traced body in its own frame: a list outside carries the outputs
             with self.model.trace(**inputs, **({"remote": True} if self.remote else {})) as tracer:
-                hidden = self.block.output.save()
+                for block in self.blocks:  # in execution order
+                    saved.append(block.output.save())
                 tracer.stop()  # later blocks never run
-        hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
-        rows = _real_rows(enc, hidden, batch_docs, self.special_ids)
-        if not torch.isfinite(rows["acts"]).all():
-            raise FeatureTreeError(
-                "the layer produced NaN/Inf activations: check the model's dtype (load it in float32) and weights"
-            )
-        rows["acts"] = rows["acts"].to(self.dtype)
-        return rows
+        out = []
+        for hidden in saved:
+            hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
+            rows = _real_rows(enc, hidden, batch_docs, self.special_ids)
+            if not torch.isfinite(rows["acts"]).all():
+                raise FeatureTreeError(
+                    "the layer produced NaN/Inf activations: check the model's dtype (load it in float32) and weights"
+                )
+            rows["acts"] = rows["acts"].to(self.dtype)
+            out.append(rows)
+        return out
 
-    def batches(self, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def batches(self, start: int = 0) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
         for b in range(start, self.n_batches):
             yield b, self.rows(b)
 
-    def rows_of(self, b0: int, b1: int, limit: int) -> dict[str, torch.Tensor]:
-        """The rows of batches [b0, b1), the first `limit` of them (a shard recomputed)."""
-        parts = [self.rows(b) for b in range(b0, b1)]
+    def rows_of(self, b0: int, b1: int, limit: int, which: int = 0) -> dict[str, torch.Tensor]:
+        """Block `which`'s rows of batches [b0, b1), the first `limit` of them (a shard recomputed)."""
+        parts = [self.rows(b)[which] for b in range(b0, b1)]
         return _first({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, limit)
 
 

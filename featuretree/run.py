@@ -63,7 +63,7 @@ def _settings(cfg: Config) -> dict:
 
 def build(config: Config | None = None, *, out=None, force: bool = False, progress: bool = True,
           checkpoint_every: float = 60.0, shard_size: int = 65536, store_dtype: str = "float32", train=None,
-          **overrides) -> FeatureTree:
+          layers=None, **overrides) -> FeatureTree:
     """The whole pipeline: load_model -> load_corpus -> collect -> train_ladder -> link (+ labels).
 
     With `out` (a run directory) the activations, dictionaries, config, tree and sunburst.html are written
@@ -92,6 +92,10 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     train : callable, optional
         `train(acts, config=Config, checkpoint=Resume, progress=bool) -> {width: TopKSAE}` in place of
         `train_ladder` (featuretree.scale.build passes a Ray trainer).
+    layers : list of int, optional
+        Several layers at once (strictly increasing): ONE harvest pass writes a store per layer, then each
+        layer is a run of its own in OUT/L{layer}/ (the config's `layer` is ignored); returns
+        {layer: FeatureTree}. `featuretree.crosslayer.link_layers` links them.
 
     Example:
         >>> tree = build(n_tokens=3000, widths=(32, 64), k=4, epochs=1)  # doctest: +SKIP
@@ -104,6 +108,10 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     from featuretree.model import check_layer, load_model
 
     cfg = Config.from_dict({**(config.to_dict() if config else {}), **overrides})
+    if layers is not None:
+        return _build_layers(cfg, list(layers), out=out, force=force, progress=progress,
+                             checkpoint_every=checkpoint_every, shard_size=shard_size, store_dtype=store_dtype,
+                             train=train)
     resolve_device(cfg.device)  # a device that is not here fails before anything is written
     if int(shard_size) <= 0:
         raise FeatureTreeError(f"shard_size={shard_size} must be a positive integer")
@@ -166,6 +174,48 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     write_sunburst(tree, run / "sunburst.html")
     reach("done")
     return tree
+
+
+def _build_layers(cfg: Config, layers: list[int], *, out, force: bool, progress: bool, checkpoint_every: float,
+                  shard_size: int, store_dtype: str, train) -> dict[int, FeatureTree]:
+    """build(layers=[...]): one harvest pass for every layer's store, then a run per layer in OUT/L{layer}."""
+    from featuretree.corpus import load_corpus
+    from featuretree.harvest import STORE_DTYPES, StoreMismatch, collect_layers
+    from featuretree.model import check_layer, load_model, n_layers
+
+    if out is None:
+        raise FeatureTreeError("build(layers=[...]) writes one run per layer: pass out=DIR (runs go to DIR/L<layer>)")
+    if not layers or any(isinstance(v, bool) or not isinstance(v, int) for v in layers):
+        raise FeatureTreeError(f"layers={layers} must be a non-empty list of block indices, e.g. [3, 9, 15]")
+    if layers != sorted(set(layers)) or any(v < 0 for v in layers):
+        raise FeatureTreeError(f"layers={layers} must be strictly increasing block indices from 0 (e.g. 3 9 15)")
+    resolve_device(cfg.device)
+    model, corpus = load_model(cfg.model), load_corpus(cfg.corpus)
+    for v in layers:
+        if v >= n_layers(model):
+            raise FeatureTreeError(f"layer {v} is out of range: {cfg.model} has {n_layers(model)} blocks (0 to "
+                                   f"{n_layers(model) - 1})")
+        check_layer(model, v)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    d_model = getattr(getattr(getattr(model, "_module", model), "config", None), "hidden_size", None)
+    if d_model:  # the stores' size (activations only) against the free disk, before anything is harvested
+        need = int(cfg.n_tokens) * int(d_model) * STORE_DTYPES[store_dtype].itemsize * len(layers)
+        free = shutil.disk_usage(out).free
+        if need > free:
+            raise FeatureTreeError(f"{len(layers)} layers of {cfg.n_tokens} tokens x {d_model} features need "
+                                   f"{need / 2**30:.1f} GiB for their stores, and {out} has {free / 2**30:.1f} GiB "
+                                   "free: fewer layers or tokens, --store-dtype bfloat16, or another --out")
+    outs = {v: out / f"L{v}" / "acts" for v in layers}
+    kw = dict(n_tokens=cfg.n_tokens, outs=outs, max_length=cfg.max_length, seed=cfg.seed, shard_size=shard_size,
+              dtype=store_dtype, progress=progress)
+    try:
+        collect_layers(model, layers, corpus, resume=True, **kw)
+    except StoreMismatch:
+        log.info("a store under %s was made with other settings: harvesting every layer anew", out)
+        collect_layers(model, layers, corpus, resume=False, **kw)
+    return {v: build(cfg, out=out / f"L{v}", force=force, progress=progress, checkpoint_every=checkpoint_every,
+                     shard_size=shard_size, store_dtype=store_dtype, train=train, layer=v) for v in layers}
 
 
 def _harvest(model, cfg: Config, corpus, acts_dir: Path, shard_size: int, store_dtype: str, progress: bool):

@@ -351,3 +351,33 @@ def test_special_ids_drop_a_byte_level_unk_and_added_specials_but_keep_a_wordpie
     assert kept and not kept & {sep, unk}
     bert = get_tokenizer(model)  # WordPiece writes [UNK] for what it cannot spell: that is text, kept
     assert bert.unk_token_id not in special_ids(bert) and bert.cls_token_id in special_ids(bert)
+
+
+def test_collect_layers_writes_what_single_layer_harvests_write(model, texts, tmp_path):
+    """Two layers in one pass: each store equals, shard for shard (sha256), the store `collect` writes for that
+    layer alone; a killed multi-layer harvest (one store a shard behind) resumes to the same stores."""
+    from featuretree.harvest import collect_layers
+
+    kw = dict(n_tokens=3000, batch_size=8, max_length=MAX_LENGTH, shard_size=700, heldout_every=HELDOUT,
+              progress=False)
+    both = collect_layers(model, [1, LAYER], texts, outs={1: tmp_path / "m1", LAYER: tmp_path / "m3"}, **kw)
+    for layer, store in both.items():
+        alone = collect(model, layer, texts, out=tmp_path / f"s{layer}", **kw)
+        assert json.loads((alone.path / "meta.json").read_text())["shard_info"] == \
+            json.loads((store.path / "meta.json").read_text())["shard_info"]
+        assert torch.equal(alone.load("all"), store.load("all"))
+    # a kill: layer 1's store lost its last shard and meta; layer 3's is complete
+    m1 = tmp_path / "m1"
+    info = json.loads((m1 / "meta.json").read_text())["shard_info"]
+    (m1 / "meta.json").unlink()
+    (m1 / info[-1]["name"]).unlink()
+    from featuretree.checkpoint import Checkpoint
+    from featuretree.harvest import PROGRESS_FILE
+
+    recipe = json.loads((tmp_path / "m3" / "meta.json").read_text())["recipe"] | {"layer": 1}
+    Checkpoint(m1 / PROGRESS_FILE, recipe, "an unfinished harvest", "").save(
+        {"shards": info[:-1], "next_batch": info[-2]["batches"][1], "n_done": sum(i["rows"] for i in info[:-1])})
+    again = collect_layers(model, [1, LAYER], texts, outs={1: m1, LAYER: tmp_path / "m3"}, resume=True, **kw)
+    assert json.loads((again[1].path / "meta.json").read_text())["shard_info"] == info
+    with pytest.raises(FeatureTreeError, match="distinct"):
+        collect_layers(model, [3, -3], texts, **kw)

@@ -203,8 +203,28 @@ def test_hand_written_list_flags_take_both_forms():
     a = p.parse_args(["eval", "refine", "run", "--nodes", "w512/1,w128/2", "w16/3", "--widths", "8", "16",
                       "--ks", "1,2", "--seeds", "3"])
     assert list(a.nodes) == ["w512/1", "w128/2", "w16/3"] and list(a.widths) == [8, 16]
-    assert list(a.ks) == [1, 2] and list(a.seeds) == [3] and a.run == "run"
+    assert list(a.ks) == [1, 2] and list(a.seeds) == [3] and a.run == ["run"]  # nargs="*": `eval senses` takes several runs
     b = p.parse_args(["eval", "planted", "--configs", "wide-8x5x2", "forest-12x3x3", "--seeds", "0,1", "2"])
     assert list(b.configs) == ["wide-8x5x2", "forest-12x3x3"] and list(b.seeds) == [0, 1, 2]
     d = p.parse_args(["eval", "planted"])
     assert d.configs is None and list(d.seeds) == [0, 1, 2] and list(d.widths) == [32, 64]
+
+
+def test_build_layers_harvests_once_and_builds_a_run_per_layer(run_dir, tmp_path, capsys):
+    """--layers 1 3: one harvest pass, two runs whose stores equal single-layer harvests; `layers` links them."""
+    corpus = str(run_dir.parent / "corpus.txt")
+    base = ["-q", "build", "--corpus", corpus, "--n-tokens", "700", "--widths", "16,32", "--k", "4", "--epochs", "1",
+            "--batch-size", "128"]
+    assert main([*base, "--layers", "1", "3", "--out", str(tmp_path / "multi")]) == 0
+    assert "featuretree layers" in capsys.readouterr().out
+    single = tmp_path / "single"
+    assert main([*base, "--layer", "3", "--out", str(single)]) == 0
+    info = [json.loads((d / "acts" / "meta.json").read_text())["shard_info"] for d in (tmp_path / "multi" / "L3", single)]
+    assert info[0] == info[1]  # the same bytes as a harvest of layer 3 alone
+    assert load(tmp_path / "multi" / "L1").config.layer == 1
+    assert main(["layers", str(tmp_path / "multi" / "L1"), str(tmp_path / "multi" / "L3")]) == 0
+    assert "L1 -> L3:" in capsys.readouterr().out
+    for bad, needle in ((["3", "1"], "strictly increasing"), (["2", "9"], "out of range")):
+        assert main([*base, "--layers", *bad, "--out", str(tmp_path / "bad")]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "L3").exists()  # nothing written for a mistake
