@@ -127,7 +127,8 @@ def causal_lm(model: Any):
     arch = _causal_architecture(module)
     if arch is None:
         raise FeatureTreeError(
-            f"faithfulness needs a causal LM with an LM head: {type(module).__name__} is not one (its checkpoint "
+            f"next-token effects (faithfulness, effects, upstream) need a causal LM with an LM head: "
+            f"{type(module).__name__} is not one (its checkpoint "
             f"names {getattr(getattr(module, 'config', None), 'architectures', None)}); pass a decoder such as "
             "GPT-2 or SmolLM2 (a *ForCausalLM / *LMHeadModel, or a directory saved from one)")
     path = resolve_model_dir(model_name(model))

@@ -588,8 +588,8 @@ def clean_answer(text: str) -> str:
         What the labeler model generated.
 
     Example:
-        >>> clean_answer('  "This feature detects bacterial diseases."')
-        'bacterial diseases'
+        >>> clean_answer('  "This feature detects bacterial diseases."'), clean_answer("a · a · a · a"), clean_answer("red, blue, red")
+        ('bacterial diseases', 'a', 'red, blue')
     """
     line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
     line = line.split("|")[0].replace("«", "").replace("»", "")  # a model that goes on with another snippet
@@ -597,7 +597,11 @@ def clean_answer(text: str) -> str:
     line = line.strip(" \"'`*")
     line = re.sub(r"^(?:this|the)\s+feature\s+(?:detects|fires on|is about|captures|represents)\s+", "", line,
                   flags=re.I)
-    return line.strip(" \"'`*").rstrip(" .;:,!").strip()
+    line = line.strip(" \"'`*").rstrip(" .;:,!").strip()
+    parts = [p.strip() for p in re.split(r"\s*[,·]\s*", line) if p.strip()]
+    if len(parts) > 1:  # a small model that loops ("violent, aggressive, violent, violent"): each part once
+        line = ", ".join(dict.fromkeys(parts))
+    return line
 
 
 def _auroc_from_ranks(rank_sum_pos: np.ndarray, n_pos: np.ndarray, n_all: np.ndarray) -> np.ndarray:
