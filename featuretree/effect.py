@@ -325,7 +325,9 @@ def effects(tree, node: str, texts: list[str] | None = None, *, model: Any = Non
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise FeatureTreeError("effects needs texts where the node fires: pass a non-empty list")
-    sets = _ablation_sets(tree, node) if subtree else _ablation_sets(tree, node)[:1]
+    sets = _ablation_sets(tree, node)
+    if not subtree:
+        sets = sets[:1]
     rungs = sorted({r for r, _ in sets})
     stats = [{"n": 0, "dl": 0.0, "n_after": 0, "dl_after": 0.0} for _ in sets]
     docs, drop_sum, act_sum, first_fire = [], None, 0.0, None
