@@ -521,16 +521,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from featuretree.eval import PLANTED_CONFIGS
 
         args.configs = list(PLANTED_CONFIGS)
+    if args.n_train < 1000:
+        raise FeatureTreeError(f"--n-train {args.n_train} is too few planted tokens to train a ladder: use >= 1000")
     if args.sweep:
         from featuretree.eval import sweep_thresholds
 
-        df = sweep_thresholds(args.configs, args.seeds, progress=not args.quiet)
+        df = sweep_thresholds(args.configs, args.seeds, n_train=args.n_train, progress=not args.quiet)
         keys = ["threshold", "value"]
     else:
-        df = compare_rules(args.configs, args.seeds, progress=not args.quiet, nested=args.nested)
+        df = compare_rules(args.configs, args.seeds, n_train=args.n_train, progress=not args.quiet, nested=args.nested)
         keys = ["config", "rule"]
     table = df.groupby(keys, sort=False)[["precision", "recall", "recovered"]].agg(["mean", "min"])
-    sys.stdout.write(df.to_string(index=False) + "\n\n" + table.round(3).to_string() + "\n")
+    out = [df.drop(columns=[c for c in df if c.startswith("miss: ")]).to_string(index=False), "",
+           table.round(3).to_string()]
+    misses = [c for c in df if c.startswith("miss: ")]
+    if misses:  # why the combined rule's tree misses true edges, summed over seeds
+        why = df[df.rule == "combined"].groupby("config", sort=False)[misses].sum()
+        why.columns = [c[len("miss: "):] for c in misses]
+        out += ["", "true edges the combined rule misses, by reason (edge_misses; summed over seeds):",
+                why.T.to_string()]
+    sys.stdout.write("\n".join(out) + "\n")
     return _write_csv(args, df)
 
 
@@ -847,6 +857,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="(planted) also score a nested (Matryoshka) ladder linked by the combined rule")
     v.add_argument("--sweep", action="store_true",
                    help="(planted) vary each linking threshold around its default and score every setting")
+    v.add_argument("--n-train", type=int, default=60_000,
+                   help="(planted) planted tokens each ladder trains on (default 60000; 20000 more are held out)")
     v.set_defaults(func=cmd_eval)
 
     f = sub.add_parser("find", help="rank a saved run's nodes by how much more they fire on a query",

@@ -19,12 +19,12 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from featuretree.config import FeatureTreeError
+from featuretree.config import FeatureTreeError, LinkConfig
 from featuretree.firing import fire, fire_rungs, gate_of
-from featuretree.tree import FeatureTree
+from featuretree.tree import ROOT, FeatureTree
 
-__all__ = ["compare_rules", "edge_scores", "find_purity", "jaccard", "label_purity", "link_by_cosine", "match_features",
-           "Planted", "PLANTED_CONFIGS", "planted_hierarchy", "purity_gain", "refine_purity", "search_quality",
+__all__ = ["compare_rules", "edge_misses", "edge_scores", "find_purity", "jaccard", "label_purity", "link_by_cosine", "match_features",
+           "MISS_REASONS", "Planted", "PLANTED_CONFIGS", "planted_hierarchy", "purity_gain", "refine_purity", "rung_firing", "search_quality",
            "search_queries", "SWEEP_GRID", "sweep_thresholds"]
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,19 @@ class Planted:
 
         return part(slice(0, n_train)), part(slice(n_train, None))
 
+    def ancestors(self, f: int) -> list[int]:
+        """True feature f's ancestors, its parent first.
+
+        Example:
+            >>> planted_hierarchy(n_roots=1, branching=1, depth=3, n_tokens=10).ancestors(2)
+            [1, 0]
+        """
+        out = []
+        while self.parent[f] >= 0:
+            f = int(self.parent[f])
+            out.append(f)
+        return out
+
     @property
     def edges(self) -> set[tuple[int, int]]:
         """True (parent, child) feature-index pairs.
@@ -89,12 +102,16 @@ class Planted:
 def planted_hierarchy(n_roots: int = 12, branching: int = 3, depth: int = 3, *, d_model: int = 64,
                       n_tokens: int = 100_000, p_root: float | None = None, p_child=0.8,
                       child_cos: float = 0.55, coef: tuple[float, float] = (0.5, 1.5), noise: float = 0.01,
-                      p_sibling: float = 0.0, seed: int = 0) -> Planted:
+                      p_sibling: float = 0.0, zipf: float = 0.0, seed: int = 0) -> Planted:
     """Sample activations from a planted forest of features (see the module docstring).
 
     `p_child` is one probability for every level or a sequence with one per level below the roots (level 1
     first). `p_sibling` > 0 makes siblings correlated: where a child fires, one other sibling also fires
     with that probability (the co-firing that provokes hedging and absorption in narrow dictionaries).
+    `child_cos` as a (low, high) pair draws each child's cosine to its parent uniformly from that range.
+    `zipf` > 0 makes firing Zipfian: root r fires with probability proportional to (r + 1) ** -zipf
+    (scaled so the mean over roots stays `p_root`, capped at 0.95), and a firing node picks its i-th
+    child with weight (i + 1) ** -zipf, so a few features are frequent and many are rare.
 
     Parameters
     ----------
@@ -113,14 +130,16 @@ def planted_hierarchy(n_roots: int = 12, branching: int = 3, depth: int = 3, *, 
     p_child : float or sequence of float
         Probability that a firing feature fires one of its children (one value, or one per level below
         the roots, level 1 first).
-    child_cos : float
-        Cosine between a child's direction and its parent's.
+    child_cos : float or (float, float)
+        Cosine between a child's direction and its parent's, or the range each child's cosine is drawn from.
     coef : (float, float)
         Range of the uniform coefficient of each firing feature.
     noise : float
         Standard deviation of the Gaussian noise added to every activation.
     p_sibling : float
         Probability that a second, different sibling fires beside the chosen child.
+    zipf : float
+        Exponent of Zipfian firing of roots and of the choice among siblings (0: uniform).
     seed : int
         Seed of the random generator (directions, firing, coefficients, noise).
 
@@ -142,16 +161,25 @@ def planted_hierarchy(n_roots: int = 12, branching: int = 3, depth: int = 3, *, 
         frontier = nxt
     parent_a, level_a = np.array(parent), np.array(level)
     n_feat = len(parent)
+    lo, hi = (child_cos, child_cos) if np.isscalar(child_cos) else (float(child_cos[0]), float(child_cos[1]))
+    if not -1 < lo <= hi < 1 or zipf < 0:
+        raise FeatureTreeError(f"child_cos={child_cos} must be a cosine (or a low <= high pair) in (-1, 1) and "
+                               f"zipf={zipf} >= 0")
     dirs = np.zeros((n_feat, d_model))
     for i in range(n_feat):
         v = rng.standard_normal(d_model)
         if parent[i] >= 0:
             pd_ = dirs[parent[i]]
+            c = lo if lo == hi else rng.uniform(lo, hi)
             v -= v @ pd_ * pd_
-            v = child_cos * pd_ + np.sqrt(1 - child_cos**2) * v / np.linalg.norm(v)
+            v = c * pd_ + np.sqrt(1 - c**2) * v / np.linalg.norm(v)
         dirs[i] = v / np.linalg.norm(v)
     children = {i: np.flatnonzero(parent_a == i) for i in range(n_feat)}
     p_root = p_root if p_root is not None else min(0.5, 2.0 / n_roots)
+    p_roots = np.full(n_roots, p_root)
+    if zipf > 0:
+        w = np.arange(1, n_roots + 1, dtype=float) ** -zipf
+        p_roots = np.minimum(0.95, w * p_root * n_roots / w.sum())
 
     p_level = [float(p_child)] * depth if np.isscalar(p_child) else [float(v) for v in p_child]
     if len(p_level) < depth - 1 or not all(0 <= v <= 1 for v in p_level) or not 0 <= p_sibling <= 1:
@@ -159,7 +187,7 @@ def planted_hierarchy(n_roots: int = 12, branching: int = 3, depth: int = 3, *, 
                                f"({depth - 1}), and p_sibling={p_sibling} must lie in [0, 1]")
     rows, cols = [], []
     for r in range(n_roots):
-        on = np.flatnonzero(rng.random(n_tokens) < p_root)
+        on = np.flatnonzero(rng.random(n_tokens) < p_roots[r])
         stack = [(r, on)]
         while stack:
             f, toks = stack.pop()
@@ -168,7 +196,11 @@ def planted_hierarchy(n_roots: int = 12, branching: int = 3, depth: int = 3, *, 
             kids = children[f]
             if len(kids) and len(toks):
                 go = toks[rng.random(len(toks)) < p_level[level[f]]]
-                pick = kids[rng.integers(0, len(kids), len(go))]
+                if zipf > 0:
+                    w = np.arange(1, len(kids) + 1, dtype=float) ** -zipf
+                    pick = kids[rng.choice(len(kids), len(go), p=w / w.sum())]
+                else:
+                    pick = kids[rng.integers(0, len(kids), len(go))]
                 if p_sibling > 0 and len(kids) > 1:  # a second, different sibling on some of those tokens
                     both = rng.random(len(go)) < p_sibling
                     other = kids[(np.searchsorted(kids, pick[both]) + rng.integers(1, len(kids), both.sum()))
@@ -204,8 +236,20 @@ def jaccard(a: sp.csr_matrix, b: sp.csr_matrix) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def match_features(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5) -> dict[str, int]:
+def match_features(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5,
+                   fired: dict | None = None) -> dict[str, int]:
     """Map each tree node to the true feature whose firing set it best matches (Jaccard >= min_jaccard).
+
+    Parameters
+    ----------
+    tree : FeatureTree
+        The tree whose nodes to match (its rungs fire on `planted.acts`).
+    planted : Planted
+        The truth.
+    min_jaccard : float
+        Least firing-set Jaccard similarity of a match.
+    fired : dict, optional
+        {rung: firing matrix on planted.acts} already computed (`rung_firing`).
 
     Example:
         >>> match_features(tree, planted)["w64/3"]  # doctest: +SKIP
@@ -213,17 +257,28 @@ def match_features(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 
     """
 
     out: dict[str, int] = {}
-    refined = fire_rungs(tree, planted.acts, [r for r in tree.saes if gate_of(tree, r) is not None])
+    fired = fired if fired is not None else rung_firing(tree, planted)
     for rung, sae in tree.saes.items():
-        # ladder rungs measure their thresholds on these tokens; refined rungs fire only under their gate
-        F = refined[rung] if rung in refined else fire(sae, planted.acts, tree.graph.graph.get("fire_rel", 0.25))[2]
-        jac = jaccard(F, planted.active)  # (width, n_true)
+        jac = jaccard(fired[rung], planted.active)  # (width, n_true)
         best = jac.argmax(1)
         for j in range(sae.width):
             nid = f"{rung}/{j}"
             if nid in tree.graph and jac[j, best[j]] >= min_jaccard:
                 out[nid] = int(best[j])
     return out
+
+
+def rung_firing(tree: FeatureTree, planted: Planted) -> dict[str, sp.csr_matrix]:
+    """{rung: bool firing matrix (n tokens, width)} of every rung of `tree` on `planted.acts`, by the tree's rule.
+
+    Example:
+        >>> rung_firing(tree, planted)["w64"].shape  # doctest: +SKIP
+        (20000, 64)
+    """
+    refined = fire_rungs(tree, planted.acts, [r for r in tree.saes if gate_of(tree, r) is not None])
+    # ladder rungs measure their thresholds on these tokens; refined rungs fire only under their gate
+    return {rung: refined[rung] if rung in refined else fire(sae, planted.acts, tree.graph.graph.get("fire_rel", 0.25))[2]
+            for rung, sae in tree.saes.items()}
 
 
 def edge_scores(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5) -> dict[str, float]:
@@ -253,8 +308,10 @@ def edge_scores(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5
     recovered = set(m.values())
     reachable = {(p, c) for p, c in truth if p in recovered and c in recovered}
     tp = len(predicted & truth)
+    to_ancestor = sum(a in planted.ancestors(b) for a, b in predicted)
     return {
         "precision": tp / len(predicted) if predicted else 0.0,
+        "precision_ancestor": to_ancestor / len(predicted) if predicted else 0.0,
         "recall": len(predicted & reachable) / len(reachable) if reachable else 0.0,
         "recall_all": tp / len(truth) if truth else 0.0,
         "recovered": len(recovered) / len(planted.parent),
@@ -262,6 +319,107 @@ def edge_scores(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5
         "n_true": len(truth),
         "n_reachable": len(reachable),
     }
+
+
+MISS_REASONS = ("found", "parent unrecovered", "child unrecovered", "parent only in wider rungs",
+                "parent silent on the child (absorbed)", "no parent (novel)", "parent latent is a blend", "linked to an ancestor", "linked to another feature",
+                "linked to a descendant")
+"""Why a true edge is or is not in the tree (`edge_misses`), from "found" to the linking's own mistakes."""
+
+
+def edge_misses(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5):
+    """Each true parent edge and why the tree has it or misses it: one row per edge, reason in MISS_REASONS.
+
+    The reasons separate what the dictionaries lose from what the linking gets wrong:
+    "parent unrecovered" / "child unrecovered" (no latent matches that true feature: the rungs never
+    resolved it), "parent only in wider rungs" (every latent of the parent sits in a wider rung than every
+    latent of the child: a ladder edge cannot point that way), "parent silent on the child (absorbed)" (no
+    latent of the parent in the child's rung or narrower fires on min_coverage of the child latent's tokens:
+    the child latent absorbed the parent direction, and no co-activation rule can see the edge), then, for
+    the child's latent in the narrowest
+    rung (walking up through parents that match the same true feature), what its tree parent is:
+    "no parent (novel)" (nothing covered it at min_coverage, or a top-rung latent with no within-rung parent), "parent latent is a blend" (the tree parent
+    matches no true feature: a hedging or absorbing latent), "linked to an ancestor" (it skipped a level),
+    "linked to a descendant", or "linked to another feature" (a sibling or another branch). Rows also say
+    whether the true parent was among the child's `other_parents` (`in_other_parents`).
+
+    Parameters
+    ----------
+    tree : FeatureTree
+        The tree to diagnose (its rungs fire on `planted.acts`).
+    planted : Planted
+        The truth.
+    min_jaccard : float
+        As in `edge_scores`.
+
+    Example:
+        >>> edge_misses(tree, planted).reason.value_counts()  # doctest: +SKIP
+        found                       171
+        parent latent is a blend      9
+    """
+    import pandas as pd
+
+    fired = rung_firing(tree, planted)
+    m = match_features(tree, planted, min_jaccard=min_jaccard, fired=fired)
+    g = tree.graph
+    order = {r: i for i, r in enumerate(g.graph["rungs"])}
+    min_cov = g.graph.get("min_coverage", 0.5)
+
+    def col(n):
+        d = g.nodes[n]
+        return fired[d["rung"]][:, d["index"]]
+
+    within_cov = tree.graph.graph.get("within_coverage", LinkConfig.within_coverage)
+
+    def linkable(pn, cn):  # does some parent latent cover some child latent as much as link's rule needs?
+        for c in cn:
+            fc = col(c)
+            for p in pn:
+                rp, rc = order[g.nodes[p]["rung"]], order[g.nodes[c]["rung"]]
+                need = min_cov if rp < rc else within_cov if rp == rc else None
+                if need is not None and fc.nnz and fc.multiply(col(p)).nnz / fc.nnz >= need:
+                    return True
+        return False
+    nodes_of: dict[int, list[str]] = {}
+    for nid, f in m.items():
+        nodes_of.setdefault(f, []).append(nid)
+    predicted = {(m[p], m[c]) for p, c in g.edges if p in m and c in m and m[p] != m[c]}
+
+    ancestors = planted.ancestors
+    rows = []
+    for P, C in sorted(planted.edges):
+        pn, cn = nodes_of.get(P, []), nodes_of.get(C, [])
+        row = {"parent": P, "child": C, "level": int(planted.level[C]), "in_other_parents": False,
+               "tree_parent": None}
+        if (P, C) in predicted:
+            reason = "found"
+        elif not pn:
+            reason = "parent unrecovered"
+        elif not cn:
+            reason = "child unrecovered"
+        elif min(order[g.nodes[n]["rung"]] for n in pn) > max(order[g.nodes[n]["rung"]] for n in cn):
+            reason = "parent only in wider rungs"
+        elif not linkable(pn, cn):
+            reason = "parent silent on the child (absorbed)"
+        else:
+            c = min(cn, key=lambda n: (order[g.nodes[n]["rung"]], n))
+            q = next(iter(g.predecessors(c)), None)
+            while q is not None and m.get(q) == C:  # a "same" latent of the child one rung up
+                c, q = q, next(iter(g.predecessors(q)), None)
+            row["tree_parent"] = q
+            row["in_other_parents"] = any(o in pn for o, _ in g.nodes[c].get("other_parents", []))
+            if q is None or q == ROOT:
+                reason = "no parent (novel)"
+            elif q not in m:
+                reason = "parent latent is a blend"
+            elif m[q] in ancestors(C):
+                reason = "linked to an ancestor"
+            elif C in ancestors(m[q]):
+                reason = "linked to a descendant"
+            else:
+                reason = "linked to another feature"
+        rows.append({**row, "reason": reason})
+    return pd.DataFrame(rows)
 
 
 def link_by_cosine(saes, acts) -> FeatureTree:
@@ -308,6 +466,14 @@ PLANTED_CONFIGS = {
                            widths=(16, 64, 256), k=6),
     "correlated-siblings": dict(gen=dict(n_roots=12, branching=3, depth=3, d_model=64, p_child=(0.8, 0.6),
                                          p_sibling=0.3), widths=(16, 64, 256), k=6),
+    # the hard regime of issue 17: children at cosine 0.4-0.75 to their parent, Zipfian firing, co-firing
+    # siblings, k from the true L0 (~5 and ~5.7) to 2x it
+    "hard-cos": dict(gen=dict(n_roots=12, branching=3, depth=3, d_model=64, child_cos=(0.4, 0.75)),
+                     widths=(16, 64, 256), k=5),
+    "hard-zipf": dict(gen=dict(n_roots=12, branching=3, depth=3, d_model=64, child_cos=(0.4, 0.75), zipf=1.0),
+                      widths=(16, 64, 256), k=5),
+    **{f"hard-k{k}": dict(gen=dict(n_roots=12, branching=3, depth=3, d_model=64, child_cos=(0.4, 0.75), zipf=1.0,
+                                   p_child=(0.8, 0.6), p_sibling=0.3), widths=(16, 64, 256), k=k) for k in (6, 9, 12)},
 }
 """Planted configurations of `compare_rules` (docs/EVAL.md): generator settings, ladder widths and k."""
 
@@ -320,6 +486,8 @@ def compare_rules(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), *, n_train: i
     rungs only), "combined" (featuretree's `link`: co-activation across rungs plus within-rung edges,
     the most specific covering parent, cosine recorded). One ladder is trained per (config, seed); with
     `nested`, also a nested (Matryoshka) ladder of the same widths, linked by the combined rule ("nested").
+    Rows carry `edge_scores`, the planted L0 (`true_l0`) and, per reason of MISS_REASONS, how many true edges
+    were missed for it (`miss: <reason>`, from `edge_misses`).
 
     Parameters
     ----------
@@ -356,7 +524,9 @@ def compare_rules(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), *, n_train: i
             trees["nested"] = link(nest, held.acts)
         for rule, tree in trees.items():
             s = edge_scores(tree, held)
-            rows.append({"config": name, "seed": seed, "rule": rule, **s})
+            why = edge_misses(tree, held).reason.value_counts()
+            rows.append({"config": name, "seed": seed, "rule": rule, "true_l0": float(held.active.sum(1).mean()), **s,
+                         **{f"miss: {r}": int(why.get(r, 0)) for r in MISS_REASONS[1:]}})
             log.info("%s seed %d %-8s precision %.3f recall %.3f", name, seed, rule, s["precision"], s["recall"])
     return pd.DataFrame(rows)
 

@@ -90,7 +90,7 @@ def _train_rung(ref, width: int, index: int, threads: int, cfg, kw: dict):
     acts = _open(ref)
     if kw.get("eval_acts") is not None:
         kw["eval_acts"] = _open(kw["eval_acts"])
-    init = {width: TopKSAE(d_model_of(acts), width, cfg.k, seed=cfg.seed + index)}
+    init = {width: TopKSAE(d_model_of(acts), width, cfg.k_of(width), seed=cfg.seed + index)}
     return serial(acts, config=cfg, widths=(width,), init=init, progress=False, **kw)[width]
 
 

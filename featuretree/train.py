@@ -400,7 +400,7 @@ def _new_rungs(cfg: TrainConfig, d_model: int, dead_tokens: int, init: dict, dev
     if cfg.nested:
         return {widths[-1]: _Rung(TopKSAE(d_model, widths[-1], k, seed=seed).to(device),
                                   cfg.lr or default_lr(widths[-1]), dead_tokens, cfg.auxk_alpha, prefixes=widths)}
-    return {w: _Rung((init[w] if w in init else TopKSAE(d_model, w, k, seed=seed + i)).to(device),
+    return {w: _Rung((init[w] if w in init else TopKSAE(d_model, w, cfg.k_of(w), seed=seed + i)).to(device),
                      cfg.lr or default_lr(w), dead_tokens, cfg.auxk_alpha) for i, w in enumerate(widths)}
 
 
@@ -452,7 +452,7 @@ def _finish(rungs: dict, cfg: TrainConfig, acts, eval_acts) -> dict[int, TopKSAE
         sae = r.sae
         sae.metrics = {**m, "train_fvu": r.stats["fvu"] / max(r.stats["n"], 1),
                        "train_tokens": r.stats["n"], "lr": r.opt.param_groups[0]["lr"]}
-        sae.metadata.update({"featuretree_rung": f"w{w}", "k": cfg.k, **_source_of(acts)})
+        sae.metadata.update({"featuretree_rung": f"w{w}", "k": sae.k, **_source_of(acts)})
         log.info("rung w%d: FVU %.4f  L0 %.1f  dead %.1f%%", w, sae.metrics["fvu"], sae.metrics["l0"],
                  100 * sae.metrics["dead_fraction"])
         saes[w] = sae

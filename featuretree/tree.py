@@ -468,7 +468,8 @@ def _ladder(saes) -> tuple[dict, list[str]]:
 def _link_fired(saes: dict, rungs: list[str], fires: dict, ats: dict, n: int, cfg: LinkConfig,
                 acts_path: str | None, max_parents: int | None) -> nx.DiGraph:
     """The linked graph (nodes, edges, virtual root) from each rung's firing matrix and thresholds."""
-    g = nx.DiGraph(rungs=rungs, n_tokens=int(n), min_coverage=cfg.min_coverage, fire_rel=cfg.fire_rel)
+    g = nx.DiGraph(rungs=rungs, n_tokens=int(n), min_coverage=cfg.min_coverage, within_coverage=cfg.within_coverage,
+                   fire_rel=cfg.fire_rel)
     if acts_path is not None:  # where refine finds the tokens again (build makes it relative to the run)
         g.graph["acts"] = acts_path
     for r in rungs:

@@ -103,6 +103,13 @@ def test_bad_widths_and_k(tmp_path, corpus, capsys, widths, k, needle):
     assert not (tmp_path / "r").exists()  # the config is checked before anything is written
 
 
+def test_bad_k_cap_and_planted_tokens(tmp_path, corpus, capsys):
+    fails(["build", "--corpus", str(corpus), "--max-k-frac", "1.5", "--out", str(tmp_path / "r")], capsys,
+          "max_k_frac=1.5", "(0, 1]")
+    assert not (tmp_path / "r").exists()
+    fails(["eval", "planted", "--n-train", "10"], capsys, "--n-train 10", ">= 1000")
+
+
 def test_layer_out_of_range(tmp_path, corpus, capsys):
     fails(["build", "--corpus", str(corpus), *SMALL, "--layer", "9", "--out", str(tmp_path / "r")], capsys,
           "layer 9", "out of range")

@@ -129,3 +129,54 @@ def test_generator_per_level_probabilities_and_correlated_siblings():
         assert abs(two - 0.5) < 0.05  # p_sibling: a second sibling co-fires half the time
     with pytest.raises(FeatureTreeError, match="per level"):
         planted_hierarchy(depth=3, p_child=(0.5,), n_tokens=10)
+
+
+def test_generator_cosine_range_and_zipfian_firing():
+    p = planted_hierarchy(n_roots=8, branching=3, depth=2, d_model=32, n_tokens=60_000, p_root=0.1,
+                          child_cos=(0.4, 0.75), zipf=1.0, seed=3)
+    d = p.directions
+    cos = [(d[c] @ d[q]).item() for c, q in enumerate(p.parent) if q >= 0]
+    assert min(cos) >= 0.4 - 1e-5 and max(cos) <= 0.75 + 1e-5 and max(cos) - min(cos) > 0.15
+    rates = p.active[:, :8].mean(0).A.ravel()
+    assert (rates[:-1] > rates[1:]).all()  # Zipf: root r fires ~ 1 / (r + 1)
+    assert abs(rates.mean() - 0.1) < 0.01 and abs(rates[0] / rates[3] - 4.0) < 0.5
+    A = p.active.tocsc()
+    kids = [c for c in range(len(p.parent)) if p.parent[c] == 0]
+    n = [A[:, c].nnz for c in kids]
+    assert n[0] > n[1] > n[2] and abs(n[0] / n[2] - 3.0) < 0.5  # the i-th child picked with weight 1 / (i + 1)
+    with pytest.raises(FeatureTreeError, match="child_cos"):
+        planted_hierarchy(child_cos=(0.8, 0.4), n_tokens=10)
+
+
+def test_edge_misses_names_what_is_wrong(planted_run):
+    """Each reason of edge_misses appears exactly where a fault is planted into a right tree."""
+    from featuretree.eval import edge_misses, match_features
+    from featuretree.tree import ROOT, FeatureTree
+
+    _, held, _, tree = planted_run
+    base = edge_misses(tree, held)
+    s = edge_scores(tree, held)
+    assert (base.reason == "found").sum() == round(s["recall"] * s["n_reachable"])
+    m = match_features(tree, held)
+    assert (base.reason == "child unrecovered").sum() + (base.reason == "parent unrecovered").sum() == \
+        s["n_true"] - s["n_reachable"]
+    # pick found grandchild edges P -> C whose child latent's tree parent matches P
+    g = tree.graph
+    found = base[(base.reason == "found") & (base.level == 2)]
+    picks = []
+    for row in found.itertuples():
+        cn = [n for n, f in m.items() if f == row.child]
+        if len(cn) == 1 and m.get(next(g.predecessors(cn[0]))) == row.parent:
+            gp = [n for n, f in m.items() if f == held.parent[row.parent] and g.nodes[n]["width"] < g.nodes[cn[0]]["width"]]
+            if gp:
+                picks.append((row.parent, row.child, cn[0], gp[0]))
+    assert len(picks) >= 2, picks
+    broken = FeatureTree(g.copy(), tree.saes, None)
+    (p1, c1, n1, _), (p2, c2, n2, g2) = picks[:2]
+    broken.graph.remove_edge(next(g.predecessors(n1)), n1)
+    broken.graph.add_edge(ROOT, n1, kind="novel")
+    broken.graph.remove_edge(next(g.predecessors(n2)), n2)
+    broken.graph.add_edge(g2, n2, kind="split")
+    why = edge_misses(broken, held).set_index(["parent", "child"]).reason
+    assert why[(p1, c1)] == "no parent (novel)" and why[(p2, c2)] == "linked to an ancestor"
+    assert (why == "found").sum() == (base.reason == "found").sum() - 2
