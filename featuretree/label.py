@@ -20,9 +20,9 @@ import pandas as pd
 
 from featuretree.utils import tree_edge
 
-__all__ = ["annotate", "CausalLMLabeler", "clean_answer", "context", "contrast_scores", "DEFAULT_PROMPT", "family_words", "INSTRUCTION_PROMPT",
-           "feature_table", "label_scores", "label_tree", "Labeler", "labeler_prompt", "make_label", "node_facts",
-           "score_labels", "whole_word", "word_at"]
+__all__ = ["annotate", "CausalLMLabeler", "clean_answer", "context", "context_pattern", "contrast_scores", "DEFAULT_PROMPT", "family_words", "INSTRUCTION_PROMPT",
+           "feature_table", "label_scores", "label_tree", "Labeler", "labeler_prompt", "make_label", "neighbour_words", "node_facts",
+           "pattern_label", "score_labels", "whole_word", "word_at"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,119 @@ def feature_table(values: np.ndarray, indices: np.ndarray) -> pd.DataFrame:
     on = values.reshape(-1) > 0
     return pd.DataFrame({"row": np.repeat(np.arange(n), k)[on], "feature": indices.reshape(-1)[on],
                          "value": values.reshape(-1)[on]})
+
+
+_ALNUM = re.compile(r"[^\W_]+")
+
+
+def neighbour_words(text: str, start: int, end: int, window: int = 80) -> tuple[str, str]:
+    """The words just before and just after the word holding the token text[start:end], lower-cased
+    (punctuation skipped; "" where the text ends). Read from the text, so any subset of a document's tokens
+    (a refined region) gets its true neighbours.
+
+    Parameters
+    ----------
+    text : str
+    start, end : int
+        The token's character span.
+    window : int
+        Characters searched on each side.
+
+    Example:
+        >>> neighbour_words("a kind of tea, really", 7, 9)
+        ('kind', 'tea')
+        >>> neighbour_words("the anthrax spores", 4, 7)
+        ('the', 'spores')
+    """
+    if start < 0 or end <= start or end > len(text):
+        return "", ""
+    a, b = _trim(text, start, end)
+    while a > 0 and text[a - 1].isalnum():
+        a -= 1
+    while b < len(text) and text[b].isalnum():
+        b += 1
+    before = _ALNUM.findall(text[max(0, a - window):a])
+    after = _ALNUM.search(text, b, min(len(text), b + window))
+    return (before[-1].lower() if before else ""), (after.group(0).lower() if after else "")
+
+
+def context_pattern(fired_rows: np.ndarray, all_rows: np.ndarray, prev: np.ndarray, nxt: np.ndarray,
+                    names, *, n_words: int = 3, min_share: float = 0.5, max_selectivity: float = 0.7,
+                    min_lift: float = 3.0, min_firings: int = 10) -> dict | None:
+    """Where a token feature fires among its token's occurrences: the words before (or after) that set it apart.
+
+    A feature that fires on one token (or a few) on only part of their occurrences is told apart by its
+    context: the neighbouring words over-represented where it fires, against all occurrences of those
+    tokens ("'of' after kind, type, sort"). None when the feature fires on most occurrences (it is the
+    token: `max_selectivity`), fires fewer than `min_firings` times, or no neighbour words cover `min_share` of
+    its firings at `min_lift` times their share over all occurrences (each word, and the named words together).
+
+    Parameters
+    ----------
+    fired_rows : ndarray of int
+        Rows where the feature fires on its tokens.
+    all_rows : ndarray of int
+        Every row holding one of those tokens.
+    prev, nxt : ndarray of int
+        Neighbour word codes per row (of the words `neighbour_words` reads), -1 for none.
+    names : sequence of str
+        Word per code.
+    n_words : int
+        Most neighbour words named.
+    min_share, max_selectivity, min_lift : float
+        See above.
+    min_firings : int
+        Fewest firings to read a pattern from.
+
+    Returns
+    -------
+    dict or None
+        side ("after": the words come before the token, "before": after it), words, share (of the
+        feature's firings with one of them there) and base (their share over all occurrences).
+
+    Example:
+        >>> prev = np.array([0] * 12 + [1] * 28); nxt = np.full(40, -1)   # "kind of" x 12, "cup of" x 28
+        >>> context_pattern(np.arange(10), np.arange(40), prev, nxt, ["kind", "cup"])
+        {'side': 'after', 'words': ['kind'], 'share': 1.0, 'base': 0.3}
+    """
+    nf, na = len(fired_rows), len(all_rows)
+    if nf < min_firings or na == 0 or nf / na > max_selectivity:
+        return None
+    best = None
+    for side, nb in (("after", prev), ("before", nxt)):
+        f, a = nb[fired_rows], nb[all_rows]
+        if not (f >= 0).any():
+            continue
+        size = int(max(f.max(), a.max())) + 1
+        cf = np.bincount(f[f >= 0], minlength=size).astype(float)
+        ca = np.bincount(a[a >= 0], minlength=size).astype(float)
+        lift = (cf / nf) / np.maximum(ca / na, 1e-12)
+        score = np.where((cf >= 2) & (lift >= min_lift), cf * np.log(np.maximum(lift, 1.0)), 0.0)
+        top = [int(j) for j in np.argsort(-score, kind="stable")[:n_words] if score[j] > 0]
+        if not top:
+            continue
+        share, base = float(cf[top].sum() / nf), float(ca[top].sum() / na)
+        if share >= min_share and share >= min_lift * base and (best is None or share > best["share"]):
+            best = {"side": side, "words": [str(names[j]) for j in top], "share": round(share, 3),
+                    "base": round(base, 3)}
+    return best
+
+
+def pattern_label(tokens: list[str], pattern: dict) -> str:
+    """The label of a token feature with a context pattern: "'of' after kind · type · sort".
+
+    Parameters
+    ----------
+    tokens : list of str
+        The feature's tokens as they read.
+    pattern : dict
+        A `context_pattern` result (side and words).
+
+    Example:
+        >>> pattern_label(["of"], {"side": "after", "words": ["kind", "type"]})
+        "'of' after kind · type"
+    """
+    return " / ".join(f"'{t}'" for t in tokens) + f" {pattern['side']} " + " · ".join(pattern["words"])
 
 
 _WORD = r"(?u)\b[a-zA-Z][a-zA-Z-]{2,}\b"
@@ -258,7 +371,24 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
         [whole_word(texts.get(int(d), ""), int(a), int(b)) for d, a, b in spans], dtype=object))
     piece_codes, piece_names = pd.factorize(pd.Series(
         [word_at(texts.get(int(d), ""), int(a), int(b)) for d, a, b in spans], dtype=object))
+    near: dict[int, tuple[str, str]] = {}  # row -> (word before, word after), read from the text when needed
+
+    def neighbours(rows: np.ndarray):
+        """Neighbour word codes of every row (-1: none; only `rows` are filled) and the words they code."""
+        for r in rows.tolist():
+            if r not in near:
+                near[r] = neighbour_words(texts.get(int(doc_ids[r]), ""), int(starts[r]), int(ends[r]))
+        codes, names = pd.factorize(pd.Series([w for r in rows.tolist() for w in near[r]] + [""], dtype=object))
+        prev, nxt = np.full(len(doc_ids), -1, np.int64), np.full(len(doc_ids), -1, np.int64)
+        pair = codes[:-1].reshape(-1, 2)
+        empty = codes[-1]
+        prev[rows], nxt[rows] = np.where(pair[:, 0] == empty, -1, pair[:, 0]), np.where(pair[:, 1] == empty, -1, pair[:, 1])
+        return prev, nxt, list(names)
+
+    tok_order = np.argsort(token_ids, kind="stable")  # rows of each token id: tok_order[lo:hi]
+    tok_sorted = token_ids[tok_order]
     all_docs: dict[str, list[str]] = {}
+    patterns: dict[str, tuple[list, dict]] = {}
     for rung, (values, indices) in codes.items():
         ft = feature_table(values, indices)
         if ft.empty:
@@ -283,13 +413,16 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
         by_word = top_pairs.groupby(["feature", "token", "word"])["value"].sum()  # sorted: fast .loc
         by_piece = top_pairs.groupby(["feature", "token", "piece"])["value"].sum()
         words_of: dict[int, list[str]] = {}
+        shown_of: dict[tuple[int, int], str] = {}
         for f, t in zip(top_tok["feature"].tolist(), top_tok["token"].tolist()):  # in rank order
             w = by_word.loc[(f, t)]
             if w.max() >= 0.5 * w.sum():
                 shown = word_names[w.idxmax()]
             else:
                 shown = piece_names[by_piece.loc[(f, t)].idxmax()]
-            words_of.setdefault(int(f), []).append(shown or _clean_token(strings[t]))
+            shown_of[(int(f), int(t))] = shown or _clean_token(strings[t])
+            words_of.setdefault(int(f), []).append(shown_of[(int(f), int(t))])
+        patterns.update(_token_patterns(g, rung, ft, shown_of, tok_order, tok_sorted, neighbours))
         # strongest firings -> contexts; up to 40 per feature feed the distinctive-word TF-IDF
         ft = ft.sort_values(["feature", "value"], ascending=[True, False], kind="stable")
         best = ft.groupby("feature", sort=False).head(40)
@@ -316,7 +449,49 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
         node = g.nodes[nid]
         node["words"] = words.get(nid, [])
         node["label"] = make_label(node.get("top_words") or node.get("top_tokens") or [], node["words"])
-    log.info("labelled %d nodes", len(parent))
+        node.pop("pattern", None)
+        if nid in patterns:  # a token feature told apart by its context: "'of' after kind · type"
+            shown, pat = patterns[nid]
+            node["pattern"] = pat
+            node["label"] = pattern_label(shown, pat)
+    log.info("labelled %d nodes (%d token features named by their context)", len(parent), len(patterns))
+
+
+def _token_patterns(g, rung: str, ft: pd.DataFrame, shown_of: dict, tok_order: np.ndarray, tok_sorted: np.ndarray,
+                    neighbours, *, max_tokens: int = 3, min_mass: float = 0.8) -> dict[str, tuple[list, dict]]:
+    """{node: (shown tokens, context_pattern)} for rung's features that fire on <= max_tokens tokens (holding
+    >= min_mass of their firings at or above the node's fire_at) and on only part of those tokens' occurrences."""
+    fire_at = {int(g.nodes[n]["index"]): float(g.nodes[n].get("fire_at", 0.0)) for n in g.nodes
+               if g.nodes[n].get("rung") == rung}
+    on = ft[ft["value"].to_numpy() >= ft["feature"].map(fire_at).fillna(np.inf).to_numpy()]
+    out: dict[str, tuple[list, dict]] = {}
+    if on.empty:
+        return out
+    counts = on.groupby(["feature", "token"], sort=False).size().rename("n").reset_index()
+    counts = counts.sort_values(["feature", "n"], ascending=[True, False], kind="stable")
+    counts["cum"] = counts.groupby("feature")["n"].cumsum() / counts.groupby("feature")["n"].transform("sum")
+    counts["rank"] = counts.groupby("feature").cumcount()
+    # the fewest top tokens that reach min_mass; a feature qualifies when they are at most max_tokens
+    reach = counts[counts["cum"] >= min_mass - 1e-9].groupby("feature")["rank"].min()
+    keep = reach[reach < max_tokens]
+    if keep.empty:
+        return out
+    sel = counts[counts["feature"].isin(keep.index)]
+    sel = sel[sel["rank"] <= sel["feature"].map(keep)]
+    toks_of = sel.groupby("feature")["token"].apply(list)
+    on = on[on["feature"].isin(keep.index)]
+    rows_of = on.groupby("feature")
+    for f, toks in toks_of.items():
+        grp = rows_of.get_group(f)
+        fired = grp["row"].to_numpy()[np.isin(grp["token"].to_numpy(), toks)]
+        all_rows = np.concatenate([tok_order[np.searchsorted(tok_sorted, t):np.searchsorted(tok_sorted, t, "right")]
+                                   for t in toks])
+        prev_w, next_w, names = neighbours(all_rows)
+        pat = context_pattern(fired, all_rows, prev_w, next_w, names)
+        if pat is not None:
+            shown = list(dict.fromkeys(shown_of.get((int(f), int(t)), str(t)) for t in toks))
+            out[f"{rung}/{int(f)}"] = (shown, pat)
+    return out
 
 
 def make_label(top_tokens: list[str], words: list[str], n: int = 3) -> str:

@@ -117,6 +117,63 @@ def test_labels_show_a_piece_as_its_word_or_as_a_piece():
     assert b["top_tokens"] == ["al", "and"] and b["top_words"] == ["-al", "and"] and b["label"].startswith("-al · and")
 
 
+def test_a_token_feature_is_named_by_its_context_pattern():
+    """Feature 0 fires on "of" only after kind / type / sort: labelled "'of' after ..." with those words.
+    Feature 1 fires on every "of": it is the token, no pattern. Feature 2 fires on content words: no pattern."""
+    import numpy as np
+    import pandas as pd
+
+    from featuretree.label import annotate
+    from featuretree.tree import FeatureTree
+
+    phrases = ["a kind of tea"] * 12 + ["a type of dog"] * 10 + ["some sort of game"] * 8 + \
+        ["a cup of tea", "the top of a hill", "the end of the day", "a lot of water, really"] * 25
+    texts = dict(enumerate(phrases))
+    vocab: dict[str, int] = {}
+    rows = []
+    for d, text in texts.items():
+        pos = 0
+        for w in text.replace(",", " ,").split():
+            start = text.index(w, pos)
+            pos = start + len(w)
+            rows.append((vocab.setdefault(w, len(vocab)), d, start, pos, w))
+    tokens = pd.DataFrame(rows, columns=["token_id", "doc_id", "start", "end", "w"])
+    prev = tokens.groupby("doc_id")["w"].shift(1)
+    is_of = (tokens.w == "of").to_numpy()
+    after_kind = is_of & prev.isin(["kind", "type", "sort"]).to_numpy()
+    content = tokens.w.isin(["tea", "dog", "game", "water", "hill"]).to_numpy()
+    values = np.stack([np.where(after_kind, 2.0, 0.0), np.where(is_of, 1.0, 0.0), np.where(content, 1.5, 0.0)], 1)
+    indices = np.tile([0, 1, 2], (len(tokens), 1))
+    names = {i: w for w, i in vocab.items()}
+
+    class Acts:
+        def texts(self):
+            return texts
+
+        def token_strings(self, ids):
+            return [names[i] for i in ids]
+
+    g = nx.DiGraph()
+    for j in range(3):
+        g.add_node(f"w3/{j}", rung="w3", index=j, freq=0.1, fire_at=0.5)
+    tree = FeatureTree(g)
+    annotate(tree, {"w3": (values, indices)}, tokens[["token_id", "doc_id", "start", "end"]], Acts())
+    a, b, c = (tree.graph.nodes[f"w3/{j}"] for j in range(3))
+    assert a["pattern"]["side"] == "after" and set(a["pattern"]["words"]) == {"kind", "type", "sort"}
+    assert a["pattern"]["share"] == 1.0 and a["pattern"]["base"] == 0.231  # 30 of the 130 "of"s
+    assert a["label"].startswith("'of' after ") and "pattern" not in b and "pattern" not in c
+    assert b["label"].startswith("of")
+
+
+def test_neighbour_words_skip_punctuation_and_read_the_text():
+    from featuretree.label import neighbour_words
+
+    text = "a cup, of tea. Anthrax spores"
+    assert neighbour_words(text, 7, 9) == ("cup", "tea")          # "of": the comma is skipped
+    assert neighbour_words(text, 15, 18) == ("tea", "spores")     # "Ant" of "Anthrax": the whole word's neighbours
+    assert neighbour_words(text, 0, 1) == ("", "cup") and neighbour_words(text, 23, 29) == ("anthrax", "")
+
+
 # ---- label scores on a planted layer: block 0 outputs each word's own orthonormal direction ----------------
 CONCEPTS = {"animals dog cat horse cow": ["dog", "cat", "horse", "cow"],
             "music violin guitar piano flute": ["violin", "guitar", "piano", "flute"],
