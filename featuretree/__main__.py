@@ -120,7 +120,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         write_sunburst(tree, args.html, root=args.root, max_depth=args.max_depth, color=args.color, kind=args.kind)
         sys.stdout.write(f"wrote {args.html}\n")
     if args.explorer:
-        write_explorer(tree, args.explorer, root=args.root, max_depth=args.max_depth or 3, color=args.color,
+        write_explorer(tree, args.explorer, root=args.root, max_depth=args.max_depth or 3, color=args.color, run=args.run,
                        kind=args.kind)
         sys.stdout.write(f"wrote {args.explorer}\n")
     if args.graphml:
@@ -192,7 +192,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     dest = _save_into(deep, args.run, args.out)
     lines = [f"{args.node}  {deep.graph.nodes[args.node].get('label', '')}", *_subtree_lines(deep, args.node, rc.depth)]
     if args.html:
-        write_explorer(deep, args.html, root=args.node, max_depth=None)
+        write_explorer(deep, args.html, root=args.node, max_depth=None, run=args.run)
         lines.append(f"wrote {args.html}")
     lines.append(f"saved {dest}/")
     sys.stdout.write("\n".join(lines) + "\n")
@@ -222,7 +222,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if path.refined.any() and not args.no_save:
         lines.append(f"saved the refinements to {_save_into(deep, args.run, args.out)}/")
     if args.html:
-        write_explorer(deep, args.html, root=path.node.iloc[0], max_depth=None, highlight=list(path.node))
+        write_explorer(deep, args.html, root=path.node.iloc[0], max_depth=None, highlight=list(path.node),
+                       run=args.run)
         lines.append(f"wrote {args.html}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     import networkx as nx
     import plotly.graph_objects as go
 
-__all__ = ["COLORS", "icicle", "KINDS", "refinements", "sunburst", "write_explorer", "write_sunburst"]
+__all__ = ["COLORS", "icicle", "KINDS", "read_explorer_data", "refinements", "sunburst", "write_explorer",
+           "write_sunburst"]
 
 log = logging.getLogger(__name__)
 
@@ -341,30 +342,88 @@ def _num(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _facts(g: nx.DiGraph, n: str) -> dict:
-    """What the panel shows for node `n`: plain JSON (numbers finite or null, text as strings)."""
+def _r(x: Any, digits: int = 4) -> float | None:
+    """A finite number to `digits` significant digits (the page shows 2-3), or None."""
+    v = _num(x)
+    return None if v is None else float(f"{v:.{digits}g}")
+
+
+def _facts(g: nx.DiGraph, n: str, n_contexts: int = 3) -> dict:
+    """What the card shows for node `n`: plain JSON (numbers finite or null, text as strings), compact."""
     d, p = g.nodes[n], tree_parent(g, n)
     e = g.edges[p, n] if p is not None else {}
-    rung = rung_of(g, n)
-    return {"id": str(n), "label": str(d.get("label") or n), "rung": rung, "refinements": refinements(rung),
-            "width": _num(d.get("width")), "index": _num(d.get("index")), "freq": _num(d.get("freq")),
-            "parent": p, "parent_label": str(g.nodes[p].get("label") or p) if p is not None else None,
-            "coverage": _num(e.get("coverage")), "reverse": _num(e.get("reverse")), "cos": _num(e.get("cos")),
-            "kind": str(e["kind"]) if e.get("kind") is not None else None,
-            "n_children": sum(1 for c in g.successors(n) if not g.nodes[c].get("novel")),
-            **{k: [str(t) for t in d.get(k) or []] for k in ("top_tokens", "top_words", "words", "top_contexts")}}
+    out = {"label": str(d.get("label") or n), "rung": rung_of(g, n), "freq": _r(d.get("freq")),
+           "coverage": _r(e.get("coverage"), 3), "cos": _r(e.get("cos"), 3), "score": _r(d.get("label_score"), 3),
+           "kind": str(e["kind"]) if e.get("kind") is not None else None,
+           "top_words": [str(t) for t in (d.get("top_words") or d.get("top_tokens") or [])][:5],
+           "words": [str(t) for t in d.get("words") or []][:5]}
+    if d.get("layer") is not None:
+        out["layer"] = str(d.get("layer"))
+    shaded = [[[str(t), _r(v, 3) or 0.0] for t, v in c] for c in (d.get("context_acts") or [])[:n_contexts]]
+    if shaded:  # [piece, activation] pairs; the page shades each piece
+        out["contexts"] = shaded
+    else:  # older runs: the «marked» context strings
+        out["marked"] = [str(c) for c in (d.get("top_contexts") or [])[:n_contexts]]
+    hist = d.get("act_hist") or []
+    if len(hist) == 2:
+        out["hist"] = [_r(hist[0], 3), [int(c) for c in hist[1]]]
+    pat = d.get("pattern")
+    if isinstance(pat, dict):
+        out["pattern"] = (f"{pat.get('side')} {' · '.join(map(str, pat.get('words', [])))} "
+                          f"({100 * float(pat.get('share', 0)):.0f}% of its firings, "
+                          f"{100 * float(pat.get('base', 0)):.0f}% of all the token's)")
+    return out
 
 
-def _script_json(obj: Any) -> str:
-    """JSON for a <script type="application/json"> block: <, > and & escaped, so no text can close the script."""
-    text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
-    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+def _packed(text: str) -> str:
+    """`text` gzipped and base64-encoded: safe inside a <script> block (only A-Z a-z 0-9 + / =)."""
+    import base64
+    import gzip
+
+    return base64.b64encode(gzip.compress(text.encode("utf-8"), compresslevel=9, mtime=0)).decode("ascii")
+
+
+def read_explorer_data(path: str | os.PathLike) -> dict:
+    """The node data an explorer page written by `write_explorer` carries (ids, parents, values, nodes, ...).
+
+    Parameters
+    ----------
+    path : str or Path
+        The explorer HTML file.
+
+    Example:
+        >>> import tempfile, pathlib, networkx as nx
+        >>> g = nx.DiGraph(); g.add_node("w2/0", rung="w2", freq=0.5, label="dogs")
+        >>> p = write_explorer(g, pathlib.Path(tempfile.mkdtemp()) / "explorer.html")
+        >>> d = read_explorer_data(p); d["ids"], d["nodes"][0]["label"]
+        (['w2/0'], 'dogs')
+    """
+    import base64
+    import gzip
+
+    page = Path(path).read_text(encoding="utf-8")
+    m = re.search(r'<script type="application/octet-stream" id="ft-data">([A-Za-z0-9+/=]*)</script>', page)
+    if m is None:
+        raise FeatureTreeError(f"{path} is not an explorer page written by featuretree (no ft-data block)")
+    return json.loads(gzip.decompress(base64.b64decode(m.group(1))).decode("utf-8"))
 
 
 _STYLE = """
 body {margin: 0; font: 14px/1.4 system-ui, sans-serif; color: #222}
 #ft-page {display: flex; height: 100vh}
-#ft-figure {flex: 1 1 auto; min-width: 0}
+#ft-main {flex: 1 1 auto; min-width: 0; display: flex; flex-direction: column}
+#ft-bar {display: flex; flex-wrap: wrap; gap: 8px; align-items: center; padding: 6px 10px; border-bottom: 1px solid #ddd}
+#ft-bar input[type=search] {flex: 1 1 220px; font: inherit; padding: 3px 6px}
+#ft-bar select, #ft-bar button {font: inherit}
+#ft-crumbs {padding: 4px 10px; color: #555; overflow-wrap: anywhere}
+#ft-crumbs a, #ft-panel a {color: #1a56a8; cursor: pointer; text-decoration: none}
+#ft-crumbs a:hover, #ft-panel a:hover {text-decoration: underline}
+#ft-results {position: absolute; z-index: 10; background: #fff; border: 1px solid #bbb; max-height: 60vh;
+             overflow-y: auto; margin: 0; padding: 0; list-style: none; min-width: 320px}
+#ft-results li {padding: 3px 8px; cursor: pointer; overflow-wrap: anywhere}
+#ft-results li:hover, #ft-results li.ft-on {background: #eef}
+#ft-figure {flex: 1 1 auto; min-height: 0}
+#ft-plot {width: 100%; height: 100%}
 #ft-panel {order: 2; flex: 0 0 36%; max-width: 640px; overflow-y: auto; padding: 12px 16px; border-left: 1px solid #ddd;
            box-sizing: border-box}
 #ft-panel h2 {font-size: 18px; margin: 4px 0 8px; overflow-wrap: anywhere}
@@ -375,99 +434,359 @@ body {margin: 0; font: 14px/1.4 system-ui, sans-serif; color: #222}
 #ft-panel th {color: #555; font-weight: normal; white-space: nowrap}
 #ft-panel mark {background: #ffe28a; font-weight: bold}
 #ft-panel .ft-chip {display: inline-block; margin: 2px; padding: 1px 6px; background: #eef; border-radius: 8px}
+#ft-panel .ft-ctx {line-height: 1.7}
+#ft-panel .ft-tok {border-radius: 3px}
+#ft-panel code {display: block; background: #f4f4f4; padding: 4px 6px; overflow-wrap: anywhere; user-select: all}
 #ft-hint {color: #777}
 """
 
-# Fills the panel with createElement / textContent only: node text is never parsed as HTML.
+# Builds the figure from the embedded data (only the rings in view, small siblings grouped) and fills the
+# card with createElement / textContent only: node text is never parsed as HTML (hover text is escaped).
 _SCRIPT = r"""
-function featuretreeExplorer(gd) {
+function featuretreeInflate(id) {  // a gzipped, base64-encoded block of the page, as text
+  var b64 = document.getElementById(id).textContent, bin = atob(b64), bytes = new Uint8Array(bin.length);
+  for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+  return new Response(new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"))).text();
+}
+function featuretreeStart() {
+  featuretreeInflate("ft-plotlyjs").then(function (js) {
+    var sc = document.createElement("script");
+    sc.src = URL.createObjectURL(new Blob([js], {type: "text/javascript"}));
+    sc.onload = function () {
+      window.featuretreePlotlyAt = performance.now();
+      featuretreeInflate("ft-data").then(function (text) {
+        window.featuretreeDataAt = performance.now();
+        featuretreeExplorer(document.getElementById("ft-plot"), JSON.parse(text));
+      });
+    };
+    document.head.appendChild(sc);
+  });
+}
+function featuretreeExplorer(gd, data) {
   "use strict";
-  var nodes = JSON.parse(document.getElementById("ft-data").textContent).nodes;
-  var panel = document.getElementById("ft-panel");
+  var ids = data.ids, N = ids.length, facts = {}, marks = {};
+  ids.forEach(function (id, i) { facts[id] = data.nodes[i]; });
+  data.marked.forEach(function (i) { marks[i] = true; });
+  var index = {}, kids = [], parent = data.parents;
+  ids.forEach(function (id, i) { index[id] = i; kids.push([]); });
+  parent.forEach(function (p, i) { if (p >= 0) kids[p].push(i); });
+  kids.forEach(function (k) { k.sort(function (a, b) { return data.values[b] - data.values[a]; }); });
+  var tops = [];
+  for (var i = 0; i < N; i++) if (parent[i] < 0) tops.push(i);
+  tops.sort(function (a, b) { return data.values[b] - data.values[a]; });
+  var panel = document.getElementById("ft-panel"), crumbs = document.getElementById("ft-crumbs");
+  var box = document.getElementById("ft-search"), results = document.getElementById("ft-results");
+  var colourBy = document.getElementById("ft-colour"), sizeBy = document.getElementById("ft-size");
+  var view = null, selected = null, expanded = {}, depth = data.depth, per = data.per_parent;
+  var MORE = "\u2026more:";
+
   function el(tag, text, cls) {
     var e = document.createElement(tag);
     if (text !== undefined && text !== null) e.textContent = String(text);
     if (cls) e.className = cls;
     return e;
   }
-  function pct(x) { return x === null ? "?" : (100 * x).toPrecision(3) + "%"; }
-  function num(x) { return x === null ? "?" : x.toFixed(2); }
-  function context(text) {  // the «firing token» in a <mark>, the rest as text
-    var td = el("td"), re = /\u00ab[^\u00ab\u00bb]*\u00bb/g, last = 0, m;
-    while ((m = re.exec(text)) !== null) {
-      td.appendChild(document.createTextNode(text.slice(last, m.index)));
-      td.appendChild(el("mark", m[0]));
-      last = re.lastIndex;
+  function esc(t) { return String(t).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;"); }
+  function cut(t, n) { t = String(t); return t.length > n ? t.slice(0, n - 1) + "\u2026" : t; }
+  function pct(x) { return x === null || x === undefined ? "?" : (100 * x).toPrecision(3) + "%"; }
+  function num(x) { return x === null || x === undefined ? "?" : x.toFixed(2); }
+  function link(i, text) {
+    var a = el("a", text === undefined ? ids[i] + "  " + facts[ids[i]].label : text);
+    a.href = "#" + encodeURIComponent(ids[i]);
+    return a;
+  }
+  function viridis(t) {  // 0..1 -> a colour of the viridis scale (5 stops, linear between)
+    var s = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+    t = Math.max(0, Math.min(1, t)) * 4;
+    var k = Math.min(3, Math.floor(t)), f = t - k, c = s[k].map(function (v, j) { return Math.round(v + f * (s[k + 1][j] - v)); });
+    return "rgb(" + c.join(",") + ")";
+  }
+  function colourOf(i) {
+    var f = facts[ids[i]], how = colourBy.value;
+    if (how === "coverage") return f.coverage === null ? "#ccc" : viridis(f.coverage);
+    if (how === "score") return f.score === null || f.score === undefined ? "#ccc" : viridis(2 * (f.score - 0.5));
+    return data.palette[data.colors[i]];
+  }
+  function sizeOf(i) { return sizeBy.value === "count" ? data.counts[i] : data.values[i]; }
+
+  // the sectors in view: `depth` rings under the view's node; of each parent its largest `per` children
+  // (all of them once its "smaller features" sector was clicked); of those the `budget` largest, so the first
+  // view stays readable and quick; the rest of each parent's children as one "n smaller features" sector
+  function sectors() {
+    var out = {ids: [], parents: [], labels: [], values: [], colors: [], hover: []};
+    var cand = [], chosen = {}, forced = {};
+    function collect(i, p, left) {
+      cand.push([i, p]);
+      if (left > 1) {
+        var ks = kids[i], shown = expanded[i] ? ks.length : Math.min(per, ks.length);
+        for (var j = 0; j < shown; j++) { if (expanded[i]) forced[ks[j]] = true; collect(ks[j], i, left - 1); }
+      }
     }
-    td.appendChild(document.createTextNode(text.slice(last)));
-    return td;
+    var roots = view === null ? tops.slice(0, expanded[-1] ? tops.length : data.top_shown) : [view];
+    roots.forEach(function (r) { forced[r] = expanded[-1] || view !== null || forced[r]; collect(r, null, view === null ? depth : depth + 1); });
+    cand.sort(function (a, b) { return sizeOf(b[0]) - sizeOf(a[0]); });
+    var n = 0;
+    cand.forEach(function (c) {
+      if ((c[1] === null || chosen[c[1]]) && (n < data.budget || forced[c[0]])) { chosen[c[0]] = true; n++; }
+    });
+    function add(i, p) {
+      var f = facts[ids[i]];
+      out.ids.push(ids[i]); out.parents.push(p === null ? "" : ids[p]);
+      out.labels.push((marks[i] ? "\u2605 " : "") + esc(cut(f.label, 60)));
+      out.colors.push(marks[i] && colourBy.value === "rung" ? "#FFD700" : colourOf(i));
+      var h = "<b>" + esc(ids[i]) + "</b>  " + esc(cut(f.label, 100)) + "<br>fires on " + pct(f.freq) + " of tokens";
+      if (p !== null && f.coverage !== null) h += "<br>coverage " + num(f.coverage) + " \u00b7 cos " + num(f.cos);
+      out.hover.push(h);
+    }
+    function more(key, p, count, value, what) {
+      out.ids.push(MORE + key); out.parents.push(p); out.labels.push(count + " smaller features");
+      out.values.push(value); out.colors.push("#e0e0e0"); out.hover.push(count + " smaller features " + what + ": click to draw them");
+    }
+    function walk(i, p) {  // preorder; returns the sector's value (at least the sum of its children's)
+      add(i, p);
+      var at = out.values.length, ks = kids[i], total = 0, rest = 0, hidden = 0;
+      out.values.push(0);
+      var drawsKids = ks.some(function (k) { return chosen[k]; });
+      ks.forEach(function (k) { if (chosen[k]) total += walk(k, i); else { rest += sizeOf(k); hidden++; } });
+      if (drawsKids && hidden) { more(ids[i], ids[i], hidden, rest, "of " + esc(ids[i])); total += rest; }
+      out.values[at] = Math.max(sizeOf(i), total);
+      return out.values[at];
+    }
+    if (view === null) {
+      var rest = 0, hidden = 0;
+      tops.forEach(function (t) { if (chosen[t]) walk(t, null); else { rest += sizeOf(t); hidden++; } });
+      if (hidden) more("top", "", hidden, rest, "at the top");
+    } else {
+      walk(view, null);
+    }
+    return out;
+  }
+  function draw() {
+    var s = sectors(), whole = 0;
+    s.parents.forEach(function (p, j) { if (p === "") whole += s.values[j]; });
+    // no text on slivers too thin to hold it (plotly would measure and then hide every one of them)
+    s.labels = s.labels.map(function (t, j) { return s.values[j] >= 0.003 * whole ? t : ""; });
+    var trace = {type: data.kind, ids: s.ids, parents: s.parents, labels: s.labels, values: s.values,
+      branchvalues: "total", marker: {colors: s.colors, line: {width: 0.5, color: "white"}}, hovertext: s.hover,
+      hoverinfo: "text", textinfo: "label", leaf: {opacity: 1}, sort: false};
+    if (data.kind === "sunburst") trace.insidetextorientation = "radial"; else trace.tiling = {orientation: "h"};
+    var title = view === null ? data.title : esc(ids[view]) + "  " + esc(cut(facts[ids[view]].label, 80));
+    Plotly.react(gd, [trace], {margin: {t: 40, l: 10, r: 10, b: 10}, title: {text: title, x: 0.5}},
+                 {responsive: true, displaylogo: false});
+    gd.dataset.view = view === null ? "" : ids[view];
+    if (!window.featuretreeDrawnAt) window.featuretreeDrawnAt = performance.now();  // ms since the page began
+    listen();
+  }
+  function chain(i) { var c = []; while (i >= 0) { c.unshift(i); i = parent[i]; } return c; }
+  function showCrumbs(i) {
+    var parts = [el("a", "all features")];
+    parts[0].href = "#";
+    if (i !== null) chain(i).forEach(function (j) { parts.push(document.createTextNode(" \u203a ")); parts.push(link(j, ids[j])); });
+    crumbs.replaceChildren.apply(crumbs, parts);
   }
   function chips(items) {
     var p = el("p");
-    if (!items.length) p.textContent = "(none)";
-    items.forEach(function (t) { p.appendChild(el("span", t, "ft-chip")); });
+    if (!items || !items.length) p.textContent = "(none)";
+    (items || []).forEach(function (t) { p.appendChild(el("span", t, "ft-chip")); });
     return p;
   }
-  function select(id) {
-    var n = nodes[id];
-    if (!n) return;
-    var rung = n.rung + (n.refinements ? " (refined \u00d7" + n.refinements + ")" : "");
-    var rows = [["id", n.id], ["rung", rung], ["width", n.width], ["index", n.index],
-                ["fires on", pct(n.freq) + " of tokens"], ["children", n.n_children]];
-    if (n.parent !== null) {
-      rows.push(["parent", n.parent + "  " + n.parent_label], ["coverage", num(n.coverage) + "  P(parent fires | it fires)"],
-                ["reverse", num(n.reverse) + "  P(it fires | parent fires)"], ["cos", num(n.cos) + "  decoder cosine"],
-                ["edge", n.kind]);
-    } else {
-      rows.push(["parent", "(none: a top-level feature)"]);
+  function histogram(h) {  // bars of how often it fires at each activation, 0 .. max
+    var ns = "http://www.w3.org/2000/svg", svg = document.createElementNS(ns, "svg"), counts = h[1];
+    var top = Math.max.apply(null, counts) || 1, w = 240, ht = 60, bw = w / counts.length;
+    svg.setAttribute("width", w); svg.setAttribute("height", ht + 14); svg.id = "ft-hist";
+    counts.forEach(function (c, j) {
+      var r = document.createElementNS(ns, "rect"), bh = Math.round(ht * c / top);
+      r.setAttribute("x", j * bw + 1); r.setAttribute("y", ht - bh); r.setAttribute("width", bw - 2);
+      r.setAttribute("height", bh); r.setAttribute("fill", "#6a8cc7");
+      svg.appendChild(r);
+    });
+    var t = document.createElementNS(ns, "text");
+    t.setAttribute("x", 0); t.setAttribute("y", ht + 12); t.setAttribute("font-size", "10");
+    t.textContent = "0 \u2026 " + (h[0] === null ? "?" : h[0].toFixed(2)) + " activation";
+    svg.appendChild(t);
+    return svg;
+  }
+  function shaded(segs) {  // each piece of the context on a background as strong as the activation there
+    var p = el("p", null, "ft-ctx"), top = 0;
+    segs.forEach(function (s) { top = Math.max(top, s[1]); });
+    segs.forEach(function (s) {
+      if (s[1] > 0) {
+        var span = el("span", s[0], "ft-tok");
+        span.style.background = "rgba(255, 140, 0, " + (0.15 + 0.85 * s[1] / (top || 1)).toFixed(3) + ")";
+        span.title = "activation " + s[1].toFixed(3);
+        p.appendChild(span);
+      } else {
+        p.appendChild(document.createTextNode(s[0]));
+      }
+    });
+    return p;
+  }
+  function marked(text) {  // older runs: the «firing token» in a <mark>, the rest as text
+    var p = el("p", null, "ft-ctx"), re = /\u00ab[^\u00ab\u00bb]*\u00bb/g, last = 0, m;
+    while ((m = re.exec(text)) !== null) {
+      p.appendChild(document.createTextNode(text.slice(last, m.index)));
+      p.appendChild(el("mark", m[0]));
+      last = re.lastIndex;
     }
-    var facts = el("table"), ctx = el("table");
-    facts.id = "ft-facts";
-    ctx.id = "ft-contexts";
-    rows.forEach(function (r) {
-      var tr = el("tr");
-      tr.appendChild(el("th", r[0]));
-      tr.appendChild(el("td", r[1] === null ? "?" : r[1]));
-      facts.appendChild(tr);
-    });
-    n.top_contexts.forEach(function (c, i) {
-      var tr = el("tr");
-      tr.appendChild(el("th", i + 1));
-      tr.appendChild(context(c));
-      ctx.appendChild(tr);
-    });
-    var h = el("h2", n.label);
-    panel.replaceChildren(h, facts, el("h3", "Top tokens"), chips(n.top_tokens),
-                          el("h3", "In words"), chips(n.top_words),
-                          el("h3", "Distinctive words"), chips(n.words),
-                          el("h3", "Top contexts (" + n.top_contexts.length + ")"),
-                          n.top_contexts.length ? ctx : el("p", "(none)"));
-    panel.dataset.node = n.id;
+    p.appendChild(document.createTextNode(text.slice(last)));
+    return p;
+  }
+  function links(list, empty) {
+    var p = el("p");
+    if (!list.length) p.textContent = empty;
+    list.slice(0, 12).forEach(function (j, k) { if (k) p.appendChild(el("br")); p.appendChild(link(j)); });
+    if (list.length > 12) { p.appendChild(el("br")); p.appendChild(document.createTextNode("\u2026 and " + (list.length - 12) + " more")); }
+    return p;
+  }
+  function card(i) {
+    var id = ids[i], n = facts[id], rows = [["id", id], ["rung", n.rung + (n.layer ? "  (layer " + n.layer + ")" : "")],
+      ["fires on", pct(n.freq) + " of tokens"], ["label score", n.score === null || n.score === undefined ? "(not scored)" : num(n.score)]];
+    if (n.pattern) rows.push(["context", n.pattern]);
+    var facts_t = el("table");
+    facts_t.id = "ft-facts";
+    rows.forEach(function (r) { var tr = el("tr"); tr.appendChild(el("th", r[0])); tr.appendChild(el("td", r[1])); facts_t.appendChild(tr); });
+    var parts = [el("h2", n.label), facts_t];
+    if (n.hist) parts.push(el("h3", "Activation histogram (its firings on held-out tokens)"), histogram(n.hist));
+    parts.push(el("h3", "Parent"));
+    if (parent[i] >= 0) {
+      var pp = el("p");
+      pp.appendChild(link(parent[i]));
+      pp.appendChild(el("br"));
+      pp.appendChild(document.createTextNode("coverage " + num(n.coverage) + " = P(parent fires | it fires) \u00b7 decoder cos " + num(n.cos) + (n.kind ? " \u00b7 " + n.kind : "")));
+      parts.push(pp);
+    } else {
+      parts.push(el("p", "(none: a top-level feature)"));
+    }
+    var sib = (parent[i] >= 0 ? kids[parent[i]] : tops).filter(function (j) { return j !== i; });
+    parts.push(el("h3", "Children (" + kids[i].length + ")"), links(kids[i], "(none yet: refine it, below)"),
+               el("h3", "Siblings (" + sib.length + ")"), links(sib, "(none)"),
+               el("h3", "Top words"), chips(n.top_words), el("h3", "Distinctive words"), chips(n.words));
+    var box2 = el("div");
+    box2.id = "ft-contexts";
+    (n.contexts || []).forEach(function (c) { box2.appendChild(shaded(c)); });
+    (n.marked || []).forEach(function (c) { box2.appendChild(marked(c)); });
+    parts.push(el("h3", "Top contexts, each token shaded by its activation"), box2.childNodes.length ? box2 : el("p", "(none)"));
+    parts.push(el("h3", "Go deeper here"), el("code", "featuretree refine " + data.run + " " + id),
+               el("code", "featuretree search " + data.run + " <query> --start " + id));
+    panel.replaceChildren.apply(panel, parts);
+    panel.dataset.node = id;
     panel.scrollTop = 0;
   }
-  function onClick(ev) {  // returns nothing: plotly's own click-zoom goes on
-    var pt = ev && ev.points && ev.points[0];
-    if (pt) select(pt.id !== undefined ? pt.id : gd.data[0].ids[pt.pointNumber]);
+  function select(id, recentre) {
+    var i = index[id];
+    if (i === undefined) return false;
+    selected = i;
+    if (recentre) view = kids[i].length ? i : (parent[i] >= 0 ? parent[i] : null);
+    card(i);
+    showCrumbs(i);
+    draw();
+    if (decodeURIComponent(location.hash.slice(1)) !== id) history.replaceState(null, "", "#" + encodeURIComponent(id));
+    return true;
   }
-  gd.on("plotly_" + gd.data[0].type + "click", onClick);
-  gd.on("plotly_click", onClick);
-  var start = document.getElementById("ft-data").dataset.select;
-  if (start) select(start);
+  function onClick(ev) {
+    var pt = ev && ev.points && ev.points[0];
+    if (!pt) return false;
+    var id = pt.id !== undefined ? pt.id : gd.data[0].ids[pt.pointNumber];
+    if (id.indexOf(MORE) === 0) {  // draw a parent's smaller children (lazily: only now)
+      var rest = id.slice(MORE.length);
+      expanded[rest === "top" ? -1 : index[rest]] = true;
+      draw();
+      return false;
+    }
+    var i = index[id];
+    if (view !== null && i === view) { view = parent[i] >= 0 ? parent[i] : null; selected = i; card(i); showCrumbs(i); draw(); return false; }
+    select(id, true);
+    return false;  // we draw the zoom ourselves
+  }
+  var listening = false;
+  function listen() {  // plotly gives the div its .on() when it first draws
+    if (!listening && gd.on) { gd.on("plotly_" + data.kind + "click", onClick); listening = true; }
+  }
+
+  function search(q) {  // labels, words and ids holding every word of the query; best: fires most
+    q = q.trim().toLowerCase();
+    results.replaceChildren();
+    if (q.length < 2) { results.hidden = true; return; }
+    var terms = q.split(/\s+/), hits = [], rank = {};
+    for (var i = 0; i < N && hits.length < 2000; i++) {
+      var f = facts[ids[i]], label = f.label.toLowerCase();
+      var hay = (ids[i] + " " + label + " " + f.top_words.join(" ") + " " + f.words.join(" ")).toLowerCase();
+      if (!terms.every(function (t) { return hay.indexOf(t) >= 0; })) continue;
+      // the whole query in the label or as the id first, then in its words; ties: the feature firing most
+      rank[i] = ids[i].toLowerCase() === q ? 3 : label.indexOf(q) >= 0 ? 2 : hay.indexOf(q) >= 0 ? 1 : 0;
+      hits.push(i);
+    }
+    hits.sort(function (a, b) { return (rank[b] - rank[a]) || ((facts[ids[b]].freq || 0) - (facts[ids[a]].freq || 0)); });
+    hits.slice(0, 30).forEach(function (i, k) {
+      var li = el("li", ids[i] + "  " + facts[ids[i]].label);
+      li.dataset.node = ids[i];
+      if (!k) li.className = "ft-on";
+      li.addEventListener("mousedown", function (e) { e.preventDefault(); go(ids[i]); });
+      results.appendChild(li);
+    });
+    if (!hits.length) results.appendChild(el("li", "no feature matches"));
+    results.hidden = false;
+  }
+  function go(id) { results.hidden = true; box.blur(); location.hash = "#" + encodeURIComponent(id); select(id, true); }
+  box.addEventListener("input", function () { search(box.value); });
+  box.addEventListener("keydown", function (e) {
+    var items = Array.prototype.slice.call(results.querySelectorAll("li[data-node]")), on = results.querySelector(".ft-on");
+    var k = items.indexOf(on);
+    if (e.key === "Enter" && on) { go(on.dataset.node); e.preventDefault(); }
+    else if (e.key === "ArrowDown" || e.key === "ArrowUp") {
+      if (on) on.className = "";
+      k = Math.max(0, Math.min(items.length - 1, k + (e.key === "ArrowDown" ? 1 : -1)));
+      if (items[k]) items[k].className = "ft-on";
+      e.preventDefault();
+    } else if (e.key === "Escape") { results.hidden = true; box.blur(); }
+  });
+  box.addEventListener("blur", function () { setTimeout(function () { results.hidden = true; }, 150); });
+  document.addEventListener("keydown", function (e) {  // keys walk the tree from the selected feature
+    if (e.target === box || selected === null) { if (e.key === "/" && e.target !== box) { box.focus(); e.preventDefault(); } return; }
+    var i = selected, sib = parent[i] >= 0 ? kids[parent[i]] : tops, to = null;
+    if (e.key === "ArrowUp" && parent[i] >= 0) to = parent[i];
+    else if (e.key === "ArrowDown" && kids[i].length) to = kids[i][0];
+    else if (e.key === "ArrowRight" || e.key === "ArrowLeft") to = sib[(sib.indexOf(i) + (e.key === "ArrowRight" ? 1 : sib.length - 1)) % sib.length];
+    else if (e.key === "Escape") { view = null; selected = null; history.replaceState(null, "", "#"); showCrumbs(null); draw(); return; }
+    else if (e.key === "/") { box.focus(); e.preventDefault(); return; }
+    if (to !== null) { e.preventDefault(); location.hash = "#" + encodeURIComponent(ids[to]); }
+  });
+  colourBy.addEventListener("change", draw);
+  sizeBy.addEventListener("change", draw);
+  window.addEventListener("hashchange", function () {
+    var id = decodeURIComponent(location.hash.slice(1));
+    if (!id) { view = null; selected = null; showCrumbs(null); draw(); return; }
+    if (selected === null || ids[selected] !== id) select(id, true);
+  });
+  var start = decodeURIComponent(location.hash.slice(1)) || data.select;
+  showCrumbs(null);
+  if (!(start && select(start, true))) draw();
 }
 """
 
 
 def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, kind: str = "sunburst",
                    max_depth: int | None = 3, color: str = "rung", prefer_refined: bool = True,
-                   highlight=None) -> Path:
-    """Write one self-contained HTML page to explore the tree offline: the figure, and a panel for the clicked node.
+                   highlight=None, run: str | os.PathLike | None = None, per_parent: int = 8,
+                   top_shown: int = 64, max_sectors: int = 300) -> Path:
+    """Write one self-contained HTML page to explore the tree offline: a readable figure, search, and a card
+    for the selected feature.
 
-    Left: `sunburst` (or `icicle` with kind="icicle") with the same `root`, `max_depth`, `color` and
-    `prefer_refined` options; click a sector to zoom into it (click the centre to zoom out). Right: the clicked node's id,
-    label, rung, width, firing rate, parent with coverage / reverse coverage / decoder cosine, top tokens,
-    distinctive words and every top context, the «firing token» highlighted. plotly.js is inlined once
-    (~5 MB); node data is embedded as JSON and put on the page as text only, so corpus text cannot
-    inject markup or script. With `root`, the panel starts on that node. Written atomically.
+    The figure (sunburst, or icicle with kind="icicle") opens on the top levels only: `max_depth` rings, of
+    each parent its `per_parent` largest children (and `top_shown` top-level features), the rest grouped
+    in one grey "n smaller features" sector that draws them when clicked; at most `max_sectors`
+    sectors, the largest, are drawn at once. Clicking a feature centres the
+    figure on it (its next rings are drawn only then) and opens its card; clicking the centre goes up. The
+    bar above it has a search box over labels, words and ids ("/" focuses it; Enter opens the first hit),
+    and the colour (rung, coverage, label score) and size (firing rate, number of features) of sectors;
+    breadcrumbs lead back to the root; arrow keys walk the tree (up: parent, down: first child, left /
+    right: siblings; Escape: everything); the URL fragment (`page.html#w512/7`) opens a node directly.
+    The card shows label and label score, rung (and layer), firing rate, an activation histogram, the
+    parent with coverage and decoder cosine, children and siblings (links), top and distinctive words,
+    the top contexts with each token shaded by the feature's activation, the context pattern of a token
+    feature, and the `featuretree refine` / `search --start` commands that go deeper there. plotly.js is
+    inlined once (~4.6 MB); node data is embedded as JSON and shown as text only (hover text escaped), so
+    corpus text cannot inject markup or script. Written atomically.
 
     Parameters
     ----------
@@ -476,48 +795,77 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
     path : str or Path
         The HTML file to write (replaced if it exists); the returned Path points to it.
     root : str, optional
-        A node id: draw only its subtree and open the panel on it (default: from every parentless feature of
-        the narrowest rung).
+        A node id: the page holds only its subtree and opens on it.
     kind : str
         "sunburst" or "icicle".
     max_depth : int, optional
-        Levels shown at once; click to zoom further (None: all).
+        Rings drawn at once (None: all of them).
     color : str
-        "rung" (one colour per rung and refinement level) or "coverage" (P(parent | child)).
+        The colour the page opens with: "rung" (one per rung and refinement level) or "coverage".
     prefer_refined : bool
         A refined node shows only its local dictionary's children, not the ladder's.
     highlight : list of str, optional
-        Nodes to mark (a search's path, `path.node`): filled gold (colour "rung"), "★ " before their labels,
-        and listed under the title; the panel opens on the last one.
+        Nodes to mark (a search's path, `path.node`): filled gold (colour "rung"), "★ " before their labels;
+        the page opens on the last one.
+    run : str or Path, optional
+        The run directory named in the card's commands (default: "RUN").
+    per_parent, top_shown : int
+        Children drawn per parent, and top-level features drawn, before the rest are grouped.
+    max_sectors : int
+        Most sectors drawn at once (the largest; a clicked "smaller features" sector draws its own anyway).
 
     Example:
         >>> import tempfile, pathlib, networkx as nx
         >>> g = nx.DiGraph(); g.add_node("w2/0", rung="w2", freq=0.5, top_contexts=["a «dog» barked"])
         >>> p = write_explorer(g, pathlib.Path(tempfile.mkdtemp()) / "explorer.html")
-        >>> page = p.read_text(encoding="utf-8"); page.count("ft-panel") > 0, '"a «dog» barked"' in page
-        (True, True)
+        >>> read_explorer_data(p)["nodes"][0]["marked"]
+        ['a «dog» barked']
     """
-    fig = _figure(tree, kind, root, max_depth, color, prefer_refined, highlight)
+    from plotly.offline import get_plotlyjs
+
+    if kind not in KINDS:
+        raise FeatureTreeError(f"kind={kind!r} is not a figure: use kind='sunburst' or kind='icicle'")
+    if min(per_parent, top_shown, max_sectors) < 1:
+        raise FeatureTreeError(f"per_parent={per_parent}, top_shown={top_shown} and max_sectors={max_sectors} must be "
+                               "at least 1")
+    lay = _layout(tree, root, None, "rung", prefer_refined, highlight)
     g = graph_of(tree)
-    data = {"kind": kind, "nodes": {n: _facts(g, n) for n in fig.data[0].ids}}
-    if highlight and highlight[-1] in data["nodes"]:
-        root = highlight[-1]  # the panel opens on the path's end
-    title = fig.layout.title.text or ""  # already escaped, and free of markup
-    plot = fig.to_html(include_plotlyjs=True, full_html=False, div_id="ft-plot", default_height="100vh",
-                       default_width="100%", config={"responsive": True},
-                       post_script="featuretreeExplorer(document.getElementById('{plot_id}'));")
-    start = f' data-select="{html.escape(root)}"' if root is not None and root in data["nodes"] else ""
+    at = {n: i for i, n in enumerate(lay.ids)}
+    counts = [1] * len(lay.ids)
+    for i in range(len(lay.ids) - 1, -1, -1):  # preorder reversed: children before parents
+        p = lay.parents[i]
+        if p:
+            counts[at[p]] += counts[i]
+    marked = set(highlight or [])
+    start = highlight[-1] if highlight and highlight[-1] in at else root if root in at else None
+    title = lay.title + (f" · {color}" if color != "rung" else "")
+    palette = list(dict.fromkeys(lay.marker["colors"]))
+    data = {"kind": kind, "ids": lay.ids, "parents": [at[p] if p else -1 for p in lay.parents],
+            "values": [_r(v, 6) for v in lay.values], "counts": counts, "palette": palette,
+            "colors": [palette.index(c) for c in lay.marker["colors"]],
+            "marked": [at[n] for n in lay.ids if n in marked], "nodes": [_facts(g, n) for n in lay.ids],
+            "depth": int(max_depth) if max_depth is not None else 10_000, "per_parent": int(per_parent),
+            "top_shown": int(top_shown), "budget": int(max_sectors), "title": title, "select": start, "run": str(run or "RUN")}
+    options = "".join(f'<option value="{v}"{" selected" if v == color else ""}>{t}</option>'
+                      for v, t in (("rung", "rung"), ("coverage", "coverage"), ("score", "label score")))
     page = "".join([
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
         f"<title>featuretree explorer · {title}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n",
-        f'<script type="application/json" id="ft-data"{start}>{_script_json(data)}</script>\n',
-        f"<script>{_SCRIPT}</script>\n",
-        # the panel comes first in the document (CSS puts it on the right): it exists when the plot calls in
-        '<div id="ft-page">\n<aside id="ft-panel"><p id="ft-hint">Click a sector to zoom into it and show its feature '
-        "here; click the centre (the icicle's left column) to zoom back out.</p></aside>\n",
-        '<div id="ft-figure">', plot, "</div>\n</div>\n</body>\n</html>\n",
+        # plotly.js and the data travel gzipped + base64 (a third of the size) and are inflated by the browser
+        f'<script type="application/octet-stream" id="ft-plotlyjs">{_packed(get_plotlyjs())}</script>\n',
+        f'<script type="application/octet-stream" id="ft-data">{_packed(json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":")))}</script>\n',
+        f'<script>{_SCRIPT}</script>\n',
+        '<div id="ft-page">\n<aside id="ft-panel"><p id="ft-hint">Click a sector to centre the figure on it and show '
+        "its feature here; click the centre to go up. Search with the box above (or press /).</p></aside>\n",
+        '<div id="ft-main"><div id="ft-bar"><input type="search" id="ft-search" placeholder="search labels, words, ids"'
+        ' autocomplete="off"><label>colour <select id="ft-colour">', options, '</select></label>'
+        '<label>size <select id="ft-size"><option value="freq">firing rate</option><option value="count">'
+        "number of features</option></select></label></div>\n",
+        '<ul id="ft-results" hidden></ul><div id="ft-crumbs"></div>\n',
+        '<div id="ft-figure"><div id="ft-plot"></div></div></div>\n</div>\n',
+        "<script>featuretreeStart();</script>\n</body>\n</html>\n",
     ])
     write_text(path, page)
-    log.info("wrote explorer (%s, %d features) to %s (%.1f MB)", kind, len(data["nodes"]), path,
+    log.info("wrote explorer (%s, %d features) to %s (%.1f MB)", kind, len(lay.ids), path,
              Path(path).stat().st_size / 1e6)
     return Path(path)

@@ -20,7 +20,7 @@ import pandas as pd
 
 from featuretree.utils import tree_edge
 
-__all__ = ["annotate", "CausalLMLabeler", "clean_answer", "context", "context_pattern", "contrast_scores", "DEFAULT_PROMPT", "family_words", "INSTRUCTION_PROMPT",
+__all__ = ["annotate", "CausalLMLabeler", "clean_answer", "context", "context_pattern", "shaded_context", "contrast_scores", "DEFAULT_PROMPT", "family_words", "INSTRUCTION_PROMPT",
            "feature_table", "label_scores", "label_tree", "Labeler", "labeler_prompt", "make_label", "neighbour_words", "node_facts",
            "pattern_label", "score_labels", "whole_word", "word_at"]
 
@@ -44,6 +44,56 @@ def context(text: str, start: int, end: int, window: int = 60) -> str:
     if end + window < len(text) and " " in right:
         right = right.rsplit(" ", 1)[0] + "…"
     return _WS.sub(" ", f"{left}«{text[start:end]}»{right}").strip()
+
+
+def shaded_context(text: str, spans, acts, start: int, end: int, window: int = 60) -> list[list]:
+    """The context `context(text, start, end)` shows, as [piece, activation] pairs that join into its text
+    (without the «» marks): every token span in `spans` carries its activation in `acts`, the text between
+    them 0, so a page can shade each token by how strongly the feature fires there.
+
+    Parameters
+    ----------
+    text : str
+        The document.
+    spans : sequence of (int, int)
+        Character spans of the document's tokens near the firing token, in order.
+    acts : sequence of float
+        The feature's activation on each of those tokens (0 where it does not fire).
+    start, end : int
+        The firing token's span (the centre of the window).
+    window : int
+        Characters each side, as in `context`.
+
+    Example:
+        >>> shaded_context("the dog barked", [(0, 3), (4, 7), (8, 14)], [0.0, 2.5, 0.5], 4, 7)
+        [['the ', 0.0], ['dog', 2.5], [' ', 0.0], ['barked', 0.5]]
+    """
+    if start < 0 or end <= start or end > len(text):
+        return []
+    a, b = max(0, start - window), min(len(text), end + window)
+    if a > 0 and " " in text[a:start]:
+        a = text.index(" ", a, start) + 1
+    if b < len(text) and " " in text[end:b]:
+        b = text.rindex(" ", end, b)
+    out: list[list] = []
+    pos = a
+    for (s, e), v in zip(spans, acts):
+        s, e = max(int(s), pos), min(int(e), b)
+        if e <= s:
+            continue
+        if s > pos:
+            out.append([_WS.sub(" ", text[pos:s]), 0.0])
+        out.append([_WS.sub(" ", text[s:e]), round(float(v), 3)])
+        pos = e
+    if pos < b:
+        out.append([_WS.sub(" ", text[pos:b]), 0.0])
+    merged: list[list] = []
+    for seg in out:  # runs of text where the feature is silent become one piece
+        if merged and seg[1] == 0.0 and merged[-1][1] == 0.0:
+            merged[-1][0] += seg[0]
+        elif seg[0]:
+            merged.append(seg)
+    return merged
 
 
 def _trim(text: str, start: int, end: int) -> tuple[int, int]:
@@ -332,7 +382,9 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
              parent_docs: dict[str, list[str]] | None = None, contrast: bool = False) -> None:
     """Fill each node's `top_tokens`, `top_words` (each top token as it reads: the whole word when one word
     holds most of its firing, "anthrax" for "ant", else the piece marked as one, "-al"), `top_contexts`,
-    `words` (vs parent and siblings) and `label` (from top_words, in place).
+    `context_acts` (each top context as [piece, activation] pairs, `shaded_context`), `act_hist` ([max
+    activation, HIST_BINS counts] over its firings), `words` (vs parent and siblings), `pattern` (token
+    features with a context pattern, `context_pattern`) and `label` (from top_words, in place).
 
     `codes` maps rung -> (values (n, k), indices (n, k)) for the rows of `tokens` (columns token_id,
     doc_id, start, end); `acts` supplies `texts()` and `token_strings()`. `parent_docs` ({node: contexts})
@@ -428,11 +480,21 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
         best = ft.groupby("feature", sort=False).head(40)
         ctx_of: dict[int, list[str]] = {}
         words_docs: dict[str, list[str]] = {}
+        shaded_of: dict[int, list] = {}
+        hist_of: dict[int, list] = {}
+        by_feature = dict(tuple(ft.groupby("feature", sort=False)))
         for f, grp in best.groupby("feature", sort=False):
             rows = grp["row"].to_numpy()
             ctxs = [context(texts.get(int(doc_ids[r]), ""), int(starts[r]), int(ends[r])) for r in rows]
             ctx_of[int(f)] = [c for c in ctxs if c][:n_contexts]
             words_docs[f"{rung}/{int(f)}"] = [c.replace("«", "").replace("»", "") for c in ctxs]
+            mine = by_feature[f]
+            act_at = dict(zip(mine["row"].tolist(), mine["value"].tolist()))
+            shaded_of[int(f)] = [_shaded(texts, doc_ids, starts, ends, int(r), act_at) for r in rows[:n_contexts]]
+            vals = mine["value"].to_numpy()
+            top = float(vals.max()) if len(vals) else 0.0
+            counts = np.histogram(vals, bins=HIST_BINS, range=(0.0, top or 1.0))[0] if len(vals) else []
+            hist_of[int(f)] = [round(top, 4), [int(c) for c in counts]]
         all_docs.update(words_docs)
         for f in tokens_of:
             nid = f"{rung}/{int(f)}"
@@ -442,6 +504,8 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
             node["top_tokens"] = tokens_of[f]
             node["top_words"] = list(dict.fromkeys(words_of.get(int(f), []))) or tokens_of[f]
             node["top_contexts"] = ctx_of.get(int(f), [])
+            node["context_acts"] = shaded_of.get(int(f), [])
+            node["act_hist"] = hist_of.get(int(f), [])
     # distinctive words against the parent and siblings (top-level features: against each other)
     parent = {n: tree_edge(g, n)[0] for n in all_docs if n in g}
     words = family_words({**(parent_docs or {}), **all_docs}, parent)
@@ -455,6 +519,20 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
             node["pattern"] = pat
             node["label"] = pattern_label(shown, pat)
     log.info("labelled %d nodes (%d token features named by their context)", len(parent), len(patterns))
+
+
+HIST_BINS = 12
+"""Bins of each node's activation histogram (`act_hist`: [max activation, counts from 0 to it])."""
+
+
+def _shaded(texts: dict, doc_ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, r: int, act_at: dict,
+            reach: int = 48) -> list[list]:
+    """`shaded_context` of row r: the tokens of its document within `reach` rows, with the feature's activations."""
+    d = doc_ids[r]
+    lo, hi = max(0, r - reach), min(len(doc_ids), r + reach + 1)
+    near = [q for q in range(lo, hi) if doc_ids[q] == d]
+    return shaded_context(texts.get(int(d), ""), [(starts[q], ends[q]) for q in near],
+                          [act_at.get(q, 0.0) for q in near], int(starts[r]), int(ends[r]))
 
 
 def _token_patterns(g, rung: str, ft: pd.DataFrame, shown_of: dict, tok_order: np.ndarray, tok_sorted: np.ndarray,

@@ -103,7 +103,7 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
         ['w32', 'w64']
     """
     from featuretree.corpus import load_corpus
-    from featuretree.explore import write_sunburst
+    from featuretree.explore import write_explorer
     from featuretree.export import load, save
     from featuretree.model import check_layer, load_model
 
@@ -130,7 +130,7 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
         log.info("%s already holds a finished run with this config: loading it (force=True trains anew)", run)
         tree = load(run)
         if not (run / "sunburst.html").is_file():
-            write_sunburst(tree, run / "sunburst.html")
+            write_explorer(tree, run / "sunburst.html", run=out)
         return tree
     # what can be wrong with the inputs shows before anything is written, so a mistake leaves no run behind
     model, corpus = load_model(cfg.model), load_corpus(cfg.corpus)
@@ -171,7 +171,7 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     if out is None:
         return tree
     save(tree, run, dictionaries=False)  # saes/ was written before linking (what a resumed run links)
-    write_sunburst(tree, run / "sunburst.html")
+    write_explorer(tree, run / "sunburst.html", run=out)  # the sunburst with search and feature cards
     reach("done")
     return tree
 

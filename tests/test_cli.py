@@ -149,7 +149,9 @@ def test_refine_search_and_explorer_from_the_cli(run_dir, tmp_path, capsys):
 
     explorer = tmp_path / "explorer.html"
     assert main(["-q", "export", str(out), "--explorer", str(explorer), "--kind", "icicle", "--root", node]) == 0
-    assert '"kind": "icicle"' in explorer.read_text(encoding="utf-8")
+    from featuretree.explore import read_explorer_data
+
+    assert read_explorer_data(explorer)["kind"] == "icicle"
     capsys.readouterr()
 
     assert main(["-q", "search", str(run_dir), "bird", *small, "--max-depth", "3", "--out", str(tmp_path / "s")]) == 0

@@ -349,64 +349,53 @@ def test_rung_colours_group_refined_nodes_by_level():
     assert cov["w8/1/r4/1"] == 1.0 and cov["w8/0"] == 0.8
 
 
-def _explorer_data(page: str) -> dict:
-    m = re.search(r'<script type="application/json" id="ft-data"[^>]*>(.*?)</script>', page, re.S)
-    assert m, "no JSON block"
-    assert not re.search(r"[<>&]", m.group(1)), "JSON block holds a raw <, > or &"
-    return json.loads(m.group(1))
-
-
-def _explorer_figure(page: str) -> dict:
-    """The first trace of the page's Plotly.newPlot call, as JSON."""
-    at = page.index("Plotly.newPlot(")
-    start = page.index("[", at)
-    return json.JSONDecoder().raw_decode(page[start:])[0][0]
-
-
 def test_write_explorer_is_one_safe_self_contained_page(tree, tmp_path):
-    from plotly.offline import get_plotlyjs
+    from featuretree.explore import read_explorer_data
 
-    p = write_explorer(tree, tmp_path / "explorer.html", prefer_refined=False)
+    p = write_explorer(tree, tmp_path / "explorer.html", prefer_refined=False, run="runs/r")
     page = p.read_text(encoding="utf-8")
-    assert page.count(get_plotlyjs()[:2000]) == 1  # plotly.js inlined once ...
-    assert not re.search(r"<script[^>]*\bsrc=", page)  # ... and nothing fetched
-    assert XSS not in page and "<b>bold" not in page
-    script = re.search(r"<script>\s*(function featuretreeExplorer.*?)</script>", page, re.S).group(1)
-    assert "innerHTML" not in script and "textContent" in script  # the panel is filled as text only
+    blocks = re.findall(r'<script type="application/octet-stream" id="(ft-[a-z]+)">([A-Za-z0-9+/=]+)</script>', page)
+    assert [b[0] for b in blocks] == ["ft-plotlyjs", "ft-data"]  # plotly.js and data inlined, packed, once ...
+    assert not re.search(r"<script[^>]*\bsrc=", page) and "http" not in page.split("<script>", 1)[0]  # nothing fetched
+    assert XSS not in page and "<b>bold" not in page  # corpus text only inside the base64 block
+    script = re.search(r"<script>\s*(function featuretreeInflate.*?)</script>", page, re.S).group(1)
+    assert "innerHTML" not in script and "textContent" in script  # the card is filled as text only
     assert "<title>featuretree explorer · 12 features in 4 rungs</title>" in page
-    assert 'id="ft-panel"' in page and "plotly_sunburstclick" not in page  # the handler builds the event name
-    data = _explorer_data(page)
+    assert 'id="ft-panel"' in page and 'id="ft-search"' in page and "plotly_sunburstclick" not in page
+    data = read_explorer_data(p)
     ids = list(sunburst(tree, prefer_refined=False).data[0].ids)
-    assert data["kind"] == "sunburst" and list(data["nodes"]) == ids
-    n = data["nodes"]["w8/0"]
-    assert n["label"] == "dog <b>bold</b>" and n["parent"] == "w4/0" and n["coverage"] == 0.9
-    assert n["top_contexts"] == tree.graph.nodes["w8/0"]["top_contexts"] and len(n["top_contexts"]) == 4  # all
-    assert n["words"] == ["w"] and n["top_tokens"] == ["dog", "x"] and n["n_children"] == 2
-    assert data["nodes"]["w8/5/r4/0"]["refinements"] == 1 and data["nodes"]["w4/0"]["parent"] is None
-    assert data["nodes"]["w4/1"]["index"] == 1 and data["nodes"]["w4/1"]["freq"] == 0.2  # numpy scalars as JSON
+    assert data["kind"] == "sunburst" and data["ids"] == ids and data["run"] == "runs/r"
+    at = {n: i for i, n in enumerate(ids)}
+    n = data["nodes"][at["w8/0"]]
+    assert n["label"] == "dog <b>bold</b>" and ids[data["parents"][at["w8/0"]]] == "w4/0" and n["coverage"] == 0.9
+    assert n["marked"] == tree.graph.nodes["w8/0"]["top_contexts"][:3]  # no activations in this tree: marked text
+    assert n["words"] == ["w"] and n["top_words"] == ["dog", "x"]
+    assert data["parents"][at["w4/0"]] == -1 and data["nodes"][at["w4/1"]]["freq"] == 0.2  # numpy scalars as JSON
+    assert data["counts"][at["w4/0"]] == 1 + sum(1 for d in nx.descendants(nx.DiGraph([(data["ids"][q], data["ids"][i])
+                                                  for i, q in enumerate(data["parents"]) if q >= 0]), "w4/0"))
     assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temp file
 
-    page = write_explorer(tree, tmp_path / "icicle.html", kind="icicle", root="w8/5", max_depth=None,
-                          prefer_refined=False).read_text()
-    data = _explorer_data(page)
-    assert data["kind"] == "icicle" and set(data["nodes"]) == {"w8/5", "w16/9", "w8/5/r4/0", "w8/5/r4/1"}
-    assert 'data-select="w8/5"' in page and '"type":"icicle"' in page
-    # a search path: its sectors filled gold and starred, the panel opened on its end
-    page = write_explorer(tree, tmp_path / "path.html", max_depth=None, prefer_refined=False,
-                          highlight=["w4/0", "w8/0"]).read_text()
-    fig = _explorer_figure(page)
-    colours = dict(zip(fig["ids"], fig["marker"]["colors"]))
-    labels = dict(zip(fig["ids"], fig["labels"]))
-    assert colours["w4/0"] == colours["w8/0"] == "#FFD700" and colours["w4/1"] != "#FFD700"
-    assert labels["w8/0"].startswith("★ ") and not labels["w4/1"].startswith("★")
-    assert 'data-select="w8/0"' in page and "\\u2605 path: w4\\u002f0 &gt; w8\\u002f0" in page  # key line
+    p = write_explorer(tree, tmp_path / "icicle.html", kind="icicle", root="w8/5", max_depth=None, prefer_refined=False)
+    data = read_explorer_data(p)
+    assert data["kind"] == "icicle" and set(data["ids"]) == {"w8/5", "w16/9", "w8/5/r4/0", "w8/5/r4/1"}
+    assert data["select"] == "w8/5"
+    # a search path: its sectors filled gold and starred, the page opened on its end
+    p = write_explorer(tree, tmp_path / "path.html", max_depth=None, prefer_refined=False, highlight=["w4/0", "w8/0"])
+    data = read_explorer_data(p)
+    colour = {n: data["palette"][c] for n, c in zip(data["ids"], data["colors"])}
+    assert colour["w4/0"] == colour["w8/0"] == "#FFD700" and colour["w4/1"] != "#FFD700"
+    assert sorted(data["ids"][i] for i in data["marked"]) == ["w4/0", "w8/0"] and data["select"] == "w8/0"
     with pytest.raises(FeatureTreeError, match="highlight names nodes"):
         write_explorer(tree, tmp_path / "x.html", highlight=["w8/99"])
     with pytest.raises(FeatureTreeError, match="kind='sunburst' or kind='icicle'"):
         write_explorer(tree, tmp_path / "x.html", kind="pie")
     with pytest.raises(FeatureTreeError, match="unknown node 'w8/99'"):
         write_explorer(tree, tmp_path / "x.html", root="w8/99")
+    with pytest.raises(FeatureTreeError, match="max_sectors=0"):
+        write_explorer(tree, tmp_path / "x.html", max_sectors=0)
     assert not (tmp_path / "x.html").exists()
+    with pytest.raises(FeatureTreeError, match="not an explorer page"):
+        read_explorer_data(write_sunburst(tree, tmp_path / "s.html"))
 
 
 def test_export_does_not_import_training_code():
