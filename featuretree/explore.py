@@ -117,7 +117,7 @@ HIGHLIGHT = "#FFD700"
 
 
 def _layout(tree, root: str | None, max_depth: int | None, color: str, prefer_refined: bool = True,
-            highlight=None) -> _Layout:
+            highlight=None, novel_tops: bool = False) -> _Layout:
     import plotly.colors
 
     if color not in COLORS:
@@ -151,6 +151,8 @@ def _layout(tree, root: str | None, max_depth: int | None, color: str, prefer_re
         tops = [root]
     else:
         tops = [n for n, p in parent_of.items() if p is None and n not in novel and rungs and rung_of(g, n) == rungs[0]]
+        if novel_tops:  # features no narrower one covers: top-level sectors of their own (the explorer)
+            tops += sorted((n for n in novel if parent_of.get(n) is None), key=lambda n: (rung_key(rung_of(g, n)), n))
     order, seen, stack = [], set(), list(reversed(tops))
     while stack:  # preorder: every parent before its descendants
         n = stack.pop()
@@ -372,6 +374,37 @@ def _facts(g: nx.DiGraph, n: str, n_contexts: int = 3) -> dict:
         out["pattern"] = (f"{pat.get('side')} {' · '.join(map(str, pat.get('words', [])))} "
                           f"({100 * float(pat.get('share', 0)):.0f}% of its firings, "
                           f"{100 * float(pat.get('base', 0)):.0f}% of all the token's)")
+    return out
+
+
+def _saved_effects(run, ids: set) -> dict:
+    """{node: what the card shows of RUN/effects/NODE.json} for the nodes `featuretree effects` measured."""
+    out: dict[str, dict] = {}
+    folder = Path(run) / "effects" if run is not None else None
+    if folder is None or not folder.is_dir():
+        return out
+    for f in sorted(folder.glob("*.json")):
+        try:
+            e = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            log.warning("skipping %s: %s", f, err)
+            continue
+        node = e.get("node")
+        if node not in ids:
+            continue
+        summ, logits = e.get("summary") or {}, e.get("logits") or []
+
+        def tokens(by: str, direction: str, logits=logits) -> list[str]:
+            rows = [r for r in logits if r.get("by") == by and r.get("direction") == direction]
+            return [str(r.get("token")) for r in sorted(rows, key=lambda r: r.get("rank", 0))][:6]
+
+        steer = sorted(e.get("steering") or [], key=lambda r: r.get("rank", 0))[:6]
+        out[node] = {"loss_change": _r(summ.get("loss_change"), 3), "loss_change_after": _r(summ.get("loss_change_after"), 3),
+                     "n_firing": _num(summ.get("n_firing")), "promoted": tokens("measured", "promoted"),
+                     "suppressed": tokens("measured", "suppressed"), "lens": tokens("lens", "promoted"),
+                     "steering": [[str(r.get("token")), _r(r.get("p_clean"), 2), _r(r.get("p_steered"), 2)] for r in steer],
+                     "prompt": str(steer[0].get("prompt")) if steer else None,
+                     "scale": _num(steer[0].get("scale")) if steer else None}
     return out
 
 
@@ -666,6 +699,21 @@ function featuretreeExplorer(gd, data) {
     (n.contexts || []).forEach(function (c) { box2.appendChild(shaded(c)); });
     (n.marked || []).forEach(function (c) { box2.appendChild(marked(c)); });
     parts.push(el("h3", "Top contexts, each token shaded by its activation"), box2.childNodes.length ? box2 : el("p", "(none)"));
+    var fx = data.effects[id];
+    if (fx) {
+      var ft = el("table");
+      ft.id = "ft-effects";
+      [["loss change", num(fx.loss_change) + " nats when ablated where it fires (" + fx.n_firing + " tokens)"],
+       ["next token", num(fx.loss_change_after) + " nats one token later"],
+       ["promotes", fx.promoted.join("  ")], ["suppresses", fx.suppressed.join("  ")], ["logit lens", fx.lens.join("  ")],
+       ["steering", fx.steering.map(function (r) { return r[0] + " " + num(r[1]) + "\u2192" + num(r[2]); }).join(",  ") +
+        (fx.prompt ? "  (prompt \u201c" + fx.prompt + "\u201d, scale " + fx.scale + ")" : "")]].forEach(function (r) {
+        var tr = el("tr"); tr.appendChild(el("th", r[0])); tr.appendChild(el("td", r[1])); ft.appendChild(tr);
+      });
+      parts.push(el("h3", "Effects on the model"), ft);
+    } else if (data.causal) {
+      parts.push(el("h3", "Effects on the model"), el("code", "featuretree effects " + data.run + " " + id));
+    }
     parts.push(el("h3", "Go deeper here"), el("code", "featuretree refine " + data.run + " " + id),
                el("code", "featuretree search " + data.run + " <query> --start " + id));
     panel.replaceChildren.apply(panel, parts);
@@ -773,7 +821,8 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
     for the selected feature.
 
     The figure (sunburst, or icicle with kind="icicle") opens on the top levels only: `max_depth` rings, of
-    each parent its `per_parent` largest children (and `top_shown` top-level features), the rest grouped
+    each parent its `per_parent` largest children (and `top_shown` top-level features: the narrowest rung's, then
+    the novel features no narrower one covers), the rest grouped
     in one grey "n smaller features" sector that draws them when clicked; at most `max_sectors`
     sectors, the largest, are drawn at once. Clicking a feature centres the
     figure on it (its next rings are drawn only then) and opens its card; clicking the centre goes up. The
@@ -784,7 +833,8 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
     The card shows label and label score, rung (and layer), firing rate, an activation histogram, the
     parent with coverage and decoder cosine, children and siblings (links), top and distinctive words,
     the top contexts with each token shaded by the feature's activation, the context pattern of a token
-    feature, and the `featuretree refine` / `search --start` commands that go deeper there. plotly.js is
+    feature, its effects on a causal LM where `featuretree effects RUN NODE` saved them (loss change when
+    ablated, promoted / suppressed tokens, steering), and the `featuretree refine` / `search --start` commands that go deeper there. plotly.js is
     inlined once (~4.6 MB); node data is embedded as JSON and shown as text only (hover text escaped), so
     corpus text cannot inject markup or script. Written atomically.
 
@@ -808,7 +858,7 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
         Nodes to mark (a search's path, `path.node`): filled gold (colour "rung"), "★ " before their labels;
         the page opens on the last one.
     run : str or Path, optional
-        The run directory named in the card's commands (default: "RUN").
+        The run directory named in the card's commands (default: "RUN"); its effects/ files fill the cards.
     per_parent, top_shown : int
         Children drawn per parent, and top-level features drawn, before the rest are grouped.
     max_sectors : int
@@ -828,7 +878,7 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
     if min(per_parent, top_shown, max_sectors) < 1:
         raise FeatureTreeError(f"per_parent={per_parent}, top_shown={top_shown} and max_sectors={max_sectors} must be "
                                "at least 1")
-    lay = _layout(tree, root, None, "rung", prefer_refined, highlight)
+    lay = _layout(tree, root, None, "rung", prefer_refined, highlight, novel_tops=True)
     g = graph_of(tree)
     at = {n: i for i, n in enumerate(lay.ids)}
     counts = [1] * len(lay.ids)
@@ -837,6 +887,7 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
         if p:
             counts[at[p]] += counts[i]
     marked = set(highlight or [])
+    effects_of = _saved_effects(run, set(lay.ids))
     start = highlight[-1] if highlight and highlight[-1] in at else root if root in at else None
     title = lay.title + (f" · {color}" if color != "rung" else "")
     palette = list(dict.fromkeys(lay.marker["colors"]))
@@ -844,8 +895,9 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
             "values": [_r(v, 6) for v in lay.values], "counts": counts, "palette": palette,
             "colors": [palette.index(c) for c in lay.marker["colors"]],
             "marked": [at[n] for n in lay.ids if n in marked], "nodes": [_facts(g, n) for n in lay.ids],
+            "causal": run is not None and (Path(run) / "faithfulness.json").is_file(),  # a causal LM's run
             "depth": int(max_depth) if max_depth is not None else 10_000, "per_parent": int(per_parent),
-            "top_shown": int(top_shown), "budget": int(max_sectors), "title": title, "select": start, "run": str(run or "RUN")}
+            "top_shown": int(top_shown), "budget": int(max_sectors), "effects": effects_of, "title": title, "select": start, "run": str(run or "RUN")}
     options = "".join(f'<option value="{v}"{" selected" if v == color else ""}>{t}</option>'
                       for v, t in (("rung", "rung"), ("coverage", "coverage"), ("score", "label score")))
     page = "".join([
@@ -866,6 +918,8 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
         "<script>featuretreeStart();</script>\n</body>\n</html>\n",
     ])
     write_text(path, page)
+    if effects_of:
+        log.info("explorer: effects of %d nodes from %s/effects", len(effects_of), run)
     log.info("wrote explorer (%s, %d features) to %s (%.1f MB)", kind, len(lay.ids), path,
              Path(path).stat().st_size / 1e6)
     return Path(path)

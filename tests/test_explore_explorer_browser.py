@@ -130,8 +130,18 @@ def shaded_forest(n_top: int = 30, n_kids: int = 20) -> nx.DiGraph:
 
 
 def test_explorer_groups_small_features_searches_and_shades_contexts(browser, tmp_path):
+    import json
+
     cr, g = browser, shaded_forest()
-    page = write_explorer(g, tmp_path / "big.html", per_parent=5, top_shown=10)
+    (tmp_path / "run" / "effects").mkdir(parents=True)  # what `featuretree effects RUN w32/7` saves
+    (tmp_path / "run" / "effects" / "w32_7.json").write_text(json.dumps({
+        "node": "w32/7", "summary": {"loss_change": 0.0391, "loss_change_after": 0.002, "n_firing": 49},
+        "logits": [{"by": "measured", "direction": "promoted", "rank": 1, "token": " violin"},
+                   {"by": "measured", "direction": "suppressed", "rank": 1, "token": XSS},
+                   {"by": "lens", "direction": "promoted", "rank": 1, "token": " music"}],
+        "steering": [{"prompt": "She played the", "scale": 4.0, "rank": 1, "token": " piano", "p_clean": 0.1,
+                      "p_steered": 0.3}]}))
+    page = write_explorer(g, tmp_path / "big.html", per_parent=5, top_shown=10, run=tmp_path / "run")
     n_errors = len(cr.errors)
     tab = _open(cr, page, "ft-plot")
     drawn = cr.evaluate(tab, "document.getElementById('ft-plot').data[0].ids")
@@ -158,6 +168,9 @@ def test_explorer_groups_small_features_searches_and_shades_contexts(browser, tm
     alpha = [float(b.rsplit(",", 1)[1].rstrip(")")) if b.startswith("rgba") else 1.0 for _, b in shades]
     assert alpha[0] == 1.0 and 0.3 < alpha[1] < 0.5  # 0.15 + 0.85 x activation / max
     assert cr.evaluate(tab, "document.querySelectorAll('#ft-hist rect').length") == 12
+    effects = cr.evaluate(tab, "document.getElementById('ft-effects').innerText")
+    assert "0.04 nats when ablated" in effects and "violin" in effects and XSS in effects  # hostile token as text
+    assert "piano 0.10→0.30" in effects and "She played the" in effects
     # a URL fragment opens a node directly; hostile text in its label and context stays text
     tab2 = cr.open(page.as_uri() + "#w1024%2F3")
     cr.wait_until(tab2, "(document.getElementById('ft-panel').dataset || {}).node === 'w1024/3'", timeout=30)

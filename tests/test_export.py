@@ -360,11 +360,14 @@ def test_write_explorer_is_one_safe_self_contained_page(tree, tmp_path):
     assert XSS not in page and "<b>bold" not in page  # corpus text only inside the base64 block
     script = re.search(r"<script>\s*(function featuretreeInflate.*?)</script>", page, re.S).group(1)
     assert "innerHTML" not in script and "textContent" in script  # the card is filled as text only
-    assert "<title>featuretree explorer · 12 features in 4 rungs</title>" in page
+    assert "<title>featuretree explorer · 14 features in 4 rungs</title>" in page  # the sunburst's 12, a novel one + its child
     assert 'id="ft-panel"' in page and 'id="ft-search"' in page and "plotly_sunburstclick" not in page
     data = read_explorer_data(p)
     ids = list(sunburst(tree, prefer_refined=False).data[0].ids)
-    assert data["kind"] == "sunburst" and data["ids"] == ids and data["run"] == "runs/r"
+    novel = sorted(n for n, d in tree.graph.nodes(data=True) if d.get("novel"))
+    assert data["kind"] == "sunburst" and data["ids"][:len(ids)] == ids and data["run"] == "runs/r"
+    assert novel == ["w8/7"] and data["ids"][len(ids)] == "w8/7" and len(data["ids"]) == len(ids) + 2
+    assert data["parents"][len(ids)] == -1 and data["parents"][len(ids) + 1] == len(ids)  # a top, with its child
     at = {n: i for i, n in enumerate(ids)}
     n = data["nodes"][at["w8/0"]]
     assert n["label"] == "dog <b>bold</b>" and ids[data["parents"][at["w8/0"]]] == "w4/0" and n["coverage"] == 0.9
