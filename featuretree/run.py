@@ -197,15 +197,18 @@ def _build_layers(cfg: Config, layers: list[int], *, out, force: bool, progress:
                                    f"{n_layers(model) - 1})")
         check_layer(model, v)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     d_model = getattr(getattr(getattr(model, "_module", model), "config", None), "hidden_size", None)
-    if d_model:  # the stores' size (activations only) against the free disk, before anything is harvested
+    if d_model:  # the stores' size (activations only) against the free disk, before anything is written
         need = int(cfg.n_tokens) * int(d_model) * STORE_DTYPES[store_dtype].itemsize * len(layers)
-        free = shutil.disk_usage(out).free
+        probe = out.resolve()
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
         if need > free:
             raise FeatureTreeError(f"{len(layers)} layers of {cfg.n_tokens} tokens x {d_model} features need "
                                    f"{need / 2**30:.1f} GiB for their stores, and {out} has {free / 2**30:.1f} GiB "
                                    "free: fewer layers or tokens, --store-dtype bfloat16, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
     outs = {v: out / f"L{v}" / "acts" for v in layers}
     kw = dict(n_tokens=cfg.n_tokens, outs=outs, max_length=cfg.max_length, seed=cfg.seed, shard_size=shard_size,
               dtype=store_dtype, progress=progress)

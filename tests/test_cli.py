@@ -230,3 +230,12 @@ def test_build_layers_harvests_once_and_builds_a_run_per_layer(run_dir, tmp_path
         assert main([*base, "--layers", *bad, "--out", str(tmp_path / "bad")]) == 2
         assert needle in capsys.readouterr().err
     assert not (tmp_path / "bad" / "L3").exists()  # nothing written for a mistake
+    import shutil as _shutil
+    from unittest import mock
+
+    tiny = _shutil._ntuple_diskusage(10 * 2**30, 10 * 2**30 - 2**20, 2**20)  # 1 MiB free
+    with mock.patch("featuretree.run.shutil.disk_usage", return_value=tiny):
+        assert main([*base, "--layers", "1", "3", "--out", str(tmp_path / "full" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "2 layers of 700 tokens x" in err and "GiB free" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "full").exists()  # refused before anything was written
