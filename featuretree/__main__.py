@@ -163,13 +163,13 @@ def _subtree_lines(tree, node: str, depth: int, indent: str = "  ") -> list[str]
 
 
 def _save_into(tree, run: str, out: str | None) -> Path:
-    """Save a tree refined from run RUN into --out (default: RUN itself) and write its sunburst there."""
-    from featuretree.explore import write_sunburst
+    """Save a tree refined from run RUN into --out (default: RUN itself) and write its explorer page there."""
+    from featuretree.explore import write_explorer
     from featuretree.export import save
 
     dest = Path(out) if out else Path(run)
     save(tree, dest)
-    write_sunburst(tree, dest / "sunburst.html")
+    write_explorer(tree, dest / "sunburst.html", run=dest)
     return dest
 
 

@@ -143,6 +143,10 @@ def test_refine_search_and_explorer_from_the_cli(run_dir, tmp_path, capsys):
     kids = [c for c in deep.graph.successors(node) if deep.graph.nodes[c].get("refined")]
     assert kids and all(c in printed for c in kids) and f"saved {out}/" in printed
     assert (out / "sunburst.html").is_file() and "ft-panel" in page.read_text(encoding="utf-8")
+    from featuretree.explore import read_explorer_data
+
+    saved = read_explorer_data(out / "sunburst.html")  # the refined run's page is the explorer, refined nodes in it
+    assert set(kids) <= set(saved["ids"]) and saved["run"] == str(out)
     assert not any("/r8" in r for r in load(run_dir).saes)  # with --out the run itself is untouched
     assert main(["-q", "info", str(out)]) == 0
     assert f"+ 1 refined dictionaries under 1 nodes ({len(kids)} refined features)" in capsys.readouterr().out
