@@ -24,7 +24,7 @@ from featuretree.firing import fire, fire_rungs, gate_of
 from featuretree.tree import ROOT, FeatureTree
 
 __all__ = ["compare_rules", "edge_misses", "edge_scores", "find_purity", "jaccard", "label_purity", "link_by_cosine", "match_features",
-           "MISS_REASONS", "Planted", "PLANTED_CONFIGS", "planted_hierarchy", "purity_gain", "refine_purity", "rung_firing", "search_quality",
+           "MISS_REASONS", "Planted", "PLANTED_CONFIGS", "planted_hierarchy", "predicted_pairs", "purity_gain", "refine_purity", "rung_firing", "search_quality",
            "search_queries", "SWEEP_GRID", "sweep_thresholds"]
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,18 @@ def rung_firing(tree: FeatureTree, planted: Planted) -> dict[str, sp.csr_matrix]
             for rung, sae in tree.saes.items()}
 
 
-def edge_scores(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5) -> dict[str, float]:
+def predicted_pairs(tree: FeatureTree, m: dict[str, int]) -> set[tuple[int, int]]:
+    """(T(p), T(c)) for every tree edge p -> c whose ends match different true features (`m` from match_features).
+
+    Example:
+        >>> predicted_pairs(tree, match_features(tree, planted))  # doctest: +SKIP
+        {(0, 12), (0, 13), ...}
+    """
+    return {(m[p], m[c]) for p, c in tree.graph.edges if p in m and c in m and m[p] != m[c]}
+
+
+def edge_scores(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5,
+                fired: dict | None = None) -> dict[str, float]:
     """Parent-edge precision and recall of `tree` against the planted truth, and feature recovery.
 
     Each tree edge p -> c whose ends match different true features predicts the pair (T(p), T(c));
@@ -297,14 +308,16 @@ def edge_scores(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5
         The truth: activations, parents and firing sets.
     min_jaccard : float
         A node matches a true feature only if their firing sets have at least this Jaccard similarity.
+    fired : dict, optional
+        {rung: firing matrix on planted.acts} already computed (`rung_firing`).
 
     Example:
         >>> edge_scores(tree, planted)["precision"]  # doctest: +SKIP
         0.97
     """
-    m = match_features(tree, planted, min_jaccard=min_jaccard)
+    m = match_features(tree, planted, min_jaccard=min_jaccard, fired=fired)
     truth = planted.edges
-    predicted = {(m[p], m[c]) for p, c in tree.graph.edges if p in m and c in m and m[p] != m[c]}
+    predicted = predicted_pairs(tree, m)
     recovered = set(m.values())
     reachable = {(p, c) for p, c in truth if p in recovered and c in recovered}
     tp = len(predicted & truth)
@@ -327,7 +340,7 @@ MISS_REASONS = ("found", "parent unrecovered", "child unrecovered", "parent only
 """Why a true edge is or is not in the tree (`edge_misses`), from "found" to the linking's own mistakes."""
 
 
-def edge_misses(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5):
+def edge_misses(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5, fired: dict | None = None):
     """Each true parent edge and why the tree has it or misses it: one row per edge, reason in MISS_REASONS.
 
     The reasons separate what the dictionaries lose from what the linking gets wrong:
@@ -351,6 +364,8 @@ def edge_misses(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5
         The truth.
     min_jaccard : float
         As in `edge_scores`.
+    fired : dict, optional
+        {rung: firing matrix on planted.acts} already computed (`rung_firing`).
 
     Example:
         >>> edge_misses(tree, planted).reason.value_counts()  # doctest: +SKIP
@@ -359,7 +374,7 @@ def edge_misses(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5
     """
     import pandas as pd
 
-    fired = rung_firing(tree, planted)
+    fired = fired if fired is not None else rung_firing(tree, planted)
     m = match_features(tree, planted, min_jaccard=min_jaccard, fired=fired)
     g = tree.graph
     order = {r: i for i, r in enumerate(g.graph["rungs"])}
@@ -383,7 +398,7 @@ def edge_misses(tree: FeatureTree, planted: Planted, *, min_jaccard: float = 0.5
     nodes_of: dict[int, list[str]] = {}
     for nid, f in m.items():
         nodes_of.setdefault(f, []).append(nid)
-    predicted = {(m[p], m[c]) for p, c in g.edges if p in m and c in m and m[p] != m[c]}
+    predicted = predicted_pairs(tree, m)
 
     ancestors = planted.ancestors
     rows = []
@@ -523,8 +538,9 @@ def compare_rules(configs=tuple(PLANTED_CONFIGS), seeds=(0, 1, 2), *, n_train: i
                                 progress=progress, eval_acts=held.acts, nested=True)
             trees["nested"] = link(nest, held.acts)
         for rule, tree in trees.items():
-            s = edge_scores(tree, held)
-            why = edge_misses(tree, held).reason.value_counts()
+            fired = rung_firing(tree, held)  # encoded once for both
+            s = edge_scores(tree, held, fired=fired)
+            why = edge_misses(tree, held, fired=fired).reason.value_counts()
             rows.append({"config": name, "seed": seed, "rule": rule, "true_l0": float(held.active.sum(1).mean()), **s,
                          **{f"miss: {r}": int(why.get(r, 0)) for r in MISS_REASONS[1:]}})
             log.info("%s seed %d %-8s precision %.3f recall %.3f", name, seed, rule, s["precision"], s["recall"])

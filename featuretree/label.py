@@ -430,10 +430,10 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
         for r in rows.tolist():
             if r not in near:
                 near[r] = neighbour_words(texts.get(int(doc_ids[r]), ""), int(starts[r]), int(ends[r]))
-        codes, names = pd.factorize(pd.Series([w for r in rows.tolist() for w in near[r]] + [""], dtype=object))
+        word_ids, names = pd.factorize(pd.Series([w for r in rows.tolist() for w in near[r]] + [""], dtype=object))
         prev, nxt = np.full(len(doc_ids), -1, np.int64), np.full(len(doc_ids), -1, np.int64)
-        pair = codes[:-1].reshape(-1, 2)
-        empty = codes[-1]
+        pair = word_ids[:-1].reshape(-1, 2)
+        empty = word_ids[-1]
         prev[rows], nxt[rows] = np.where(pair[:, 0] == empty, -1, pair[:, 0]), np.where(pair[:, 1] == empty, -1, pair[:, 1])
         return prev, nxt, list(names)
 
@@ -482,18 +482,20 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
         words_docs: dict[str, list[str]] = {}
         shaded_of: dict[int, list] = {}
         hist_of: dict[int, list] = {}
-        by_feature = dict(tuple(ft.groupby("feature", sort=False)))
+        # ft is sorted by feature: each feature's firings are one slice of these arrays
+        fe, fr, fv = (ft[c].to_numpy() for c in ("feature", "row", "value"))
+        cuts = np.flatnonzero(np.r_[True, fe[1:] != fe[:-1], True])
+        span_of = {int(fe[a]): (a, b) for a, b in zip(cuts[:-1], cuts[1:])}
         for f, grp in best.groupby("feature", sort=False):
             rows = grp["row"].to_numpy()
             ctxs = [context(texts.get(int(doc_ids[r]), ""), int(starts[r]), int(ends[r])) for r in rows]
             ctx_of[int(f)] = [c for c in ctxs if c][:n_contexts]
             words_docs[f"{rung}/{int(f)}"] = [c.replace("«", "").replace("»", "") for c in ctxs]
-            mine = by_feature[f]
-            act_at = dict(zip(mine["row"].tolist(), mine["value"].tolist()))
+            a, b = span_of[int(f)]
+            act_at = dict(zip(fr[a:b].tolist(), fv[a:b].tolist()))
             shaded_of[int(f)] = [_shaded(texts, doc_ids, starts, ends, int(r), act_at) for r in rows[:n_contexts]]
-            vals = mine["value"].to_numpy()
-            top = float(vals.max()) if len(vals) else 0.0
-            counts = np.histogram(vals, bins=HIST_BINS, range=(0.0, top or 1.0))[0] if len(vals) else []
+            top = float(fv[a:b].max())  # a feature in `best` fires at least once
+            counts = np.histogram(fv[a:b], bins=HIST_BINS, range=(0.0, top or 1.0))[0]
             hist_of[int(f)] = [round(top, 4), [int(c) for c in counts]]
         all_docs.update(words_docs)
         for f in tokens_of:
