@@ -10,6 +10,7 @@
     featuretree find runs/default biology                     # nodes that answer a query
     featuretree refine runs/default w2048/5 --width 64 --depth 2
     featuretree search runs/default anthrax                   # DFS down the branch that answers it
+    featuretree serve runs/default                            # the explorer at http://127.0.0.1:8050/
 
 User mistakes print one line on stderr and exit with status 2 (no traceback).
 """
@@ -145,8 +146,24 @@ def cmd_find(args: argparse.Namespace) -> int:
     cols = ["node", "score", "query_rate", "freq", "label"]
     if (hits.doc_rate > 0).any() and not isinstance(query, str):  # example texts: how many of them each fires in
         cols[3:3] = ["doc_rate", "background_rate"]
+    if args.json:
+        _write_records(args.json, {"query": args.query, "hits": hits[cols]})
     sys.stdout.write(hits[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n")
     return 0
+
+
+def _write_records(path: str, obj: dict) -> None:
+    """Write `obj` as JSON to `path` (atomically), each DataFrame in it as a list of records (NaN as null)."""
+    import json
+
+    from featuretree.utils import write_json
+
+    def plain(v):
+        if hasattr(v, "to_json"):  # a DataFrame: its records, numbers as JSON numbers, NaN as null
+            return json.loads(v.to_json(orient="records"))
+        return v
+
+    write_json(path, {k: plain(v) for k, v in obj.items()})
 
 
 def _subtree_lines(tree, node: str, depth: int, indent: str = "  ") -> list[str]:
@@ -219,13 +236,26 @@ def cmd_search(args: argparse.Namespace) -> int:
     if path["coverage"].isna().all():  # example texts: scored by document, no concept columns
         cols = ["step", "node", "score", "query_rate", "confidence", "label"]
     lines = [path[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    saved = None
     if path.refined.any() and not args.no_save:
-        lines.append(f"saved the refinements to {_save_into(deep, args.run, args.out)}/")
+        saved = _save_into(deep, args.run, args.out)
+        lines.append(f"saved the refinements to {saved}/")
+    if args.json:
+        _write_records(args.json, {"query": args.query, "path": path[[*cols, "refined"]],
+                                   "saved": str(saved) if saved is not None else None})
     if args.html:
         write_explorer(deep, args.html, root=path.node.iloc[0], max_depth=None, highlight=list(path.node),
                        run=args.run)
         lines.append(f"wrote {args.html}")
     sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """featuretree serve: the run's explorer as a local web app (nodes on demand; find / refine / search)."""
+    from featuretree.serve import serve
+
+    serve(args.run, host=args.host, port=args.port)
     return 0
 
 
@@ -810,6 +840,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--negative", action="append", help="a text the feature should not fire on (repeatable)")
     s.add_argument("--no-refine", action="store_true", help="only walk the existing tree; never train")
     s.add_argument("--no-save", action="store_true", help="do not save the refinements made on the way")
+    s.add_argument("--json", help="also write the path (and where it was saved) to this JSON file")
     refine_args(s, ("width", "k", "min_tokens", "max_tokens", "stream_tokens"), SEARCH_REFINE)
     s.set_defaults(func=cmd_search)
 
@@ -869,10 +900,21 @@ def make_parser() -> argparse.ArgumentParser:
     f.add_argument("query", nargs="+", help="a word or phrase; several arguments are several example texts")
     f.add_argument("--negative", action="append", help="a text the feature should not fire on (repeatable)")
     f.add_argument("--top", type=int, default=20, help="nodes to print (default: 20)")
+    f.add_argument("--json", help="also write the ranking to this JSON file (a list of records under 'hits')")
     f.add_argument("--level", choices=("auto", "token", "document"), default="auto",
                    help="score by token rates, or by how many example texts a node fires in against corpus texts "
                         "(default auto: document level for several example texts)")
     f.set_defaults(func=cmd_find)
+
+    sv = sub.add_parser("serve", help="the run's explorer as a local web app: any size, find / refine / search",
+                        description="Serve RUN's explorer at http://HOST:PORT/: the page loads nodes from the run as "
+                                    "they come into view (trees of any size), searches every node, and runs find, "
+                                    "refine and search from the browser with their progress shown; refine and search "
+                                    "save into the run as the CLI does. Files outside the run are refused.")
+    sv.add_argument("run", help="run directory written by `featuretree build`")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: only this machine)")
+    sv.add_argument("--port", type=int, default=8050, help="TCP port (default: 8050)")
+    sv.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("info", help="summarise a saved run: per-rung FVU / L0 / dead fraction, top features",
                        description="Print per-rung metrics and the most frequent root features of a saved run.")

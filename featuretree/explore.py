@@ -6,8 +6,8 @@ level under the node it refines. Sector sizes are firing frequencies, made valid
 branchvalues="total" (a parent is at least the sum of its children) as
     value(node) = max(freq(node), fsum(value(child) for each child))
 `write_explorer` puts the figure beside a panel that shows everything about the clicked feature.
+`featuretree serve` (featuretree.serve) serves the same page for a run of any size, loading nodes on demand.
 plotly is imported inside the functions that draw; nothing here imports torch or training code.
-`featuretree.export` re-exports every public name of this module.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     import networkx as nx
     import plotly.graph_objects as go
 
-__all__ = ["COLORS", "icicle", "KINDS", "read_explorer_data", "refinements", "sunburst", "write_explorer",
-           "write_sunburst"]
+__all__ = ["card_facts", "COLORS", "explorer_data", "explorer_page", "icicle", "KINDS", "read_explorer_data",
+           "refinements", "sunburst", "write_explorer", "write_sunburst"]
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ HIGHLIGHT = "#FFD700"
 
 
 def _layout(tree, root: str | None, max_depth: int | None, color: str, prefer_refined: bool = True,
-            highlight=None, novel_tops: bool = False) -> _Layout:
+            highlight=None, novel_tops: bool = False, hover: bool = True) -> _Layout:
     import plotly.colors
 
     if color not in COLORS:
@@ -209,7 +209,7 @@ def _layout(tree, root: str | None, max_depth: int | None, color: str, prefer_re
     return _Layout(ids=order, parents=["" if n in top_set else parent_of[n] for n in order],
                    labels=[("★ " if n in on_path else "") + _esc(g.nodes[n].get("label") or n) for n in order],
                    values=[value[n] for n in order],
-                   hover=[_hover(n, g.nodes[n], parent_of[n], edge[n]) for n in order], marker=marker,
+                   hover=[_hover(n, g.nodes[n], parent_of[n], edge[n]) for n in order] if hover else [], marker=marker,
                    title=f"{where}{len(order)} features in {len(shown_rungs)} rungs", key=key,
                    maxdepth=int(max_depth) if max_depth is not None else -1)
 
@@ -350,8 +350,8 @@ def _r(x: Any, digits: int = 4) -> float | None:
     return None if v is None else float(f"{v:.{digits}g}")
 
 
-def _facts(g: nx.DiGraph, n: str, n_contexts: int = 3) -> dict:
-    """What the card shows for node `n`: plain JSON (numbers finite or null, text as strings), compact."""
+def _brief(g: nx.DiGraph, n: str) -> dict:
+    """What the figure, the search and the links need of node `n`: plain JSON, compact."""
     d, p = g.nodes[n], tree_parent(g, n)
     e = g.edges[p, n] if p is not None else {}
     out = {"label": str(d.get("label") or n), "rung": rung_of(g, n), "freq": _r(d.get("freq")),
@@ -361,6 +361,12 @@ def _facts(g: nx.DiGraph, n: str, n_contexts: int = 3) -> dict:
            "words": [str(t) for t in d.get("words") or []][:5]}
     if d.get("layer") is not None:
         out["layer"] = str(d.get("layer"))
+    return out
+
+
+def _details(g: nx.DiGraph, n: str, n_contexts: int = 3) -> dict:
+    """What only the card shows of node `n`: shaded contexts, activation histogram, context pattern."""
+    d, out = g.nodes[n], {}
     shaded = [[[str(t), _r(v, 3) or 0.0] for t, v in c] for c in (d.get("context_acts") or [])[:n_contexts]]
     if shaded:  # [piece, activation] pairs; the page shades each piece
         out["contexts"] = shaded
@@ -374,6 +380,44 @@ def _facts(g: nx.DiGraph, n: str, n_contexts: int = 3) -> dict:
         out["pattern"] = (f"{pat.get('side')} {' · '.join(map(str, pat.get('words', [])))} "
                           f"({100 * float(pat.get('share', 0)):.0f}% of its firings, "
                           f"{100 * float(pat.get('base', 0)):.0f}% of all the token's)")
+    return out
+
+
+def card_facts(tree, node: str, *, brief: bool = False, run: str | os.PathLike | None = None,
+               n_contexts: int = 3) -> dict:
+    """What the explorer shows of one node, as plain JSON: label, rung, firing rate, parent edge, words, and
+    (unless `brief`) the card's shaded contexts, activation histogram, context pattern and saved effects.
+
+    Parameters
+    ----------
+    tree : FeatureTree or networkx.DiGraph
+        The tree (or its graph).
+    node : str
+        The node id, e.g. "w512/7".
+    brief : bool
+        Only what the figure, the search and links need (no contexts, histogram, pattern or effects).
+    run : str or Path, optional
+        The run directory whose effects/ files (`featuretree effects RUN NODE`) fill the "effects" entry.
+    n_contexts : int
+        Top contexts given.
+
+    Example:
+        >>> import networkx as nx
+        >>> g = nx.DiGraph(); g.add_node("w2/0", rung="w2", freq=0.5, label="dogs", top_contexts=["a «dog»"])
+        >>> f = card_facts(g, "w2/0"); f["label"], f["marked"]
+        ('dogs', ['a «dog»'])
+        >>> "marked" in card_facts(g, "w2/0", brief=True)
+        False
+    """
+    g = graph_of(tree)
+    if node not in g:
+        raise FeatureTreeError(f"unknown node {node!r}: ids look like 'w1024/311'; list them with ft.to_frame(tree)")
+    out = _brief(g, node)
+    if not brief:
+        out.update(_details(g, node, n_contexts))
+        effects = _saved_effects(run, {node}).get(node)
+        if effects:
+            out["effects"] = effects
     return out
 
 
@@ -471,6 +515,9 @@ body {margin: 0; font: 14px/1.4 system-ui, sans-serif; color: #222}
 #ft-panel .ft-tok {border-radius: 3px}
 #ft-panel code {display: block; background: #f4f4f4; padding: 4px 6px; overflow-wrap: anywhere; user-select: all}
 #ft-hint {color: #777}
+#ft-bar #ft-query {flex: 0 1 220px; font: inherit; padding: 3px 6px}
+#ft-job {color: #555; overflow-wrap: anywhere}
+#ft-job[data-state=failed] {color: #b00020}
 """
 
 # Builds the figure from the embedded data (only the rings in view, small siblings grouped) and fills the
@@ -481,7 +528,26 @@ function featuretreeInflate(id) {  // a gzipped, base64-encoded block of the pag
   for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
   return new Response(new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"))).text();
 }
+function featuretreeApi(url, body) {  // the served page's calls: JSON in, JSON out, errors as Error(detail)
+  var opt = body === undefined ? {} : {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)};
+  return fetch(url, opt).then(function (r) {
+    return r.json().then(function (j) { if (!r.ok) throw new Error(j.detail || r.statusText); return j; });
+  });
+}
 function featuretreeStart() {
+  if (window.featuretreeServed) {  // `featuretree serve`: plotly.js and the nodes come from the server
+    var ps = document.createElement("script");
+    ps.src = "plotly.js";
+    ps.onload = function () {
+      window.featuretreePlotlyAt = performance.now();
+      featuretreeApi("api/meta").then(function (meta) {
+        window.featuretreeDataAt = performance.now();
+        featuretreeExplorer(document.getElementById("ft-plot"), meta, true);
+      });
+    };
+    document.head.appendChild(ps);
+    return;
+  }
   featuretreeInflate("ft-plotlyjs").then(function (js) {
     var sc = document.createElement("script");
     sc.src = URL.createObjectURL(new Blob([js], {type: "text/javascript"}));
@@ -495,18 +561,36 @@ function featuretreeStart() {
     document.head.appendChild(sc);
   });
 }
-function featuretreeExplorer(gd, data) {
+function featuretreeExplorer(gd, data, served) {
   "use strict";
-  var ids = data.ids, N = ids.length, facts = {}, marks = {};
-  ids.forEach(function (id, i) { facts[id] = data.nodes[i]; });
-  data.marked.forEach(function (i) { marks[i] = true; });
-  var index = {}, kids = [], parent = data.parents;
-  ids.forEach(function (id, i) { index[id] = i; kids.push([]); });
-  parent.forEach(function (p, i) { if (p >= 0) kids[p].push(i); });
-  kids.forEach(function (k) { k.sort(function (a, b) { return data.values[b] - data.values[a]; }); });
-  var tops = [];
-  for (var i = 0; i < N; i++) if (parent[i] < 0) tops.push(i);
-  tops.sort(function (a, b) { return data.values[b] - data.values[a]; });
+  // one store for both pages: the static page fills it at once; the served one as nodes come into view
+  // (kids[i] === null: node i has children the page has not loaded yet)
+  var ids = [], facts = {}, marks = {}, index = {}, kids = [], parent = [], values = [], counts = [], colors = [];
+  var tops = [], markedIds = {};
+  function addNode(id, p, v, c, col, nk, f) {
+    if (index[id] !== undefined) return index[id];
+    var i = ids.length;
+    ids.push(id); index[id] = i; parent.push(p); values.push(v); counts.push(c); colors.push(col);
+    kids.push(nk ? null : []); facts[id] = f;
+    if (markedIds[id]) marks[i] = true;
+    return i;
+  }
+  function addRecords(recs, p) {  // records from the server: {id, p (parent id, "" at the top), v, c, col, nk, f}
+    return recs.map(function (r) {
+      return addNode(r.id, p !== undefined ? p : (r.p === "" ? -1 : index[r.p]), r.v, r.c, r.col, r.nk, r.f);
+    });
+  }
+  if (!served) {
+    data.ids.forEach(function (id, i) { addNode(id, data.parents[i], data.values[i], data.counts[i], data.colors[i], 0, data.nodes[i]); });
+    data.marked.forEach(function (i) { marks[i] = true; });
+    parent.forEach(function (p, i) { if (p >= 0) kids[p].push(i); });
+    kids.forEach(function (k) { k.sort(function (a, b) { return values[b] - values[a]; }); });
+    for (var i = 0; i < ids.length; i++) if (parent[i] < 0) tops.push(i);
+    tops.sort(function (a, b) { return values[b] - values[a]; });
+  } else {
+    data.marked.forEach(function (id) { markedIds[id] = true; });
+    tops = addRecords(data.tops, -1);
+  }
   var panel = document.getElementById("ft-panel"), crumbs = document.getElementById("ft-crumbs");
   var box = document.getElementById("ft-search"), results = document.getElementById("ft-results");
   var colourBy = document.getElementById("ft-colour"), sizeBy = document.getElementById("ft-size");
@@ -538,20 +622,22 @@ function featuretreeExplorer(gd, data) {
     var f = facts[ids[i]], how = colourBy.value;
     if (how === "coverage") return f.coverage === null ? "#ccc" : viridis(f.coverage);
     if (how === "score") return f.score === null || f.score === undefined ? "#ccc" : viridis(2 * (f.score - 0.5));
-    return data.palette[data.colors[i]];
+    return data.palette[colors[i]];
   }
-  function sizeOf(i) { return sizeBy.value === "count" ? data.counts[i] : data.values[i]; }
+  function sizeOf(i) { return sizeBy.value === "count" ? counts[i] : values[i]; }
 
   // the sectors in view: `depth` rings under the view's node; of each parent its largest `per` children
   // (all of them once its "smaller features" sector was clicked); of those the `budget` largest, so the first
   // view stays readable and quick; the rest of each parent's children as one "n smaller features" sector
   function sectors() {
-    var out = {ids: [], parents: [], labels: [], values: [], colors: [], hover: []};
+    var out = {ids: [], parents: [], labels: [], values: [], colors: [], hover: [], need: []};
     var cand = [], chosen = {}, forced = {};
     function collect(i, p, left) {
       cand.push([i, p]);
       if (left > 1) {
-        var ks = kids[i], shown = expanded[i] ? ks.length : Math.min(per, ks.length);
+        var ks = kids[i];
+        if (ks === null) { out.need.push(i); return; }  // served: its children are loaded, then drawn
+        var shown = expanded[i] ? ks.length : Math.min(per, ks.length);
         for (var j = 0; j < shown; j++) { if (expanded[i]) forced[ks[j]] = true; collect(ks[j], i, left - 1); }
       }
     }
@@ -577,7 +663,7 @@ function featuretreeExplorer(gd, data) {
     }
     function walk(i, p) {  // preorder; returns the sector's value (at least the sum of its children's)
       add(i, p);
-      var at = out.values.length, ks = kids[i], total = 0, rest = 0, hidden = 0;
+      var at = out.values.length, ks = kids[i] || [], total = 0, rest = 0, hidden = 0;
       out.values.push(0);
       var drawsKids = ks.some(function (k) { return chosen[k]; });
       ks.forEach(function (k) { if (chosen[k]) total += walk(k, i); else { rest += sizeOf(k); hidden++; } });
@@ -594,8 +680,13 @@ function featuretreeExplorer(gd, data) {
     }
     return out;
   }
+  var drawing = 0;
   function draw() {
-    var s = sectors(), whole = 0;
+    var s = sectors(), whole = 0, at = ++drawing;
+    if (s.need.length) {  // served: load the children the view needs, then draw (only the latest call draws)
+      loadKids(s.need).then(function () { if (at === drawing) draw(); }, fail);
+      return;
+    }
     s.parents.forEach(function (p, j) { if (p === "") whole += s.values[j]; });
     // no text on slivers too thin to hold it (plotly would measure and then hide every one of them)
     s.labels = s.labels.map(function (t, j) { return s.values[j] >= 0.003 * whole ? t : ""; });
@@ -714,13 +805,52 @@ function featuretreeExplorer(gd, data) {
     } else if (data.causal) {
       parts.push(el("h3", "Effects on the model"), el("code", "featuretree effects " + data.run + " " + id));
     }
-    parts.push(el("h3", "Go deeper here"), el("code", "featuretree refine " + data.run + " " + id),
+    parts.push(el("h3", "Go deeper here"));
+    if (served) {  // the server runs them and saves what they make into the run
+      var act = el("p"), bRefine = el("button", "refine here"), bUnder = el("button", "search under here");
+      bRefine.id = "ft-refine"; bUnder.id = "ft-search-under";
+      bRefine.addEventListener("click", function () { runJob({kind: "refine", node: id}); });
+      bUnder.addEventListener("click", function () { runJob({kind: "search", query: query.value, start: id}); });
+      act.appendChild(bRefine); act.appendChild(document.createTextNode(" ")); act.appendChild(bUnder);
+      act.appendChild(document.createTextNode("  (the query is the one in the bar above)"));
+      parts.push(act);
+    }
+    parts.push(el("code", "featuretree refine " + data.run + " " + id),
                el("code", "featuretree search " + data.run + " <query> --start " + id));
     panel.replaceChildren.apply(panel, parts);
     panel.dataset.node = id;
     panel.scrollTop = 0;
   }
-  function select(id, recentre) {
+  function select(id, recentre) {  // a boolean on the static page, a promise of one when served
+    if (!served) return show(id, recentre);
+    return ensure(id).then(function (ok) { return ok && show(id, recentre); }, function (e) { fail(e); return false; });
+  }
+  function ensure(id) {  // served: the node, its ancestors, its and its parent's children, and its card, loaded
+    var known = index[id] !== undefined ? Promise.resolve() :
+      featuretreeApi("api/chain?id=" + encodeURIComponent(id)).then(function (r) { addRecords(r.chain); }, function () {});
+    return known.then(function () {
+      var i = index[id];
+      if (i === undefined) return false;
+      return Promise.all([loadKids(parent[i] >= 0 ? [i, parent[i]] : [i]), loadCard(i)]).then(function () { return true; });
+    });
+  }
+  function loadKids(list) {
+    list = list.filter(function (i) { return kids[i] === null; });
+    if (!list.length) return Promise.resolve();
+    return featuretreeApi("api/kids", {ids: list.map(function (i) { return ids[i]; })}).then(function (r) {
+      list.forEach(function (i) { kids[i] = addRecords(r.kids[ids[i]] || [], i); });
+    });
+  }
+  function loadCard(i) {
+    var f = facts[ids[i]];
+    if (f.full) return Promise.resolve();
+    return featuretreeApi("api/card?id=" + encodeURIComponent(ids[i])).then(function (r) {
+      Object.keys(r.facts).forEach(function (k) { f[k] = r.facts[k]; });
+      if (r.facts.effects) data.effects[ids[i]] = r.facts.effects;
+      f.full = true;
+    });
+  }
+  function show(id, recentre) {
     var i = index[id];
     if (i === undefined) return false;
     selected = i;
@@ -751,12 +881,19 @@ function featuretreeExplorer(gd, data) {
     if (!listening && gd.on) { gd.on("plotly_" + data.kind + "click", onClick); listening = true; }
   }
 
+  var asked = 0;
   function search(q) {  // labels, words and ids holding every word of the query; best: fires most
     q = q.trim().toLowerCase();
-    results.replaceChildren();
-    if (q.length < 2) { results.hidden = true; return; }
+    if (q.length < 2) { results.replaceChildren(); results.hidden = true; return; }
+    if (served) {  // the server ranks every node the same way
+      var at = ++asked;
+      featuretreeApi("api/search?q=" + encodeURIComponent(q)).then(function (r) {
+        if (at === asked) showHits(r.hits.map(function (h) { return [h.id, h.label]; }));
+      }, fail);
+      return;
+    }
     var terms = q.split(/\s+/), hits = [], rank = {};
-    for (var i = 0; i < N && hits.length < 2000; i++) {
+    for (var i = 0; i < ids.length && hits.length < 2000; i++) {
       var f = facts[ids[i]], label = f.label.toLowerCase();
       var hay = (ids[i] + " " + label + " " + f.top_words.join(" ") + " " + f.words.join(" ")).toLowerCase();
       if (!terms.every(function (t) { return hay.indexOf(t) >= 0; })) continue;
@@ -765,11 +902,15 @@ function featuretreeExplorer(gd, data) {
       hits.push(i);
     }
     hits.sort(function (a, b) { return (rank[b] - rank[a]) || ((facts[ids[b]].freq || 0) - (facts[ids[a]].freq || 0)); });
-    hits.slice(0, 30).forEach(function (i, k) {
-      var li = el("li", ids[i] + "  " + facts[ids[i]].label);
-      li.dataset.node = ids[i];
+    showHits(hits.slice(0, 30).map(function (i) { return [ids[i], facts[ids[i]].label]; }));
+  }
+  function showHits(hits) {  // [id, label] pairs, best first
+    results.replaceChildren();
+    hits.forEach(function (h, k) {
+      var li = el("li", h[0] + "  " + h[1]);
+      li.dataset.node = h[0];
       if (!k) li.className = "ft-on";
-      li.addEventListener("mousedown", function (e) { e.preventDefault(); go(ids[i]); });
+      li.addEventListener("mousedown", function (e) { e.preventDefault(); go(h[0]); });
       results.appendChild(li);
     });
     if (!hits.length) results.appendChild(el("li", "no feature matches"));
@@ -791,14 +932,61 @@ function featuretreeExplorer(gd, data) {
   box.addEventListener("blur", function () { setTimeout(function () { results.hidden = true; }, 150); });
   document.addEventListener("keydown", function (e) {  // keys walk the tree from the selected feature
     if (e.target === box || selected === null) { if (e.key === "/" && e.target !== box) { box.focus(); e.preventDefault(); } return; }
-    var i = selected, sib = parent[i] >= 0 ? kids[parent[i]] : tops, to = null;
+    var i = selected, sib = (parent[i] >= 0 ? kids[parent[i]] : tops) || [i], to = null;
     if (e.key === "ArrowUp" && parent[i] >= 0) to = parent[i];
-    else if (e.key === "ArrowDown" && kids[i].length) to = kids[i][0];
+    else if (e.key === "ArrowDown" && kids[i] && kids[i].length) to = kids[i][0];
     else if (e.key === "ArrowRight" || e.key === "ArrowLeft") to = sib[(sib.indexOf(i) + (e.key === "ArrowRight" ? 1 : sib.length - 1)) % sib.length];
     else if (e.key === "Escape") { view = null; selected = null; history.replaceState(null, "", "#"); showCrumbs(null); draw(); return; }
     else if (e.key === "/") { box.focus(); e.preventDefault(); return; }
     if (to !== null) { e.preventDefault(); location.hash = "#" + encodeURIComponent(ids[to]); }
   });
+  // served: a query box with find / search buttons, and a line that shows the running job's progress
+  var query = null, jobLine = null;
+  if (served) {
+    var bar = document.getElementById("ft-bar"), bFind = el("button", "find"), bGo = el("button", "search");
+    query = el("input"); query.type = "text"; query.id = "ft-query"; query.placeholder = "a concept: find or search for it";
+    bFind.id = "ft-find"; bGo.id = "ft-go"; jobLine = el("span", "", "ft-job"); jobLine.id = "ft-job";
+    bFind.addEventListener("click", function () { runJob({kind: "find", query: query.value}); });
+    bGo.addEventListener("click", function () { runJob({kind: "search", query: query.value}); });
+    query.addEventListener("keydown", function (e) { if (e.key === "Enter") runJob({kind: "find", query: query.value}); });
+    [query, bFind, bGo, jobLine].forEach(function (x) { bar.appendChild(x); });
+  }
+  function fail(e) {  // served: a failed call is said on the job line, never thrown
+    if (jobLine) { jobLine.textContent = String(e && e.message || e); jobLine.dataset.state = "failed"; }
+  }
+  function runJob(req) {
+    if (req.kind !== "refine" && !String(req.query || "").trim()) { fail("type a word or phrase in the box first"); return; }
+    jobLine.textContent = req.kind + ": starting\u2026"; jobLine.dataset.state = "running";
+    featuretreeApi("api/jobs", req).then(function (j) { poll(j.id); }, fail);
+  }
+  function poll(jid) {
+    featuretreeApi("api/jobs/" + jid).then(function (j) {
+      jobLine.dataset.state = j.state;
+      jobLine.textContent = j.kind + " " + j.what + ": " + (j.state === "running" ? (j.progress || "running\u2026") :
+                                                         j.state === "failed" ? j.error : "done");
+      if (j.state === "running") { setTimeout(function () { poll(jid); }, 400); return; }
+      if (j.state !== "done") return;
+      if (j.kind === "find") { found(j); return; }
+      location.hash = "#" + encodeURIComponent(j.select);  // the run has new nodes: start again from the server
+      location.reload();
+    }, fail);
+  }
+  function found(j) {  // find's ranking in the panel, each node a link
+    var t = el("table");
+    t.id = "ft-found";
+    var head = el("tr");
+    ["node", "score", "label"].forEach(function (h) { head.appendChild(el("th", h)); });
+    t.appendChild(head);
+    j.result.forEach(function (r) {
+      var tr = el("tr"), td = el("td"), a = el("a", r.node);
+      a.href = "#" + encodeURIComponent(r.node);
+      td.appendChild(a); tr.appendChild(td); tr.appendChild(el("td", num(r.score))); tr.appendChild(el("td", r.label));
+      t.appendChild(tr);
+    });
+    panel.replaceChildren(el("h2", "find: " + j.what), t);
+    panel.dataset.node = "";
+    panel.scrollTop = 0;
+  }
   colourBy.addEventListener("change", draw);
   sizeBy.addEventListener("change", draw);
   window.addEventListener("hashchange", function () {
@@ -808,7 +996,7 @@ function featuretreeExplorer(gd, data) {
   });
   var start = decodeURIComponent(location.hash.slice(1)) || data.select;
   showCrumbs(null);
-  if (!(start && select(start, true))) draw();
+  Promise.resolve(start ? select(start, true) : false).then(function (ok) { if (!ok) draw(); });
 }
 """
 
@@ -871,14 +1059,51 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
         >>> read_explorer_data(p)["nodes"][0]["marked"]
         ['a «dog» barked']
     """
-    from plotly.offline import get_plotlyjs
+    data = explorer_data(tree, root=root, kind=kind, max_depth=max_depth, color=color, prefer_refined=prefer_refined,
+                         highlight=highlight, run=run, per_parent=per_parent, top_shown=top_shown,
+                         max_sectors=max_sectors)
+    write_text(path, explorer_page(data))
+    if data["effects"]:
+        log.info("explorer: effects of %d nodes from %s/effects", len(data["effects"]), run)
+    log.info("wrote explorer (%s, %d features) to %s (%.1f MB)", kind, len(data["ids"]), path,
+             Path(path).stat().st_size / 1e6)
+    return Path(path)
 
+
+def explorer_data(tree, *, root: str | None = None, kind: str = "sunburst", max_depth: int | None = 3,
+                  color: str = "rung", prefer_refined: bool = True, highlight=None,
+                  run: str | os.PathLike | None = None, per_parent: int = 8, top_shown: int = 64,
+                  max_sectors: int = 300, nodes: bool = True) -> dict:
+    """The data an explorer page draws from, as plain JSON: every shown node in preorder (ids, parent
+    indices, sector values, subtree counts, colour indices into `palette`) and, with `nodes`, each node's
+    `card_facts`; the options are those of `write_explorer`.
+
+    `featuretree serve` builds it with nodes=False and sends each node's facts when the page asks for them.
+
+    Parameters
+    ----------
+    tree : FeatureTree or networkx.DiGraph
+        The tree (or its graph) to draw.
+    root, kind, max_depth, color, prefer_refined, highlight, run, per_parent, top_shown, max_sectors
+        As in `write_explorer`.
+    nodes : bool
+        Include every node's facts ("nodes") and the saved effects ("effects"); False leaves both out
+        ("effects" is then {}).
+
+    Example:
+        >>> import networkx as nx
+        >>> g = nx.DiGraph(); g.add_node("w2/0", rung="w2", freq=0.5); g.add_node("w8/1", rung="w8", freq=0.2)
+        >>> g.add_edge("w2/0", "w8/1", coverage=0.9)
+        >>> d = explorer_data(g, nodes=False)
+        >>> d["ids"], d["parents"], d["values"], d["counts"], "nodes" in d
+        (['w2/0', 'w8/1'], [-1, 0], [0.5, 0.2], [2, 1], False)
+    """
     if kind not in KINDS:
         raise FeatureTreeError(f"kind={kind!r} is not a figure: use kind='sunburst' or kind='icicle'")
     if min(per_parent, top_shown, max_sectors) < 1:
         raise FeatureTreeError(f"per_parent={per_parent}, top_shown={top_shown} and max_sectors={max_sectors} must be "
                                "at least 1")
-    lay = _layout(tree, root, None, "rung", prefer_refined, highlight, novel_tops=True)
+    lay = _layout(tree, root, None, "rung", prefer_refined, highlight, novel_tops=True, hover=False)
     g = graph_of(tree)
     at = {n: i for i, n in enumerate(lay.ids)}
     counts = [1] * len(lay.ids)
@@ -887,26 +1112,58 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
         if p:
             counts[at[p]] += counts[i]
     marked = set(highlight or [])
-    effects_of = _saved_effects(run, set(lay.ids))
     start = highlight[-1] if highlight and highlight[-1] in at else root if root in at else None
     title = lay.title + (f" · {color}" if color != "rung" else "")
     palette = list(dict.fromkeys(lay.marker["colors"]))
+    colour_at = {c: i for i, c in enumerate(palette)}
     data = {"kind": kind, "ids": lay.ids, "parents": [at[p] if p else -1 for p in lay.parents],
             "values": [_r(v, 6) for v in lay.values], "counts": counts, "palette": palette,
-            "colors": [palette.index(c) for c in lay.marker["colors"]],
-            "marked": [at[n] for n in lay.ids if n in marked], "nodes": [_facts(g, n) for n in lay.ids],
+            "colors": [colour_at[c] for c in lay.marker["colors"]], "color": color,
+            "marked": [at[n] for n in lay.ids if n in marked],
             "causal": run is not None and (Path(run) / "faithfulness.json").is_file(),  # a causal LM's run
             "depth": int(max_depth) if max_depth is not None else 10_000, "per_parent": int(per_parent),
-            "top_shown": int(top_shown), "budget": int(max_sectors), "effects": effects_of, "title": title, "select": start, "run": str(run or "RUN")}
+            "top_shown": int(top_shown), "budget": int(max_sectors), "effects": {}, "title": title,
+            "select": start, "run": str(run or "RUN")}
+    if nodes:
+        data["nodes"] = [_brief(g, n) | _details(g, n) for n in lay.ids]
+        data["effects"] = _saved_effects(run, set(lay.ids))
+    return data
+
+
+def explorer_page(data: dict | None = None) -> str:
+    """The explorer's HTML: with `data` (from `explorer_data`, nodes=True) one self-contained page, plotly.js
+    and the data inlined; without, the page `featuretree serve` sends, which loads plotly.js from
+    "plotly.js" and its nodes from the server's "api/..." as they come into view.
+
+    Parameters
+    ----------
+    data : dict, optional
+        What `explorer_data` returned; None for the served page.
+
+    Example:
+        >>> page = explorer_page()
+        >>> "featuretreeServed = true" in page and 'id="ft-data"' not in page
+        True
+    """
+    if data is not None and "nodes" not in data:
+        raise FeatureTreeError("explorer_page(data) needs explorer_data(..., nodes=True): the page embeds every node")
+    color = data["color"] if data is not None else "rung"
+    title = data["title"] if data is not None else "served"  # the layout's title is escaped already
     options = "".join(f'<option value="{v}"{" selected" if v == color else ""}>{t}</option>'
                       for v, t in (("rung", "rung"), ("coverage", "coverage"), ("score", "label score")))
-    page = "".join([
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
-        f"<title>featuretree explorer · {title}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n",
+    if data is None:
+        blocks = "<script>window.featuretreeServed = true;</script>\n"
+    else:
+        from plotly.offline import get_plotlyjs
+
+        body = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         # plotly.js and the data travel gzipped + base64 (a third of the size) and are inflated by the browser
-        f'<script type="application/octet-stream" id="ft-plotlyjs">{_packed(get_plotlyjs())}</script>\n',
-        f'<script type="application/octet-stream" id="ft-data">{_packed(json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":")))}</script>\n',
-        f'<script>{_SCRIPT}</script>\n',
+        blocks = (f'<script type="application/octet-stream" id="ft-plotlyjs">{_packed(get_plotlyjs())}</script>\n'
+                  f'<script type="application/octet-stream" id="ft-data">{_packed(body)}</script>\n')
+    return "".join([
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<link rel="icon" href="data:,">\n',
+        f"<title>featuretree explorer · {title}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n",
+        blocks, f'<script>{_SCRIPT}</script>\n',
         '<div id="ft-page">\n<aside id="ft-panel"><p id="ft-hint">Click a sector to centre the figure on it and show '
         "its feature here; click the centre to go up. Search with the box above (or press /).</p></aside>\n",
         '<div id="ft-main"><div id="ft-bar"><input type="search" id="ft-search" placeholder="search labels, words, ids"'
@@ -917,9 +1174,3 @@ def write_explorer(tree, path: str | os.PathLike, *, root: str | None = None, ki
         '<div id="ft-figure"><div id="ft-plot"></div></div></div>\n</div>\n',
         "<script>featuretreeStart();</script>\n</body>\n</html>\n",
     ])
-    write_text(path, page)
-    if effects_of:
-        log.info("explorer: effects of %d nodes from %s/effects", len(effects_of), run)
-    log.info("wrote explorer (%s, %d features) to %s (%.1f MB)", kind, len(lay.ids), path,
-             Path(path).stat().st_size / 1e6)
-    return Path(path)

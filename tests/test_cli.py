@@ -243,3 +243,42 @@ def test_build_layers_harvests_once_and_builds_a_run_per_layer(run_dir, tmp_path
     err = capsys.readouterr().err
     assert "2 layers of 700 tokens x" in err and "GiB free" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "full").exists()  # refused before anything was written
+
+
+def test_serve_runs_real_find_and_refine_jobs_and_saves_into_the_run(run_dir, tmp_path):
+    """The server's jobs are the CLI itself (`python -m featuretree ...` in a subprocess): find's JSON ranking equals
+    ft.find's, and a refine saves its local dictionary into the run, which the server then reloads."""
+    import shutil
+    import time
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from featuretree.find import find
+    from featuretree.serve import make_app
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    client = TestClient(make_app(run))
+
+    def wait(job):
+        end = time.monotonic() + 240
+        while job["state"] == "running" and time.monotonic() < end:
+            time.sleep(0.2)
+            job = client.get(f"/api/jobs/{job['id']}").json()
+        return job
+
+    found = wait(client.post("/api/jobs", json={"kind": "find", "query": "cat"}).json())
+    assert found["state"] == "done", found
+    assert [r["node"] for r in found["result"]] == list(find(load(run), "cat").node)
+    node = max(load(run).roots(), key=lambda n: load(run).graph.nodes[n]["freq"])
+    before = client.get("/api/meta").json()["version"]
+    refined = wait(client.post("/api/jobs", json={"kind": "refine", "node": node, "width": 8, "k": 1,
+                                                      "min_tokens": 10}).json())
+    assert refined["state"] == "done", refined["error"]
+    assert any("refine" in line for line in refined["lines"])  # its log / progress reached the job
+    kids = client.post("/api/kids", json={"ids": [node]}).json()["kids"][node]
+    assert client.get("/api/meta").json()["version"] == before + 1
+    assert kids and all(k["id"].startswith(f"{node}/r8/") for k in kids), kids  # the refined features, from disk
+    assert any(r.startswith(f"{node}/r8") for r in load(run).saes)
+

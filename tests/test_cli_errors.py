@@ -230,3 +230,19 @@ def test_cuda_device_where_there_is_none(tmp_path, corpus, capsys):
     fails(["build", "--corpus", str(corpus), *SMALL, "--device", "cuda", "--out", str(out)], capsys,
           "device='cuda'", "sees no CUDA GPU", "--device cpu")
     builds(["--device", "cpu"], out, corpus)
+
+
+# ---- serve ------------------------------------------------------------------------------------------
+def test_serve_port_in_use_missing_run_and_bad_port(run, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        fails(["serve", str(run), "--port", str(busy)], capsys, f"cannot listen on 127.0.0.1:{busy}", "--port")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    fails(["serve", str(tmp_path / "no-run"), "--port", str(free)], capsys, "no-run", "does not exist")
+    fails(["serve", str(run), "--port", "70000"], capsys, "port 70000 is not a TCP port")

@@ -41,6 +41,7 @@ LAYERS = [
     "export",       # save / load / tables / GraphML
     "run",          # build: the run directory's life cycle
     "scale",        # Ray and torch.distributed on top of train / refine / build
+    "serve",        # featuretree serve: the explorer as a local web app (FastAPI), jobs run through the CLI
     "__main__",     # the CLI
 ]
 FACADE = "__init__"  # re-exports the public names lazily; it may import any module
