@@ -370,6 +370,9 @@ def _details(g: nx.DiGraph, n: str, n_contexts: int = 3) -> dict:
     shaded = [[[str(t), _r(v, 3) or 0.0] for t, v in c] for c in (d.get("context_acts") or [])[:n_contexts]]
     if shaded:  # [piece, activation] pairs; the page shades each piece
         out["contexts"] = shaded
+        parent = [[_r(v, 3) or 0.0 for v in c] for c in (d.get("parent_context_acts") or [])[:n_contexts]]
+        if parent and all(len(a) == len(c) for a, c in zip(parent, shaded)):  # the parent's, piece by piece
+            out["parent_acts"] = parent
     else:  # older runs: the «marked» context strings
         out["marked"] = [str(c) for c in (d.get("top_contexts") or [])[:n_contexts]]
     hist = d.get("act_hist") or []
@@ -512,7 +515,9 @@ body {margin: 0; font: 14px/1.4 system-ui, sans-serif; color: #222}
 #ft-panel mark {background: #ffe28a; font-weight: bold}
 #ft-panel .ft-chip {display: inline-block; margin: 2px; padding: 1px 6px; background: #eef; border-radius: 8px}
 #ft-panel .ft-ctx {line-height: 1.7}
-#ft-panel .ft-tok {border-radius: 3px}
+#ft-panel .ft-tok, #ft-panel .ft-ptok {border-radius: 3px}
+#ft-panel .ft-pair {display: grid; grid-template-columns: 1fr 1fr; gap: 10px; font-size: 13px}
+#ft-panel .ft-pair .ft-ctx {margin: 6px 0}
 #ft-panel code {display: block; background: #f4f4f4; padding: 4px 6px; overflow-wrap: anywhere; user-select: all}
 #ft-hint {color: #777}
 #ft-bar #ft-query {flex: 0 1 220px; font: inherit; padding: 3px 6px}
@@ -730,13 +735,14 @@ function featuretreeExplorer(gd, data, served) {
     svg.appendChild(t);
     return svg;
   }
-  function shaded(segs) {  // each piece of the context on a background as strong as the activation there
+  function shaded(segs, parentSide) {  // each piece of the context on a background as strong as its activation
     var p = el("p", null, "ft-ctx"), top = 0;
     segs.forEach(function (s) { top = Math.max(top, s[1]); });
     segs.forEach(function (s) {
       if (s[1] > 0) {
-        var span = el("span", s[0], "ft-tok");
-        span.style.background = "rgba(255, 140, 0, " + (0.15 + 0.85 * s[1] / (top || 1)).toFixed(3) + ")";
+        var span = el("span", s[0], parentSide ? "ft-ptok" : "ft-tok");
+        span.style.background = (parentSide ? "rgba(60, 120, 230, " : "rgba(255, 140, 0, ") +
+          (0.15 + 0.85 * s[1] / (top || 1)).toFixed(3) + ")";
         span.title = "activation " + s[1].toFixed(3);
         p.appendChild(span);
       } else {
@@ -787,9 +793,18 @@ function featuretreeExplorer(gd, data, served) {
                el("h3", "Top words"), chips(n.top_words), el("h3", "Distinctive words"), chips(n.words));
     var box2 = el("div");
     box2.id = "ft-contexts";
-    (n.contexts || []).forEach(function (c) { box2.appendChild(shaded(c)); });
+    (n.contexts || []).forEach(function (c, j) {  // with the parent's activations beside it, where saved
+      var pa = n.parent_acts && n.parent_acts[j];
+      if (!pa || pa.length !== c.length) { box2.appendChild(shaded(c)); return; }
+      var pair = el("div", null, "ft-pair");
+      pair.appendChild(shaded(c));
+      pair.appendChild(shaded(c.map(function (s, k) { return [s[0], pa[k]]; }), true));
+      box2.appendChild(pair);
+    });
     (n.marked || []).forEach(function (c) { box2.appendChild(marked(c)); });
-    parts.push(el("h3", "Top contexts, each token shaded by its activation"), box2.childNodes.length ? box2 : el("p", "(none)"));
+    var heading = n.parent_acts ? "Top contexts: each token shaded by its activation (orange) and the parent\u2019s (blue)"
+                                : "Top contexts, each token shaded by its activation";
+    parts.push(el("h3", heading), box2.childNodes.length ? box2 : el("p", "(none)"));
     var fx = data.effects[id];
     if (fx) {
       var ft = el("table");

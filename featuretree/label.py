@@ -46,10 +46,12 @@ def context(text: str, start: int, end: int, window: int = 60) -> str:
     return _WS.sub(" ", f"{left}«{text[start:end]}»{right}").strip()
 
 
-def shaded_context(text: str, spans, acts, start: int, end: int, window: int = 60) -> list[list]:
+def shaded_context(text: str, spans, acts, start: int, end: int, window: int = 60, also=None) -> list[list]:
     """The context `context(text, start, end)` shows, as [piece, activation] pairs that join into its text
     (without the «» marks): every token span in `spans` carries its activation in `acts`, the text between
-    them 0, so a page can shade each token by how strongly the feature fires there.
+    them 0, so a page can shade each token by how strongly the feature fires there. Runs of silent text
+    are one piece. With `also` (a second feature's activations on the same spans, e.g. the parent's) the
+    pieces are [piece, activation, its activation], a run being silent only where both are.
 
     Parameters
     ----------
@@ -63,10 +65,14 @@ def shaded_context(text: str, spans, acts, start: int, end: int, window: int = 6
         The firing token's span (the centre of the window).
     window : int
         Characters each side, as in `context`.
+    also : sequence of float, optional
+        Another feature's activation on each span: a third entry per piece.
 
     Example:
         >>> shaded_context("the dog barked", [(0, 3), (4, 7), (8, 14)], [0.0, 2.5, 0.5], 4, 7)
         [['the ', 0.0], ['dog', 2.5], [' ', 0.0], ['barked', 0.5]]
+        >>> shaded_context("the dog barked", [(0, 3), (4, 7), (8, 14)], [0.0, 2.5, 0.0], 4, 7, also=[1.0, 2.0, 0.0])
+        [['the', 0.0, 1.0], [' ', 0.0, 0.0], ['dog', 2.5, 2.0], [' barked', 0.0, 0.0]]
     """
     if start < 0 or end <= start or end > len(text):
         return []
@@ -77,19 +83,20 @@ def shaded_context(text: str, spans, acts, start: int, end: int, window: int = 6
         b = text.rindex(" ", end, b)
     out: list[list] = []
     pos = a
-    for (s, e), v in zip(spans, acts):
+    quiet = [0.0] if also is None else [0.0, 0.0]
+    for (s, e), *v in zip(spans, acts, *([] if also is None else [also])):
         s, e = max(int(s), pos), min(int(e), b)
         if e <= s:
             continue
         if s > pos:
-            out.append([_WS.sub(" ", text[pos:s]), 0.0])
-        out.append([_WS.sub(" ", text[s:e]), round(float(v), 3)])
+            out.append([_WS.sub(" ", text[pos:s]), *quiet])
+        out.append([_WS.sub(" ", text[s:e]), *(round(float(x), 3) for x in v)])
         pos = e
     if pos < b:
-        out.append([_WS.sub(" ", text[pos:b]), 0.0])
+        out.append([_WS.sub(" ", text[pos:b]), *quiet])
     merged: list[list] = []
-    for seg in out:  # runs of text where the feature is silent become one piece
-        if merged and seg[1] == 0.0 and merged[-1][1] == 0.0:
+    for seg in out:  # runs of text where the feature (and `also`) is silent become one piece
+        if merged and seg[1:] == quiet and merged[-1][1:] == quiet:
             merged[-1][0] += seg[0]
         elif seg[0]:
             merged.append(seg)
@@ -379,10 +386,12 @@ def contrast_scores(tok: pd.DataFrame, background: pd.Series) -> pd.Series:
 
 
 def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int = 5, n_tokens: int = 5,
-             parent_docs: dict[str, list[str]] | None = None, contrast: bool = False) -> None:
+             parent_docs: dict[str, list[str]] | None = None, contrast: bool = False,
+             others: dict | None = None) -> None:
     """Fill each node's `top_tokens`, `top_words` (each top token as it reads: the whole word when one word
     holds most of its firing, "anthrax" for "ant", else the piece marked as one, "-al"), `top_contexts`,
-    `context_acts` (each top context as [piece, activation] pairs, `shaded_context`), `act_hist` ([max
+    `context_acts` (each top context as [piece, activation] pairs, `shaded_context`), `parent_context_acts`
+    (the parent's activation on each of those pieces, where the parent's rung is in `codes`), `act_hist` ([max
     activation, HIST_BINS counts] over its firings), `words` (vs parent and siblings), `pattern` (token
     features with a context pattern, `context_pattern`) and `label` (from top_words, in place).
 
@@ -410,6 +419,9 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
         {node: contexts} of parents that are not being labelled.
     contrast : bool
         Rank top tokens by their lift over the tokens of `tokens`, not by summed activation alone.
+    others : dict, optional
+        {rung: (values, indices)} of rungs not labelled here, on the same rows (a refined rung's parent):
+        they only give `parent_context_acts`.
 
     Example:
         >>> annotate(tree, codes, acts.tokens("heldout"), acts)  # doctest: +SKIP
@@ -441,6 +453,8 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
     tok_sorted = token_ids[tok_order]
     all_docs: dict[str, list[str]] = {}
     patterns: dict[str, tuple[list, dict]] = {}
+    firing_of: dict[str, tuple] = {}  # rung -> its firings sorted by feature (features, rows, values, slices)
+    context_rows: dict[str, list[int]] = {}  # node -> the rows its shaded contexts centre on
     for rung, (values, indices) in codes.items():
         ft = feature_table(values, indices)
         if ft.empty:
@@ -486,6 +500,7 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
         fe, fr, fv = (ft[c].to_numpy() for c in ("feature", "row", "value"))
         cuts = np.flatnonzero(np.r_[True, fe[1:] != fe[:-1], True])
         span_of = {int(fe[a]): (a, b) for a, b in zip(cuts[:-1], cuts[1:])}
+        firing_of[rung] = (fe, fr, fv, span_of)
         for f, grp in best.groupby("feature", sort=False):
             rows = grp["row"].to_numpy()
             ctxs = [context(texts.get(int(doc_ids[r]), ""), int(starts[r]), int(ends[r])) for r in rows]
@@ -494,6 +509,7 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
             a, b = span_of[int(f)]
             act_at = dict(zip(fr[a:b].tolist(), fv[a:b].tolist()))
             shaded_of[int(f)] = [_shaded(texts, doc_ids, starts, ends, int(r), act_at) for r in rows[:n_contexts]]
+            context_rows[f"{rung}/{int(f)}"] = [int(r) for r in rows[:n_contexts]]
             top = float(fv[a:b].max())  # a feature in `best` fires at least once
             counts = np.histogram(fv[a:b], bins=HIST_BINS, range=(0.0, top or 1.0))[0]
             hist_of[int(f)] = [round(top, 4), [int(c) for c in counts]]
@@ -508,6 +524,28 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
             node["top_contexts"] = ctx_of.get(int(f), [])
             node["context_acts"] = shaded_of.get(int(f), [])
             node["act_hist"] = hist_of.get(int(f), [])
+    # the parent's activations on the same contexts, piece by piece (the card shades both side by side)
+    for rung, (values, indices) in (others or {}).items():
+        ft = feature_table(values, indices).sort_values(["feature", "row"], kind="stable")
+        fe, fr, fv = (ft[c].to_numpy() for c in ("feature", "row", "value"))
+        cuts = np.flatnonzero(np.r_[True, fe[1:] != fe[:-1], True]) if len(fe) else np.array([0])
+        firing_of[rung] = (fe, fr, fv, {int(fe[a]): (a, b) for a, b in zip(cuts[:-1], cuts[1:])})
+    for nid, rows in context_rows.items():
+        p = tree_edge(g, nid)[0] if nid in g else None
+        prung, _, pf = (p or "").rpartition("/")
+        if p is None or prung not in firing_of or not pf.isdigit():  # a top-level feature, or a parent whose
+            g.nodes[nid].pop("parent_context_acts", None) if nid in g else None  # rung was not encoded here
+            continue
+        def acts_of(rung: str, f: int) -> dict:
+            _, fr, fv, span_of = firing_of[rung]
+            a, b = span_of.get(f, (0, 0))
+            return dict(zip(fr[a:b].tolist(), fv[a:b].tolist()))
+
+        rung, _, f = nid.rpartition("/")
+        mine, theirs = acts_of(rung, int(f)), acts_of(prung, int(pf))
+        both = [_shaded(texts, doc_ids, starts, ends, r, mine, also=theirs) for r in rows]  # one segmentation
+        g.nodes[nid]["context_acts"] = [[[p, a] for p, a, _ in c] for c in both]
+        g.nodes[nid]["parent_context_acts"] = [[t for _, _, t in c] for c in both]
     # distinctive words against the parent and siblings (top-level features: against each other)
     parent = {n: tree_edge(g, n)[0] for n in all_docs if n in g}
     words = family_words({**(parent_docs or {}), **all_docs}, parent)
@@ -528,13 +566,15 @@ HIST_BINS = 12
 
 
 def _shaded(texts: dict, doc_ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, r: int, act_at: dict,
-            reach: int = 48) -> list[list]:
-    """`shaded_context` of row r: the tokens of its document within `reach` rows, with the feature's activations."""
+            reach: int = 48, also: dict | None = None) -> list[list]:
+    """`shaded_context` of row r: the tokens of its document within `reach` rows, with the feature's activations
+    (and, with `also`, a second feature's: [piece, activation, its activation])."""
     d = doc_ids[r]
     lo, hi = max(0, r - reach), min(len(doc_ids), r + reach + 1)
     near = [q for q in range(lo, hi) if doc_ids[q] == d]
     return shaded_context(texts.get(int(d), ""), [(starts[q], ends[q]) for q in near],
-                          [act_at.get(q, 0.0) for q in near], int(starts[r]), int(ends[r]))
+                          [act_at.get(q, 0.0) for q in near], int(starts[r]), int(ends[r]),
+                          also=None if also is None else [also.get(q, 0.0) for q in near])
 
 
 def _token_patterns(g, rung: str, ft: pd.DataFrame, shown_of: dict, tok_order: np.ndarray, tok_sorted: np.ndarray,

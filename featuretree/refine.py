@@ -103,8 +103,9 @@ def _attach_local(tree, node: str, rung: str, sae, region: Region, *, n_contexts
         t = region.tokens
         docs = [context(texts[int(t.doc_id[r])], int(t.start[r]), int(t.end[r])) for r in rows]
         parent_docs = {node: [c.replace("«", "").replace("»", "") for c in docs if c]}
+        pv, pi, _ = fire(p_sae, region.x, rel)  # the parent's activations there: the card shades both
         annotate(tree, {rung: (v, i)}, region.tokens, region, n_contexts=n_contexts, parent_docs=parent_docs,
-                 contrast=True)
+                 contrast=True, others={str(parent["rung"]): (pv, pi)})
     return F
 
 

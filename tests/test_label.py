@@ -117,6 +117,50 @@ def test_labels_show_a_piece_as_its_word_or_as_a_piece():
     assert b["top_tokens"] == ["al", "and"] and b["top_words"] == ["-al", "and"] and b["label"].startswith("-al · and")
 
 
+def test_contexts_carry_the_parents_activation_piece_by_piece():
+    """A child ("dogs", w4/2) fires on "dog"; its parent ("animals", w2/0) on "dog" and "cat": each of the child's
+    shaded contexts carries the parent's activation on the same pieces, from the parent's rung (`codes`) or,
+    for a rung not labelled here, from `others`; a top-level feature gets none."""
+    import numpy as np
+    import pandas as pd
+
+    from featuretree.label import annotate
+    from featuretree.tree import FeatureTree
+
+    texts = {0: "a dog and a cat", 1: "the dog ran"}
+
+    class Acts:
+        def texts(self):
+            return texts
+
+        def token_strings(self, ids):
+            return [{1: "a", 2: "dog", 3: "and", 4: "cat", 5: "the", 6: "ran"}[i] for i in ids]
+
+    tokens = pd.DataFrame({"token_id": [1, 2, 3, 1, 4, 5, 2, 6], "doc_id": [0, 0, 0, 0, 0, 1, 1, 1],
+                           "start": [0, 2, 6, 10, 12, 0, 4, 8], "end": [1, 5, 9, 11, 15, 3, 7, 11]})
+    parent = np.array([[0.0], [2.0], [0.0], [0.0], [1.5], [0.0], [2.5], [0.0]])  # w2/0 on dog, cat, dog
+    child = np.array([[0.0], [3.0], [0.0], [0.0], [0.0], [0.0], [1.0], [0.0]])  # w4/2 on dog only
+    zeros = np.zeros((8, 1), dtype=np.int64)
+    g = nx.DiGraph()
+    g.add_node("w2/0", rung="w2", index=0, freq=0.4)
+    g.add_node("w4/2", rung="w4", index=2, freq=0.2)
+    g.add_edge("w2/0", "w4/2", coverage=1.0)
+    for codes, others in (({"w2": (parent, zeros), "w4": (child, zeros + 2)}, None),
+                          ({"w4": (child, zeros + 2)}, {"w2": (parent, zeros)})):
+        tree = FeatureTree(g.copy())
+        annotate(tree, codes, tokens, Acts(), others=others)
+        kid = tree.graph.nodes["w4/2"]
+        assert len(kid["context_acts"]) == len(kid["parent_context_acts"]) == 2
+        for pieces, mine in zip(kid["context_acts"], kid["parent_context_acts"]):
+            assert len(pieces) == len(mine)
+            theirs = dict(zip((p for p, _ in pieces), mine))
+            assert theirs["dog"] > 0 and all(v == 0 for p, v in theirs.items() if p.strip() in ("a", "and", "the", "ran"))
+        # one segmentation for both: "cat" is its own piece because the parent fires there, though the child does not
+        assert kid["context_acts"][0] == [["a ", 0.0], ["dog", 3.0], [" and a ", 0.0], ["cat", 0.0]]
+        assert kid["parent_context_acts"][0] == [0.0, 2.0, 0.0, 1.5]
+        assert "parent_context_acts" not in tree.graph.nodes["w2/0"]
+
+
 def test_a_token_feature_is_named_by_its_context_pattern():
     """Feature 0 fires on "of" only after kind / type / sort: labelled "'of' after ..." with those words.
     Feature 1 fires on every "of": it is the token, no pattern. Feature 2 fires on content words: no pattern."""

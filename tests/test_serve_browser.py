@@ -64,7 +64,8 @@ def hostile_run(path: Path) -> Path:
         for c in range(12):
             n = f"w512/{t * 12 + c}"
             g.add_node(n, rung="w512", width=512, index=t * 12 + c, freq=0.4 / (t + 1) / (c + 2),
-                       label=f"topic {t} part {c}", context_acts=[[["x ", 0.0], [f"tok{c}", 1.0]]])
+                       label=f"topic {t} part {c}", context_acts=[[["x ", 0.0], [f"tok{c}", 1.0]]],
+                       parent_context_acts=[[0.5, 2.0]])  # the parent fires on both pieces, more on the second
             g.add_edge(f"w32/{t}", n, coverage=0.95, reverse=0.2, cos=0.5, kind="split")
     g.nodes["w512/3"]["label"] = "<b onmouseover=alert(3)>bold</b>"
     g.nodes["w512/3"]["context_acts"] = [[["x ", 0.0], [XSS, 2.0], [" y", 0.0]]]
@@ -120,6 +121,10 @@ def test_served_page_loads_on_demand_searches_and_runs_jobs(browser, tmp_path):
         cr.wait_until(tab, f"{PANEL} === 'w512/85'")
         assert cr.evaluate(tab, "document.getElementById('ft-plot').dataset.view") == "w32/7"
         assert "Siblings (11)" in cr.evaluate(tab, "document.getElementById('ft-panel').innerText")
+        side = cr.evaluate(tab, "[...document.querySelectorAll('#ft-contexts .ft-pair .ft-ptok')].map(s => "
+                                "[s.textContent, s.style.background])")  # the parent's shading beside its own
+        assert [t for t, _ in side] == ["x ", "tok1"] and side[1][1] == "rgb(60, 120, 230)", side
+        assert cr.evaluate(tab, "[...document.querySelectorAll('#ft-contexts .ft-pair .ft-tok')].map(s => s.textContent)") == ["tok1"]
         cr.evaluate(tab, "document.dispatchEvent(new KeyboardEvent('keydown', {key: 'ArrowUp'}))")
         cr.wait_until(tab, f"{PANEL} === 'w32/7'")
         shades = cr.evaluate(tab, "[...document.querySelectorAll('#ft-contexts .ft-tok')].map(s => s.textContent)")
