@@ -643,7 +643,12 @@ function featuretreeExplorer(gd, data, served) {
         var ks = kids[i];
         if (ks === null) { out.need.push(i); return; }  // served: its children are loaded, then drawn
         var shown = expanded[i] ? ks.length : Math.min(per, ks.length);
-        for (var j = 0; j < shown; j++) { if (expanded[i]) forced[ks[j]] = true; collect(ks[j], i, left - 1); }
+        for (var j = 0; j < ks.length; j++) {  // the largest `per`, and always the selected node and a starred path
+          var must = ks[j] === selected || marks[ks[j]];
+          if (j >= shown && !must) continue;
+          if (expanded[i] || must) forced[ks[j]] = true;
+          collect(ks[j], i, left - 1);
+        }
       }
     }
     var roots = view === null ? tops.slice(0, expanded[-1] ? tops.length : data.top_shown) : [view];

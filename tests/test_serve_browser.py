@@ -129,6 +129,10 @@ def test_served_page_loads_on_demand_searches_and_runs_jobs(browser, tmp_path):
         cr.wait_until(tab, f"{PANEL} === 'w32/7'")
         shades = cr.evaluate(tab, "[...document.querySelectorAll('#ft-contexts .ft-tok')].map(s => s.textContent)")
         assert shades == ["bird", "loud"] and cr.evaluate(tab, "document.querySelectorAll('#ft-hist rect').length") == 4
+        # the selected node is drawn even when it is not among its parent's 8 largest children
+        cr.evaluate(tab, "location.hash = '#w512%2F95'")  # topic 7 part 11: the 12th child of w32/7
+        cr.wait_until(tab, f"{PANEL} === 'w512/95'")
+        cr.wait_until(tab, f"{DRAWN}.includes('w512/95')")
         # a fragment opens a node the page has not loaded: its ancestors come first; hostile text stays text
         tab2 = cr.open(url + "#w512%2F3")
         cr.wait_until(tab2, f"{PANEL} === 'w512/3'", timeout=30)
