@@ -38,11 +38,12 @@ _LAZY = {
     "build": "run",
     "effects": "effect",
     "upstream": "crosslayer",
+    "load_ladder": "ladders",
 }
 
 __all__ = [
     "Config", "FeatureTree", "FeatureTreeError", "TopKSAE", "__version__", "build", "collect", "effects", "find", "link",
-    "load", "load_corpus", "load_model", "refine", "save", "search", "sunburst", "to_frame", "train_ladder",
+    "load", "load_corpus", "load_ladder", "load_model", "refine", "save", "search", "sunburst", "to_frame", "train_ladder",
     "upstream",
 ]
 
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # the lazy names, for type checkers and IDEs; at run time the
     from featuretree.crosslayer import upstream  # noqa: F401
     from featuretree.effect import effects  # noqa: F401
     from featuretree.harvest import collect  # noqa: F401
+    from featuretree.ladders import load_ladder  # noqa: F401
     from featuretree.model import load_model  # noqa: F401
     from featuretree.run import build  # noqa: F401
     from featuretree.sae import TopKSAE  # noqa: F401

@@ -52,6 +52,18 @@ def cmd_build(args: argparse.Namespace) -> int:
     out = Path(args.out)
     kw = dict(executor=args.executor, address=args.ray_address, force=args.force, progress=not args.quiet,
               checkpoint_every=args.checkpoint_every, shard_size=args.shard_size, store_dtype=args.store_dtype)
+    if args.ladder:
+        from featuretree.ladders import load_ladder
+
+        src = list(args.ladder)
+        one = src[0] if len(src) == 1 else src
+        if len(src) == 1 and not Path(src[0]).is_dir() and (args.release_widths or args.release_ids):
+            kw["ladder"] = load_ladder(src[0], layer=cfg.layer, widths=args.release_widths or None,
+                                       sae_ids=args.release_ids or None, max_codes=args.max_codes)
+        else:
+            kw["ladder"] = load_ladder(one, prefixes=args.prefixes or None, max_codes=args.max_codes)
+        log.info("linking %s (no training)", ", ".join(f"{r} {getattr(s, 'architecture', 'topk')}"
+                                                       for r, s in kw["ladder"].items()))
     if args.layers:
         trees = build(cfg, out=out, layers=list(args.layers), **kw)
         for layer, tree in trees.items():
@@ -780,6 +792,18 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", **list_flag(int),
                    help="several layers in one harvest pass (strictly increasing, e.g. 3 9 15): a run per layer "
                         "in OUT/L<layer>/ (--layer is ignored); link them with `featuretree layers`")
+    b.add_argument("--ladder", **list_flag(str),
+                   help="link existing dictionaries instead of training: their directories (any architecture: "
+                        "TopK, JumpReLU, BatchTopK, ReLU; SAELens / sparsify / Gemma Scope files), one Matryoshka "
+                        "directory with --prefixes, or a SAELens release name (read from the local Hugging Face "
+                        "cache only) with --release-widths / --release-ids; --widths and --k are then ignored")
+    b.add_argument("--prefixes", **list_flag(int), help="(--ladder DIR) widths of a Matryoshka dictionary's prefixes")
+    b.add_argument("--release-widths", **list_flag(str),
+                   help="(--ladder RELEASE) the widths to take, as the release's sae_ids spell them (e.g. 16k 65k); "
+                        "its layer is --layer")
+    b.add_argument("--release-ids", **list_flag(str), help="(--ladder RELEASE) exact sae_ids instead")
+    b.add_argument("--max-codes", type=int, default=128,
+                   help="codes per token kept from threshold dictionaries (JumpReLU, ReLU; default 128)")
     b.set_defaults(func=cmd_build)
 
     t = sub.add_parser("train", help="train a ladder from an existing activation store (data parallel under torchrun)",

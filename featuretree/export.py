@@ -132,7 +132,7 @@ def load(path: str | os.PathLike) -> FeatureTree:
         >>> load(save(FeatureTree(g), tempfile.mkdtemp())).graph.edges
         OutEdgeView([('w2/0', 'w8/1')])
     """
-    from featuretree.sae import TopKSAE
+    from featuretree.sae import load_dictionary
     from featuretree.tree import FeatureTree
 
     path = Path(path)
@@ -162,7 +162,7 @@ def load(path: str | os.PathLike) -> FeatureTree:
     saes = {}
     for rung in rungs:
         try:
-            saes[rung] = TopKSAE.load(path / SAES_DIR / rung)
+            saes[rung] = load_dictionary(path / SAES_DIR / rung)
         except FeatureTreeError as e:
             raise FeatureTreeError(f"rung {rung!r} listed in {path / TREE_FILE} cannot be loaded: {e}") from e
     log.info("loaded %d nodes and %d dictionaries from %s", graph.number_of_nodes(), len(saes), path)

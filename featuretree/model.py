@@ -24,7 +24,8 @@ from torch import nn
 
 from featuretree.config import DEFAULT_MODEL, FeatureTreeError
 
-__all__ = ["check_layer", "EMBEDDED_NAMES", "embed_texts", "find_layers", "get_tokenizer", "is_remote", "layer_module",
+__all__ = ["check_layer", "EMBEDDED_NAMES", "embed_texts", "find_layers", "get_tokenizer", "hidden_size", "is_remote",
+           "layer_module",
            "load_model", "model_name", "n_layers", "REMOTE_ATTR", "resolve_model_dir", "SMOLLM2_NAMES"]
 
 log = logging.getLogger(__name__)
@@ -494,6 +495,27 @@ def n_layers(model: Any) -> int:
         6
     """
     return len(find_layers(model)[1])
+
+
+def hidden_size(model: Any) -> int | None:
+    """The width of the model's residual stream (its config's hidden_size / n_embd / d_model), or None if it
+    does not say.
+
+    Parameters
+    ----------
+    model : model from `load_model`, or nn.Module
+        The model.
+
+    Example:
+        >>> hidden_size(load_model())
+        384
+    """
+    cfg = getattr(_unwrap(model), "config", None)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
 
 
 def check_layer(model: Any, layer: int) -> int:

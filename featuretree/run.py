@@ -63,7 +63,7 @@ def _settings(cfg: Config) -> dict:
 
 def build(config: Config | None = None, *, out=None, force: bool = False, progress: bool = True,
           checkpoint_every: float = 60.0, shard_size: int = 65536, store_dtype: str = "float32", train=None,
-          layers=None, **overrides) -> FeatureTree:
+          layers=None, ladder=None, **overrides) -> FeatureTree:
     """The whole pipeline: load_model -> load_corpus -> collect -> train_ladder -> link (+ labels).
 
     With `out` (a run directory) the activations, dictionaries, config, tree and sunburst.html are written
@@ -96,6 +96,9 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
         Several layers at once (strictly increasing): ONE harvest pass writes a store per layer, then each
         layer is a run of its own in OUT/L{layer}/ (the config's `layer` is ignored); returns
         {layer: FeatureTree}. `featuretree.crosslayer.link_layers` links them.
+    ladder : dict, optional
+        {rung: dictionary} already trained (`featuretree.ladders.load_ladder`: any architecture): nothing is
+        trained; the run's widths become the ladder's, its rungs are measured on the held-out split and linked.
 
     Example:
         >>> tree = build(n_tokens=3000, widths=(32, 64), k=4, epochs=1)  # doctest: +SKIP
@@ -105,9 +108,16 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     from featuretree.corpus import load_corpus
     from featuretree.explore import write_explorer
     from featuretree.export import load, save
-    from featuretree.model import check_layer, load_model
+    from featuretree.model import check_layer, hidden_size, load_model
 
     cfg = Config.from_dict({**(config.to_dict() if config else {}), **overrides})
+    given = None
+    if ladder is not None:
+        if layers is not None:
+            raise FeatureTreeError("ladder= links dictionaries of one layer: pass layers=None")
+        given = {int(s.width): s for s in (ladder.values() if isinstance(ladder, dict) else ladder)}
+        widths = tuple(sorted(given))
+        cfg = Config.from_dict({**cfg.to_dict(), "widths": widths, "k": min(int(cfg.k), widths[0] - 1)})
     if layers is not None:
         return _build_layers(cfg, list(layers), out=out, force=force, progress=progress,
                              checkpoint_every=checkpoint_every, shard_size=shard_size, store_dtype=store_dtype,
@@ -116,7 +126,11 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     if int(shard_size) <= 0:
         raise FeatureTreeError(f"shard_size={shard_size} must be a positive integer")
     run = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="featuretree-"))
-    record = Checkpoint(run / RUN_FILE, {**_settings(cfg), "inputs": run_inputs(cfg, shard_size, store_dtype)},
+    settings = {**_settings(cfg), "inputs": run_inputs(cfg, shard_size, store_dtype)}
+    if given is not None:  # which dictionaries: their kind, width and a checksum of the decoder
+        settings["ladder"] = [[type(s).__name__, getattr(s, "architecture", "topk"), w,
+                               round(float(s.W_dec.double().abs().sum()), 6)] for w, s in given.items()]
+    record = Checkpoint(run / RUN_FILE, settings,
                         "a run", "choose another --out for a new run, or pass --force (force=True) to replace it", where=run)
     try:
         saved = record.load()
@@ -135,6 +149,12 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     # what can be wrong with the inputs shows before anything is written, so a mistake leaves no run behind
     model, corpus = load_model(cfg.model), load_corpus(cfg.corpus)
     check_layer(model, cfg.layer)
+    if given is not None:
+        hidden = hidden_size(model)
+        d = {s.d_model for s in given.values()}
+        if hidden is not None and d != {hidden}:
+            raise FeatureTreeError(f"the ladder reads d_model {sorted(d)} but {cfg.model}'s layers have {hidden}: "
+                                   "choose the model (and layer) the dictionaries were trained on")
     if stage == "harvest":  # a new run here: nothing of an old one may be loaded with the new one's files
         shutil.rmtree(run / "ckpt", ignore_errors=True)
         for name in ("tree.json", "sunburst.html"):
@@ -152,6 +172,14 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     if STAGES.index(stage) <= STAGES.index("train"):
         reach("train")
     saes = _trained(run, cfg) if stage == "link" else None
+    if saes is None and given is not None:  # an existing ladder: measured, not trained
+        from featuretree.ladders import measure
+
+        measure({f"w{w}": s for w, s in given.items()}, acts)
+        saes = given
+        for w, sae in saes.items():
+            sae.save(run / "saes" / f"w{w}")
+        reach("link")
     if saes is None:
         if train is None:
             from featuretree.train import train_ladder as train
@@ -236,10 +264,10 @@ def _harvest(model, cfg: Config, corpus, acts_dir: Path, shard_size: int, store_
 
 def _trained(run: Path, cfg: Config) -> dict | None:
     """The ladder a killed run saved before linking, or None (then it is trained again) if any rung is damaged."""
-    from featuretree.sae import TopKSAE
+    from featuretree.sae import load_dictionary
 
     try:
-        return {w: TopKSAE.load(run / "saes" / f"w{w}") for w in cfg.widths}
+        return {w: load_dictionary(run / "saes" / f"w{w}") for w in cfg.widths}
     except FeatureTreeError as e:
         log.warning("the saved ladder in %s/saes cannot be used (%s): training it again", run, e)
         return None

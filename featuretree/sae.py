@@ -1,4 +1,6 @@
-"""TopKSAE: a TopK sparse autoencoder with a sparse (k-row) encoder backward and decoder, saved in SAELens' format.
+"""Sparse dictionaries: TopKSAE (trained here; a sparse (k-row) encoder backward and decoder, saved in SAELens'
+format) and ThresholdSAE (JumpReLU / BatchTopK / ReLU dictionaries loaded from SAELens, Gemma Scope or
+sparsify files); `load_dictionary` reads any of them. Any of them is a rung.
 
     pre     = (x - b_dec) @ W_enc + b_enc             # (n, width)
     indices = topk(pre, k); values = relu(pre[indices])  # (n, k) each
@@ -34,7 +36,8 @@ from featuretree.native import (
 )
 from featuretree.utils import SAFETENSORS_HINT, check_safetensors, save_tensors, write_json
 
-__all__ = ["CFG_FILE", "INT8_MARGIN", "INT8_MIN_WIDTH", "SPARSIFY_WEIGHTS", "TopKSAE", "WEIGHTS_FILE"]
+__all__ = ["CFG_FILE", "GEMMA_SCOPE_WEIGHTS", "INT8_MARGIN", "INT8_MIN_WIDTH", "load_dictionary", "MAX_CODES",
+           "SPARSIFY_WEIGHTS", "THRESHOLD_ARCHITECTURES", "ThresholdSAE", "TopKSAE", "WEIGHTS_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -435,3 +438,290 @@ class TopKSAE(nn.Module):
             sae.W_dec.copy_(w["W_dec"].float())
             sae.b_dec.copy_(w["b_dec"].float())
         return sae
+
+
+# ---- dictionaries that fire by threshold: JumpReLU, BatchTopK (at inference), ReLU ------------------------
+MAX_CODES = 128
+"""Codes a threshold dictionary returns per token at most (its `k`): the strongest, the rest dropped and counted."""
+
+THRESHOLD_ARCHITECTURES = ("jumprelu", "batchtopk", "relu")
+"""featuretree's names: JumpReLU (a threshold per feature), BatchTopK at inference (one threshold for all
+features), ReLU / L1 ("standard" in SAELens; it fires wherever the pre-activation is positive)."""
+
+
+class ThresholdSAE(TopKSAE):
+    """A sparse dictionary whose features fire where their pre-activation clears a threshold, not by rank:
+    JumpReLU (Gemma Scope; a threshold per feature), BatchTopK at inference (one global threshold) or a
+    ReLU / L1 SAE (threshold 0). It is a rung like any other: `encode` gives (values, indices) of the
+    strongest `k` (= max_codes) active features of each token, zero-padded where fewer are active, so
+    linking, labels, find and the explorer read it as they read a TopK rung. It is loaded, not trained
+    (local dictionaries of a refinement stay TopK).
+
+        pre  = (x - b_dec) @ W_enc + b_enc
+        acts = relu(pre) * (pre > threshold)      # SAELens' JumpReLU; threshold 0 is a ReLU SAE
+
+    Parameters
+    ----------
+    d_model, width : int
+        Input size and number of features.
+    threshold : float or Tensor (width,)
+        Where each feature starts to fire (a float: the same for all).
+    architecture : str
+        "jumprelu", "batchtopk" or "relu" (what it was trained as; the encoding is the formula above).
+    max_codes : int
+        Most codes per token kept (`k`); a token with more active features keeps its strongest (counted
+        in `over_cap`, and warned about once).
+    metadata : dict, optional
+        Facts saved in cfg.json.
+
+    Example:
+        >>> sae = ThresholdSAE(4, 6, threshold=0.5, architecture="jumprelu", max_codes=3)
+        >>> with torch.no_grad():
+        ...     _ = sae.W_enc.copy_(torch.eye(4, 6)), sae.b_enc.zero_(), sae.b_dec.zero_()
+        >>> v, i = sae.encode(torch.tensor([[1.0, 0.2, 0.7, 0.0]]))
+        >>> [(j, round(a, 2)) for j, a in zip(i[0].tolist(), v[0].tolist()) if a > 0]  # 0.2 is under the threshold
+        [(0, 1.0), (2, 0.7)]
+    """
+
+    def __init__(self, d_model: int, width: int, threshold: float | Tensor = 0.0, *, architecture: str = "jumprelu",
+                 max_codes: int = MAX_CODES, metadata: dict[str, Any] | None = None) -> None:
+        if architecture not in THRESHOLD_ARCHITECTURES:
+            raise FeatureTreeError(f"architecture {architecture!r} does not fire by threshold: use one of "
+                                   f"{', '.join(THRESHOLD_ARCHITECTURES)}")
+        if int(max_codes) < 1:
+            raise FeatureTreeError(f"max_codes={max_codes} must be at least 1")
+        super().__init__(d_model, width, max(1, min(int(max_codes), int(width) - 1)), seed=None, metadata=metadata)
+        self.architecture = architecture
+        t = torch.as_tensor(threshold, dtype=torch.float32)
+        if t.dim() == 0:
+            t = t.expand(int(width))
+        if tuple(t.shape) != (int(width),):
+            raise FeatureTreeError(f"threshold has shape {tuple(t.shape)}; expected a number or ({width},)")
+        self.register_buffer("threshold", t.clone())
+        self.requires_grad_(False)
+        self.over_cap = 0  # tokens that had more than k active features (their weakest were dropped)
+        self._warned = False
+
+    def activations(self, x: Tensor) -> Tensor:
+        """Dense feature activations relu(pre) * (pre > threshold), shape (n, width).
+
+        Example:
+            >>> ThresholdSAE(8, 32, 0.1).activations(torch.randn(3, 8)).shape
+            torch.Size([3, 32])
+        """
+        with torch.no_grad():
+            pre = self.preacts(x.to(device=self.W_enc.device, dtype=self.W_enc.dtype))
+            return F.relu(pre) * (pre > self.threshold)
+
+    def encode(self, x: Tensor, *, k: int | None = None, among: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The strongest `k` active features of each row: (values (n, k) >= 0, zero where fewer are active;
+        indices (n, k) int64). `among` (a (width,) bool mask) keeps only those features.
+
+        Example:
+            >>> v, i = ThresholdSAE(8, 32, 10.0).encode(torch.randn(3, 8))  # a high threshold: nothing fires
+            >>> float(v.abs().sum()), i.shape
+            (0.0, torch.Size([3, 31]))
+        """
+        acts = self.activations(x)
+        if among is not None:
+            acts = acts.masked_fill(~among, 0.0)
+        k = int(k or self.k)
+        values, indices = torch.topk(acts, k, dim=1)
+        over = int(((acts > 0).sum(1) > k).sum())
+        if over:
+            self.over_cap += over
+            if not self._warned:
+                self._warned = True
+                log.warning("%s dictionary (width %d): %d of %d tokens have more than %d active features; the weakest "
+                            "are dropped (raise max_codes to keep them)", self.architecture, self.width, over,
+                            acts.shape[0], k)
+        return values, indices
+
+    def dense_codes(self, x: Tensor) -> Tensor:
+        """All active features' activations (n, width), none dropped.
+
+        Example:
+            >>> ThresholdSAE(8, 32, 0.0).dense_codes(torch.randn(3, 8)).shape
+            torch.Size([3, 32])
+        """
+        return self.activations(x)
+
+    @torch.no_grad()
+    def prefix(self, width: int) -> ThresholdSAE:
+        """The first `width` features as a dictionary of their own, thresholds kept (a Matryoshka prefix).
+
+        Example:
+            >>> ThresholdSAE(8, 32, 0.1).prefix(16).threshold.shape
+            torch.Size([16])
+        """
+        if not 1 < width <= self.width:
+            raise FeatureTreeError(f"prefix width {width} must be between 2 and {self.width}")
+        out = ThresholdSAE(self.d_model, width, self.threshold[:width], architecture=self.architecture,
+                           max_codes=self.k, metadata=dict(self.metadata))
+        out.W_enc.copy_(self.W_enc[:, :width])
+        out.b_enc.copy_(self.b_enc[:width])
+        out.W_dec.copy_(self.W_dec[:width])
+        out.b_dec.copy_(self.b_dec)
+        return out
+
+    def cfg_dict(self) -> dict[str, Any]:
+        """SAELens-style cfg.json: architecture "jumprelu" (JumpReLU, BatchTopK) or "standard" (ReLU).
+
+        Example:
+            >>> ThresholdSAE(8, 32, 0.0, architecture="relu").cfg_dict()["architecture"]
+            'standard'
+        """
+        out = super().cfg_dict()
+        out.pop("k")
+        out["architecture"] = "standard" if self.architecture == "relu" else "jumprelu"
+        out["metadata"] = {**out["metadata"], "featuretree_architecture": self.architecture,
+                           "featuretree_max_codes": self.k}
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write cfg.json + sae_weights.safetensors (SAELens layout; "threshold" for JumpReLU / BatchTopK).
+
+        Example:
+            >>> import tempfile
+            >>> d = ThresholdSAE(8, 32, 0.3).save(tempfile.mkdtemp())
+            >>> load_dictionary(d).threshold[0].item()
+            0.30000001192092896
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        names = ("W_enc", "b_enc", "W_dec", "b_dec") + (() if self.architecture == "relu" else ("threshold",))
+        save_tensors(path / WEIGHTS_FILE, {n: getattr(self, n) for n in names})
+        write_json(path / CFG_FILE, self.cfg_dict())
+        return path
+
+
+GEMMA_SCOPE_WEIGHTS = "params.npz"  # Gemma Scope's own files: W_enc, W_dec, b_enc, b_dec, threshold
+
+
+def load_dictionary(path: str | os.PathLike, *, max_codes: int = MAX_CODES) -> TopKSAE:
+    """Load any sparse dictionary featuretree can link, by what its files say: SAELens' layout (cfg.json +
+    sae_weights.safetensors) for architecture "topk", "jumprelu", "standard" (ReLU) and the training
+    layout of "batchtopk" (one `topk_threshold`); sparsify's (cfg.json + sae.safetensors, TopK); Gemma
+    Scope's params.npz (JumpReLU; read with allow_pickle=False). Never unpickles: dictionary_learning's
+    `ae.pt` is refused with the one line that converts it.
+
+    Parameters
+    ----------
+    path : str or Path
+        The dictionary's directory.
+    max_codes : int
+        Threshold dictionaries: codes kept per token (their `k`).
+
+    Example:
+        >>> import tempfile
+        >>> d = TopKSAE(8, 32, 2).save(tempfile.mkdtemp())
+        >>> type(load_dictionary(d)).__name__, type(load_dictionary(ThresholdSAE(8, 32).save(tempfile.mkdtemp()))).__name__
+        ('TopKSAE', 'ThresholdSAE')
+    """
+    path = Path(path)
+    if path.is_dir() and (path / GEMMA_SCOPE_WEIGHTS).is_file() and not (path / WEIGHTS_FILE).is_file():
+        return _load_npz(path / GEMMA_SCOPE_WEIGHTS, max_codes)
+    cfg_path = path / CFG_FILE
+    if path.is_dir() and cfg_path.is_file() and (path / WEIGHTS_FILE).is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise FeatureTreeError(f"{cfg_path} is not a readable JSON config ({e}): re-save the dictionary") from e
+        arch = cfg.get("architecture", "topk") if isinstance(cfg, dict) else "topk"
+        if arch != "topk":
+            return _load_saelens_threshold(path, cfg, arch, max_codes)
+    return TopKSAE.load(path)
+
+
+def _load_saelens_threshold(path: Path, cfg: dict, arch: str, max_codes: int) -> ThresholdSAE:
+    cfg_path = path / CFG_FILE
+    known = {"jumprelu": "jumprelu", "standard": "relu", "relu": "relu", "batchtopk": "batchtopk"}
+    if arch not in known:
+        raise FeatureTreeError(f"{cfg_path}: architecture {arch!r} is not one featuretree reads; it reads topk, "
+                               "jumprelu, standard (ReLU), batchtopk (and matryoshka ladders of those); gated SAEs "
+                               "and transcoders are not supported yet")
+    for flag in ("rescale_acts_by_decoder_norm",):
+        if cfg.get(flag):
+            raise FeatureTreeError(f"{cfg_path}: {flag}=true is not supported: save the SAE with the decoder norm "
+                                   "folded into W_enc / b_enc")
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise FeatureTreeError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} means the "
+                               "SAE expects rescaled inputs; featuretree feeds raw activations, so it is refused")
+    try:
+        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise FeatureTreeError(f"{cfg_path} is not a valid SAE config (missing or bad {e}): it needs d_in and d_sae") from e
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    w_path = path / WEIGHTS_FILE
+    from safetensors import safe_open
+
+    check_safetensors(w_path)
+    with safe_open(str(w_path), "pt") as f:
+        names = set(f.keys())
+    if known[arch] == "jumprelu":
+        if "threshold" in names:
+            shapes["threshold"] = (d_sae,)
+        elif "log_threshold" in names:
+            shapes["log_threshold"] = (d_sae,)
+        else:
+            raise FeatureTreeError(f"{w_path}: a JumpReLU SAE needs a 'threshold' (or 'log_threshold') tensor; "
+                                   "it has none")
+    weights = TopKSAE._weights(w_path, shapes, CFG_FILE)
+    if known[arch] == "batchtopk":  # SAELens' training layout: one scalar threshold for every feature
+        if "topk_threshold" not in names:
+            raise FeatureTreeError(f"{w_path}: a BatchTopK SAE needs its 'topk_threshold'; save it for inference "
+                                   "(SAELens converts it to a JumpReLU threshold) or keep the training state")
+        from safetensors.torch import load_file
+
+        threshold = load_file(str(w_path))["topk_threshold"].float().reshape(-1)[0]
+    elif known[arch] == "jumprelu":
+        threshold = weights["threshold"].float() if "threshold" in weights else weights["log_threshold"].float().exp()
+    else:
+        threshold = torch.tensor(0.0)
+    meta = dict(cfg.get("metadata") or {})
+    meta.pop("featuretree_metrics", None)
+    inner = meta.pop("featuretree_architecture", None)
+    cap = int(meta.pop("featuretree_max_codes", 0) or max_codes)
+    sae = ThresholdSAE(d_in, d_sae, threshold, architecture=inner if inner in THRESHOLD_ARCHITECTURES else known[arch],
+                       max_codes=cap, metadata={**meta, "source": meta.get("source", "saelens"),
+                                                "saelens_architecture": arch})
+    _fill(sae, weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"],
+          fold_b_dec=cfg.get("apply_b_dec_to_input", True) is False)
+    sae.metrics = dict((cfg.get("metadata") or {}).get("featuretree_metrics") or {})
+    return sae
+
+
+def _fill(sae: TopKSAE, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, *, fold_b_dec: bool) -> None:
+    """Copy weights into `sae`; with fold_b_dec (inputs not centred by b_dec) b_enc absorbs it exactly."""
+    b_enc = b_enc.float()
+    if fold_b_dec:  # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
+        b_enc = b_enc + b_dec.float() @ W_enc.float()
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc.float())
+        sae.b_enc.copy_(b_enc)
+        sae.W_dec.copy_(W_dec.float())
+        sae.b_dec.copy_(b_dec.float())
+
+
+def _load_npz(p: Path, max_codes: int) -> ThresholdSAE:
+    """Gemma Scope's params.npz: W_enc (d, w), W_dec (w, d), b_enc (w,), b_dec (d,), threshold (w,); inputs are
+    not centred by b_dec (pre = x W_enc + b_enc)."""
+    import numpy as np
+
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: torch.from_numpy(np.asarray(z[k], dtype=np.float32)) for k in z.files}
+    except (ValueError, OSError) as e:
+        raise FeatureTreeError(f"{p} is not a readable .npz of arrays ({e}); featuretree never unpickles") from e
+    need = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+    missing = [k for k in need if k not in arrays]
+    if missing:
+        raise FeatureTreeError(f"{p} lacks {missing}: a Gemma Scope JumpReLU file holds {', '.join(need)}")
+    d, w = arrays["W_enc"].shape
+    for k, shape in (("W_dec", (w, d)), ("b_enc", (w,)), ("b_dec", (d,)), ("threshold", (w,))):
+        if tuple(arrays[k].shape) != shape:
+            raise FeatureTreeError(f"{p}: {k} has shape {tuple(arrays[k].shape)}, expected {shape} from W_enc {(d, w)}")
+    sae = ThresholdSAE(d, w, arrays["threshold"], architecture="jumprelu", max_codes=max_codes,
+                       metadata={"source": "gemma-scope", "file": p.name})
+    _fill(sae, arrays["W_enc"], arrays["b_enc"], arrays["W_dec"], arrays["b_dec"], fold_b_dec=True)
+    return sae

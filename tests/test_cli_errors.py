@@ -246,3 +246,32 @@ def test_serve_port_in_use_missing_run_and_bad_port(run, tmp_path, capsys):
         free = s.getsockname()[1]
     fails(["serve", str(tmp_path / "no-run"), "--port", str(free)], capsys, "no-run", "does not exist")
     fails(["serve", str(run), "--port", "70000"], capsys, "port 70000 is not a TCP port")
+
+
+# ---- existing ladders (issue 18) ---------------------------------------------------------------------
+def _saelens_dir(path: Path, arch: str, d: int, w: int) -> Path:
+    from featuretree.utils import save_tensors
+
+    path.mkdir(parents=True)
+    (path / "cfg.json").write_text(json.dumps({"architecture": arch, "d_in": d, "d_sae": w}))
+    save_tensors(path / "sae_weights.safetensors", {"W_enc": torch.zeros(d, w), "b_enc": torch.zeros(w),
+                                                    "W_dec": torch.zeros(w, d), "b_dec": torch.zeros(d),
+                                                    "threshold": torch.zeros(w)})
+    return path
+
+
+def test_ladder_unknown_architecture_d_model_mismatch_and_missing_cache(tmp_path, corpus, capsys, monkeypatch):
+    import featuretree.ladders as L
+
+    out = tmp_path / "run"
+    gated = _saelens_dir(tmp_path / "gated", "gated", 384, 64)
+    fails(["build", "--ladder", str(gated), "--corpus", str(corpus), "--out", str(out)], capsys,
+          "architecture 'gated' is not one featuretree reads")
+    small = _saelens_dir(tmp_path / "small", "jumprelu", 16, 64)
+    fails(["build", "--ladder", str(small), "--corpus", str(corpus), "--out", str(out)], capsys,
+          "the ladder reads d_model [16]", "have 384")
+    assert not out.exists()  # refused before anything was written
+    monkeypatch.setattr(L, "_release_table", lambda: {"org-scope-res": ("org/scope", {"layer_3/width_16k": "layer_3/width_16k"})})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    fails(["build", "--ladder", "org-scope-res", "--release-widths", "16k", "--corpus", str(corpus), "--out", str(out)],
+          capsys, "not in the local Hugging Face cache", "huggingface-cli download org/scope --include 'layer_3/width_16k/*'")

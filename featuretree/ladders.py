@@ -1,0 +1,261 @@
+"""Ladders from dictionaries that already exist: directories of any architecture, a Matryoshka dictionary's
+prefixes, and SAELens releases read from the local Hugging Face cache only (never downloaded).
+
+    ladder = load_ladder(["saes/jumprelu-512", "saes/topk-2048"])            # a mixed ladder
+    ladder = load_ladder("saes/matryoshka", prefixes=[128, 512, 2048])       # prefixes as rungs
+    ladder = load_ladder("gemma-scope-2b-pt-res-canonical", layer=12, widths=["16k", "65k"])  # a release
+    tree = ft.link(ladder, acts)                                             # no training
+
+Every rung keeps its own firing rule (TopK's rank, JumpReLU's thresholds); linking needs only where each
+feature fires and its decoder row, so mixed ladders link like trained ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from featuretree.config import FeatureTreeError
+from featuretree.sae import MAX_CODES, ThresholdSAE, TopKSAE, load_dictionary
+
+__all__ = ["load_ladder", "measure", "release_files", "to_jumprelu"]
+
+log = logging.getLogger(__name__)
+
+
+def _rung_names(saes: list[TopKSAE]) -> dict[str, TopKSAE]:
+    """{"w<width>": dictionary}, narrow to wide; two of one width are an error (a rung is named by its width)."""
+    saes = sorted(saes, key=lambda s: s.width)
+    widths = [s.width for s in saes]
+    if len(set(widths)) != len(widths):
+        raise FeatureTreeError(f"the ladder has two dictionaries of one width ({widths}): a rung is named by its "
+                               "width; keep one per width")
+    d = {s.d_model for s in saes}
+    if len(d) > 1:
+        raise FeatureTreeError(f"the dictionaries read different d_model {sorted(d)}: a ladder is one layer's "
+                               "dictionaries; load those of one layer")
+    return {f"w{s.width}": s for s in saes}
+
+
+def load_ladder(source, *, prefixes=None, layer: int | None = None, widths=None, sae_ids=None,
+                repo_id: str | None = None, max_codes: int = MAX_CODES, cache_dir=None) -> dict[str, TopKSAE]:
+    """A ladder {"w<width>": dictionary} from dictionaries that already exist, narrow to wide.
+
+    `source` is one of:
+    - a list of dictionary directories (any architecture `featuretree.sae.load_dictionary` reads: TopK,
+      JumpReLU, BatchTopK, ReLU in SAELens' layout, sparsify's TopK, Gemma Scope's params.npz) -> a mixed ladder;
+    - one directory with `prefixes` (or a cfg.json listing `matryoshka_widths`) -> a Matryoshka
+      dictionary's prefixes, each a rung;
+    - a SAELens release name (resolved by `sae_lens` when installed) or, with `repo_id`, a Hugging Face repo
+      whose `sae_ids` are folders in it: read from the local Hugging Face cache only. `layer` and `widths`
+      pick a release's sae_ids (ids naming the layer, e.g. "layer_12/" or "blocks.12.", and one of the
+      widths, e.g. "16k"). A file not in the cache is an error that names the command that fetches it.
+
+    Parameters
+    ----------
+    source : list of paths, path, or str
+        Directories, one Matryoshka directory, or a release name.
+    prefixes : list of int, optional
+        Widths of a Matryoshka dictionary's prefixes to take as rungs.
+    layer : int, optional
+        A release's layer.
+    widths : list of str or int, optional
+        A release's widths as its sae_ids spell them ("16k", 16384).
+    sae_ids : list of str, optional
+        A release's (or repo's) sae_ids, exactly; overrides layer / widths.
+    repo_id : str, optional
+        A Hugging Face repo to read `sae_ids` from without sae_lens.
+    max_codes : int
+        Codes per token kept by threshold dictionaries.
+    cache_dir : path, optional
+        The Hugging Face cache (default: HF_HUB_CACHE / ~/.cache/huggingface/hub).
+
+    Example:
+        >>> import tempfile
+        >>> a, b = TopKSAE(8, 32, 2).save(tempfile.mkdtemp()), ThresholdSAE(8, 16, 0.2).save(tempfile.mkdtemp())
+        >>> {r: type(s).__name__ for r, s in load_ladder([a, b]).items()}
+        {'w16': 'ThresholdSAE', 'w32': 'TopKSAE'}
+    """
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise FeatureTreeError("no dictionaries given: pass their directories")
+        return _rung_names([load_dictionary(p, max_codes=max_codes) for p in source])
+    path = Path(str(source))
+    if path.is_dir():
+        sae = load_dictionary(path, max_codes=max_codes)
+        if prefixes is None:
+            prefixes = (sae.metadata or {}).get("matryoshka_widths") or _cfg_prefixes(path)
+        if not prefixes:
+            return _rung_names([sae])
+        prefixes = sorted({int(p) for p in prefixes} | {sae.width})
+        bad = [p for p in prefixes if not 1 < p <= sae.width]
+        if bad:
+            raise FeatureTreeError(f"prefixes {bad} do not fit a dictionary of {sae.width} features")
+        return _rung_names([sae.prefix(p) if p < sae.width else sae for p in prefixes])
+    if repo_id is None and (os.sep in str(source) or str(source).startswith(".")):
+        raise FeatureTreeError(f"{source} is not a directory: pass a dictionary's directory, a list of them, or a "
+                               "SAELens release name")
+    repo, paths = release_files(str(source), layer=layer, widths=widths, sae_ids=sae_ids, repo_id=repo_id)
+    dirs = [_cached(repo, p, cache_dir) for p in paths]
+    return _rung_names([load_dictionary(d, max_codes=max_codes) for d in dirs])
+
+
+def _cfg_prefixes(path: Path) -> list[int]:
+    import json
+
+    try:
+        cfg = json.loads((path / "cfg.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [int(w) for w in (cfg.get("matryoshka_widths") or [])] if isinstance(cfg, dict) else []
+
+
+def _width_pattern(w) -> re.Pattern:
+    s = str(w).lower()
+    return re.compile(rf"(?<![0-9]){re.escape(s)}(?![0-9a-z])")
+
+
+def release_files(release: str, *, layer: int | None = None, widths=None, sae_ids=None,
+                  repo_id: str | None = None) -> tuple[str, list[str]]:
+    """(Hugging Face repo, the folders in it) of a SAELens release's dictionaries, picked by `sae_ids`, or by
+    `layer` and `widths`; with `repo_id` the `sae_ids` are folders of that repo (no sae_lens needed).
+
+    Parameters
+    ----------
+    release : str
+        A SAELens release name (e.g. "gemma-scope-2b-pt-res-canonical"), or a label when `repo_id` is given.
+    layer : int, optional
+        Keep sae_ids that name this layer ("layer_12/", "blocks.12.", ".12.").
+    widths : list, optional
+        Keep sae_ids that name one of these widths ("16k").
+    sae_ids : list of str, optional
+        Exactly these.
+    repo_id : str, optional
+        The repo, when `sae_ids` are already paths in it.
+
+    Example:
+        >>> release_files("mine", repo_id="org/saes", sae_ids=["layer_3/width_512"])
+        ('org/saes', ['layer_3/width_512'])
+    """
+    if repo_id is not None:
+        if not sae_ids:
+            raise FeatureTreeError("repo_id= needs sae_ids=: the folders inside the repo that hold the dictionaries")
+        return repo_id, [str(s) for s in sae_ids]
+    table = _release_table()
+    if release not in table:
+        near = sorted(r for r in table if release.split("-")[0] in r)[:8]
+        raise FeatureTreeError(f"{release!r} is not a SAELens release{': near ones: ' + ', '.join(near) if near else ''}")
+    repo, saes_map = table[release]
+    ids = list(saes_map)
+    if sae_ids:
+        unknown = [s for s in sae_ids if s not in saes_map]
+        if unknown:
+            raise FeatureTreeError(f"release {release!r} has no sae_id {unknown[:3]}; it has e.g. {ids[:4]}")
+        ids = list(sae_ids)
+    else:
+        if layer is not None:
+            pat = re.compile(rf"(layer_{int(layer)}(?![0-9])|blocks\.{int(layer)}\.|\.{int(layer)}\.|^{int(layer)}(?![0-9]))")
+            ids = [s for s in ids if pat.search(s)]
+        if widths:
+            pats = [_width_pattern(w) for w in widths]
+            ids = [s for s in ids if any(p.search(s.lower()) for p in pats)]
+        if not ids:
+            raise FeatureTreeError(f"release {release!r} has no sae_id for layer={layer} widths={widths}; its ids "
+                                   f"look like {list(saes_map)[:4]}")
+    return repo, [str(saes_map[s]) for s in ids]
+
+
+def _release_table() -> dict[str, tuple[str, dict[str, str]]]:
+    """{release: (repo_id, {sae_id: path in the repo})} from sae_lens' pretrained_saes.yaml."""
+    try:
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+    except ImportError as e:
+        raise FeatureTreeError(f"naming a release needs sae_lens ({e}): pip install sae-lens, or pass repo_id= and "
+                               "sae_ids= (the folders in the Hugging Face repo)") from e
+    return {name: (lookup.repo_id, dict(lookup.saes_map)) for name, lookup in get_pretrained_saes_directory().items()}
+
+
+def _cached(repo: str, folder: str, cache_dir) -> Path:
+    """The local copy of `folder` in Hugging Face repo `repo`, from the cache only."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        root = snapshot_download(repo, allow_patterns=[f"{folder}/*"], local_files_only=True, cache_dir=cache_dir)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
+        raise FeatureTreeError(
+            f"{repo}/{folder} is not in the local Hugging Face cache and featuretree never downloads: where the "
+            f"network is allowed run  huggingface-cli download {repo} --include '{folder}/*'  (then copy the cache "
+            f"here, or set HF_HUB_CACHE) [{type(e).__name__}]") from e
+    d = Path(root) / folder
+    if not d.is_dir() or not any(d.iterdir()):
+        raise FeatureTreeError(f"{repo}/{folder} is not in the local Hugging Face cache (the snapshot has no such "
+                               f"folder): run  huggingface-cli download {repo} --include '{folder}/*'  where the "
+                               "network is allowed")
+    return d
+
+
+@torch.no_grad()
+def to_jumprelu(sae: TopKSAE, threshold) -> ThresholdSAE:
+    """A JumpReLU dictionary with `sae`'s weights and the given per-feature thresholds (e.g. a tree's `fire_at`):
+    what SAELens does to a BatchTopK SAE for inference, here for any TopK one.
+
+    Parameters
+    ----------
+    sae : TopKSAE
+        The weights.
+    threshold : float or Tensor (width,)
+        Where each feature starts to fire.
+
+    Example:
+        >>> j = to_jumprelu(TopKSAE(8, 32, 2), 0.5)
+        >>> j.architecture, float(j.threshold[0])
+        ('jumprelu', 0.5)
+    """
+    out = ThresholdSAE(sae.d_model, sae.width, torch.as_tensor(threshold, dtype=torch.float32),
+                       architecture="jumprelu", max_codes=MAX_CODES,
+                       metadata={**sae.metadata, "converted_from": "topk", "topk_k": sae.k})
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        getattr(out, name).copy_(getattr(sae, name))
+    return out
+
+
+def measure(ladder: dict, acts, *, split: str = "heldout") -> dict:
+    """Held-out FVU, L0 and dead fraction of each rung of a loaded ladder, stored in its `.metrics` (what
+    `featuretree info` prints for trained rungs); returns {rung: metrics}.
+
+    Parameters
+    ----------
+    ladder : dict
+        {rung: dictionary}, as `load_ladder` returns.
+    acts : Activations or Tensor [n, d_model]
+        The layer's activations (a store's `split` is read).
+    split : str
+        Which split of a store.
+
+    Example:
+        >>> m = measure({"w32": TopKSAE(8, 32, 2)}, torch.randn(64, 8))
+        >>> sorted(m["w32"])
+        ['dead_fraction', 'fvu', 'l0', 'n_tokens']
+    """
+    from featuretree.activations import d_model_of, is_store, iter_batches, n_rows
+    from featuretree.train import evaluate_many
+
+    d = {s.d_model for s in ladder.values()}
+    width = d_model_of(acts)
+    if d != {width}:
+        raise FeatureTreeError(f"the ladder reads d_model {sorted(d)} but the layer's activations have {width}: "
+                               "choose the layer (and model) the dictionaries were trained on")
+    if is_store(acts) and n_rows(acts, split) > 0:
+        batches = iter_batches(acts, 8192, split=split, shuffle=False)
+    else:
+        batches = iter_batches(acts, 8192, shuffle=False)
+    out = {}
+    for (rung, sae), m in zip(ladder.items(), evaluate_many(list(ladder.values()), batches)):
+        sae.metrics = {**sae.metrics, **m}
+        out[rung] = m
+    return out
