@@ -1,0 +1,64 @@
+"""Which branch rule should search follow? Each rule patched into featuretree.find.branch_reach, on the tuning
+half of the WordNet query nouns only (docs/EVAL.md, "Which branch rule?").
+
+    python benchmarks/search_rules.py base,sum,mean,disc0.8 60     # rules, number of tuning queries
+"""
+import importlib
+import sys
+import time
+
+import networkx as nx
+
+from featuretree.corpus import load_corpus
+from featuretree.eval import search_quality, search_queries
+from featuretree.export import load
+
+F = importlib.import_module("featuretree.find")  # the module (featuretree.find the attribute is the function)
+
+base = F.branch_reach
+
+def make(rule, gamma=0.8):
+    def reach_fn(tree, scores):
+        g = tree.graph
+        ok = set(F.answering(list(g.nodes), scores))
+        reach = {}
+        for n in reversed(list(nx.topological_sort(g))):
+            if n in ok:
+                own = float(scores.at[n, "score"])
+                below = [reach[c] for c in g.successors(n) if c in reach]
+                if rule == "own":
+                    reach[n] = own
+                elif rule == "sum":
+                    reach[n] = own + max([0.0, *below])
+                elif rule == "disc":
+                    reach[n] = max([own, *(gamma * b for b in below)])
+                elif rule == "mean":  # best mean score of a path down from n (value, length)
+                    best = (own, 1)
+                    for c in g.successors(n):
+                        if c in reach:
+                            tot, ln = reach[c]
+                            cand = (own + tot, ln + 1)
+                            if cand[0] / cand[1] > best[0] / best[1]:
+                                best = cand
+                    reach[n] = best
+        if rule == "mean":
+            return {n: tot / length for n, (tot, length) in reach.items()}
+        return reach
+    return reach_fn
+
+tree = load(sys.argv[3] if len(sys.argv) > 3 else "runs/default")
+corpus = load_corpus("wordnet")
+queries = search_queries(corpus, split="tuning", n=int(sys.argv[2]) if len(sys.argv) > 2 else 60, seed=0)
+cols = ["precision", "recall", "f1", "coherent", "path_coherent", "domain_coherent", "depth"]
+for name in sys.argv[1].split(","):
+    if name == "base":
+        F.branch_reach = base
+    elif name.startswith("disc"):
+        F.branch_reach = make("disc", float(name[4:]))
+    else:
+        F.branch_reach = make(name)
+    t = time.time()
+    df = search_quality(tree, corpus, queries, level="concept", refine=False, seed=0, progress=False)
+    m = df[cols].mean()
+    print(name, f"{time.time() - t:.0f}s", " ".join(f"{c} {m[c]:.3f}" for c in cols), flush=True)
+
