@@ -77,7 +77,7 @@ def test_effects_name_the_wired_token(planted):
     suppressed = e.logits[(e.logits.direction == "suppressed") & (e.logits.by == "measured")]
     assert (suppressed.measured < 0).all() and len(suppressed)  # the mass "canine" took, given back
     assert e.steering.token.iloc[0] == "canine" and e.steering.p_steered.iloc[0] > e.steering.p_clean.iloc[0]
-    assert list(e.subtree.rung) == ["w4"] and e.subtree.loss_change.iloc[0] == pytest.approx(e.summary["loss_change"])
+    assert list(e.subtree.rung) == ["w4"] and e.subtree.loss_change.iloc[0] == pytest.approx(e.summary["loss_change"], rel=1e-5)  # float32 sums in two orders
     assert "canine" in str(e)
 
 
