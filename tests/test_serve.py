@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from featuretree.explore import explorer_data  # noqa: E402
 from featuretree.export import save  # noqa: E402
-from featuretree.serve import RunIndex, make_app  # noqa: E402
+from featuretree.serve import make_app  # noqa: E402
 from featuretree.tree import FeatureTree  # noqa: E402
 
 XSS = "<script>alert(1)</script><img src=x onerror=alert(2)>"
@@ -165,21 +165,3 @@ def test_jobs_run_the_cli_arguments_report_progress_and_reload_the_run(run, tmp_
     assert [r["id"] for r in client.post("/api/kids", json={"ids": ["w64/6"]}).json()["kids"]["w64/6"]] == ["w64/6/r4/0"]
     assert json.loads((run / "tree.json").read_text())["nodes"]  # the run itself holds the new node
 
-
-def test_run_index_of_100k_nodes_answers_quickly(tmp_path):
-    """A 100k-node run: loaded once, then each answer is a few records, not the tree."""
-    g = nx.DiGraph(rungs=["w10", "w100", "w1000", "w10000", "w100000"])
-    widths = [10, 100, 1000, 10000, 100000]
-    for r, w in enumerate(widths):
-        for i in range(w):
-            g.add_node(f"w{w}/{i}", rung=f"w{w}", width=w, index=i, freq=1.0 / w, label=f"level {r} feature {i}")
-            if r:
-                g.add_edge(f"w{widths[r - 1]}/{i // 10}", f"w{w}/{i}", coverage=0.9, reverse=0.1, cos=0.3, kind="split")
-    ix = RunIndex(save(FeatureTree(g), tmp_path / "big"))
-    assert len(ix) == 111_110
-    t = time.perf_counter()
-    assert [r["id"] for r in ix.kids("w1000/5")] == [f"w10000/{50 + j}" for j in range(10)]
-    assert [r["id"] for r in ix.chain("w100000/77777")] == ["w10/7", "w100/77", "w1000/777", "w10000/7777",
-                                                             "w100000/77777"]
-    assert time.perf_counter() - t < 1.0
-    assert ix.search("feature 77777")[0]["id"] == "w100000/77777"
