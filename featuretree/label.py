@@ -453,7 +453,7 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
     tok_sorted = token_ids[tok_order]
     all_docs: dict[str, list[str]] = {}
     patterns: dict[str, tuple[list, dict]] = {}
-    firing_of: dict[str, tuple] = {}  # rung -> its firings sorted by feature (features, rows, values, slices)
+    firing_of: dict[str, tuple] = {}  # rung -> its firings by feature (`_by_feature`)
     context_rows: dict[str, list[int]] = {}  # node -> the rows its shaded contexts centre on
     for rung, (values, indices) in codes.items():
         ft = feature_table(values, indices)
@@ -494,22 +494,15 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
         best = ft.groupby("feature", sort=False).head(40)
         ctx_of: dict[int, list[str]] = {}
         words_docs: dict[str, list[str]] = {}
-        shaded_of: dict[int, list] = {}
         hist_of: dict[int, list] = {}
-        # ft is sorted by feature: each feature's firings are one slice of these arrays
-        fe, fr, fv = (ft[c].to_numpy() for c in ("feature", "row", "value"))
-        cuts = np.flatnonzero(np.r_[True, fe[1:] != fe[:-1], True])
-        span_of = {int(fe[a]): (a, b) for a, b in zip(cuts[:-1], cuts[1:])}
-        firing_of[rung] = (fe, fr, fv, span_of)
+        firing_of[rung] = fr, fv, span_of = _by_feature(ft)
         for f, grp in best.groupby("feature", sort=False):
             rows = grp["row"].to_numpy()
             ctxs = [context(texts.get(int(doc_ids[r]), ""), int(starts[r]), int(ends[r])) for r in rows]
             ctx_of[int(f)] = [c for c in ctxs if c][:n_contexts]
             words_docs[f"{rung}/{int(f)}"] = [c.replace("«", "").replace("»", "") for c in ctxs]
             a, b = span_of[int(f)]
-            act_at = dict(zip(fr[a:b].tolist(), fv[a:b].tolist()))
-            shaded_of[int(f)] = [_shaded(texts, doc_ids, starts, ends, int(r), act_at) for r in rows[:n_contexts]]
-            context_rows[f"{rung}/{int(f)}"] = [int(r) for r in rows[:n_contexts]]
+            context_rows[f"{rung}/{int(f)}"] = [int(r) for r in rows[:n_contexts]]  # shaded below, with the parent's
             top = float(fv[a:b].max())  # a feature in `best` fires at least once
             counts = np.histogram(fv[a:b], bins=HIST_BINS, range=(0.0, top or 1.0))[0]
             hist_of[int(f)] = [round(top, 4), [int(c) for c in counts]]
@@ -522,30 +515,28 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
             node["top_tokens"] = tokens_of[f]
             node["top_words"] = list(dict.fromkeys(words_of.get(int(f), []))) or tokens_of[f]
             node["top_contexts"] = ctx_of.get(int(f), [])
-            node["context_acts"] = shaded_of.get(int(f), [])
+            node["context_acts"] = []  # filled below
             node["act_hist"] = hist_of.get(int(f), [])
-    # the parent's activations on the same contexts, piece by piece (the card shades both side by side)
+    # each node's top contexts shaded by its activation and, where the parent's rung was encoded on the same
+    # rows (`codes` or `others`), by the parent's, on one segmentation (the card shows both side by side)
     for rung, (values, indices) in (others or {}).items():
-        ft = feature_table(values, indices).sort_values(["feature", "row"], kind="stable")
-        fe, fr, fv = (ft[c].to_numpy() for c in ("feature", "row", "value"))
-        cuts = np.flatnonzero(np.r_[True, fe[1:] != fe[:-1], True]) if len(fe) else np.array([0])
-        firing_of[rung] = (fe, fr, fv, {int(fe[a]): (a, b) for a, b in zip(cuts[:-1], cuts[1:])})
+        firing_of[rung] = _by_feature(feature_table(values, indices).sort_values("feature", kind="stable"))
     for nid, rows in context_rows.items():
-        p = tree_edge(g, nid)[0] if nid in g else None
-        prung, _, pf = (p or "").rpartition("/")
-        if p is None or prung not in firing_of or not pf.isdigit():  # a top-level feature, or a parent whose
-            g.nodes[nid].pop("parent_context_acts", None) if nid in g else None  # rung was not encoded here
+        if nid not in g:
             continue
-        def acts_of(rung: str, f: int) -> dict:
-            _, fr, fv, span_of = firing_of[rung]
-            a, b = span_of.get(f, (0, 0))
-            return dict(zip(fr[a:b].tolist(), fv[a:b].tolist()))
-
         rung, _, f = nid.rpartition("/")
-        mine, theirs = acts_of(rung, int(f)), acts_of(prung, int(pf))
-        both = [_shaded(texts, doc_ids, starts, ends, r, mine, also=theirs) for r in rows]  # one segmentation
-        g.nodes[nid]["context_acts"] = [[[p, a] for p, a, _ in c] for c in both]
-        g.nodes[nid]["parent_context_acts"] = [[t for _, _, t in c] for c in both]
+        p = tree_edge(g, nid)[0]
+        prung, _, pf = (p or "").rpartition("/")
+        theirs = _acts_at(firing_of[prung], int(pf)) if prung in firing_of and pf.isdigit() else None
+        mine = _acts_at(firing_of[rung], int(f))
+        shaded = [_shaded(texts, doc_ids, starts, ends, r, mine, also=theirs) for r in rows]
+        node = g.nodes[nid]
+        if theirs is None:
+            node["context_acts"] = shaded
+            node.pop("parent_context_acts", None)
+        else:
+            node["context_acts"] = [[[piece, a] for piece, a, _ in c] for c in shaded]
+            node["parent_context_acts"] = [[t for _, _, t in c] for c in shaded]
     # distinctive words against the parent and siblings (top-level features: against each other)
     parent = {n: tree_edge(g, n)[0] for n in all_docs if n in g}
     words = family_words({**(parent_docs or {}), **all_docs}, parent)
@@ -563,6 +554,23 @@ def annotate(tree, codes: dict, tokens: pd.DataFrame, acts, *, n_contexts: int =
 
 HIST_BINS = 12
 """Bins of each node's activation histogram (`act_hist`: [max activation, counts from 0 to it])."""
+
+
+def _by_feature(ft: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[int, int]]]:
+    """(rows, values, {feature: (a, b)}) of a firing table sorted by feature: feature f's firings are
+    rows[a:b], values[a:b]."""
+    fe, fr, fv = (ft[c].to_numpy() for c in ("feature", "row", "value"))
+    if not len(fe):
+        return fr, fv, {}
+    cuts = np.flatnonzero(np.r_[True, fe[1:] != fe[:-1], True])
+    return fr, fv, {int(fe[a]): (a, b) for a, b in zip(cuts[:-1], cuts[1:])}
+
+
+def _acts_at(firing: tuple, f: int) -> dict[int, float]:
+    """{row: activation} of feature f, from `_by_feature`'s result."""
+    fr, fv, span_of = firing
+    a, b = span_of.get(f, (0, 0))
+    return dict(zip(fr[a:b].tolist(), fv[a:b].tolist()))
 
 
 def _shaded(texts: dict, doc_ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, r: int, act_at: dict,
