@@ -319,9 +319,12 @@ class TopKSAE(nn.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_tensors(path / WEIGHTS_FILE, {n: getattr(self, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")})
+        save_tensors(path / WEIGHTS_FILE, {n: getattr(self, n) for n in self._saved_tensors()})
         write_json(path / CFG_FILE, self.cfg_dict())
         return path
+
+    def _saved_tensors(self) -> tuple[str, ...]:
+        return ("W_enc", "b_enc", "W_dec", "b_dec")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TopKSAE:
@@ -369,13 +372,7 @@ class TopKSAE(nn.Module):
             weights = load_file(str(w_path))
         except Exception as e:  # safetensors raises its own error types on damaged files
             raise FeatureTreeError(f"{w_path} is not a readable safetensors file ({e}); re-save or retrain it") from e
-        for name, shape in expected.items():
-            if name not in weights or tuple(weights[name].shape) != shape:
-                got = tuple(weights[name].shape) if name in weights else "missing"
-                raise FeatureTreeError(f"{w_path}: {name} has shape {got}, expected {shape} from {source}")
-            if not torch.isfinite(weights[name]).all():
-                raise FeatureTreeError(f"{w_path}: {name} holds NaN or Inf: the dictionary is broken; retrain it")
-        return weights
+        return _checked(weights, expected, w_path, source)
 
     @classmethod
     def _load_saelens(cls, path: Path, cfg: dict) -> TopKSAE:
@@ -390,24 +387,16 @@ class TopKSAE(nn.Module):
         if arch != "topk":
             raise FeatureTreeError(f"{cfg_path}: architecture {arch!r} is not a TopK SAE; featuretree links TopK "
                                    "dictionaries (architecture 'topk')")
-        if cfg.get("normalize_activations", "none") not in ("none", None):
-            raise FeatureTreeError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} means the "
-                                   "SAE expects rescaled inputs; featuretree feeds raw activations, so it is refused")
+        _check_raw_inputs(cfg_path, cfg)
         if not 0 < k < d_sae or d_in <= 0:
             raise FeatureTreeError(f"{cfg_path}: k={k}, d_in={d_in}, d_sae={d_sae}: need 0 < k < d_sae and d_in > 0")
         weights = cls._weights(w_path, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in),
                                         "b_dec": (d_in,)}, CFG_FILE)
-        b_enc = weights["b_enc"].float()
-        if cfg.get("apply_b_dec_to_input", True) is False:  # pre = x W_enc + b_enc = (x - b_dec) W_enc + b_enc'
-            b_enc = b_enc + weights["b_dec"].float() @ weights["W_enc"].float()
         meta = dict(cfg.get("metadata") or {})
         metrics = meta.pop("featuretree_metrics", {}) or {}
         sae = cls(d_in, d_sae, k, seed=None, metadata=meta)
-        with torch.no_grad():
-            sae.W_enc.copy_(weights["W_enc"].float())
-            sae.b_enc.copy_(b_enc)
-            sae.W_dec.copy_(weights["W_dec"].float())
-            sae.b_dec.copy_(weights["b_dec"].float())
+        _fill(sae, weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"],
+              fold_b_dec=cfg.get("apply_b_dec_to_input", True) is False)
         sae.metrics = dict(metrics)
         return sae
 
@@ -432,11 +421,7 @@ class TopKSAE(nn.Module):
         w = cls._weights(path / SPARSIFY_WEIGHTS, {"encoder.weight": (width, d_in), "encoder.bias": (width,),
                                                    "W_dec": (width, d_in), "b_dec": (d_in,)}, CFG_FILE)
         sae = cls(d_in, width, k, seed=None, metadata={"source": "sparsify", "sparsify_cfg": cfg})
-        with torch.no_grad():
-            sae.W_enc.copy_(w["encoder.weight"].float().t())
-            sae.b_enc.copy_(w["encoder.bias"].float())
-            sae.W_dec.copy_(w["W_dec"].float())
-            sae.b_dec.copy_(w["b_dec"].float())
+        _fill(sae, w["encoder.weight"].t(), w["encoder.bias"], w["W_dec"], w["b_dec"], fold_b_dec=False)
         return sae
 
 
@@ -578,21 +563,8 @@ class ThresholdSAE(TopKSAE):
                            "featuretree_max_codes": self.k}
         return out
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write cfg.json + sae_weights.safetensors (SAELens layout; "threshold" for JumpReLU / BatchTopK).
-
-        Example:
-            >>> import tempfile
-            >>> d = ThresholdSAE(8, 32, 0.3).save(tempfile.mkdtemp())
-            >>> load_dictionary(d).threshold[0].item()
-            0.30000001192092896
-        """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        names = ("W_enc", "b_enc", "W_dec", "b_dec") + (() if self.architecture == "relu" else ("threshold",))
-        save_tensors(path / WEIGHTS_FILE, {n: getattr(self, n) for n in names})
-        write_json(path / CFG_FILE, self.cfg_dict())
-        return path
+    def _saved_tensors(self) -> tuple[str, ...]:  # `save` writes "threshold" too, except for a ReLU SAE
+        return super()._saved_tensors() + (() if self.architecture == "relu" else ("threshold",))
 
 
 GEMMA_SCOPE_WEIGHTS = "params.npz"  # Gemma Scope's own files: W_enc, W_dec, b_enc, b_dec, threshold
@@ -644,38 +616,27 @@ def _load_saelens_threshold(path: Path, cfg: dict, arch: str, max_codes: int) ->
         if cfg.get(flag):
             raise FeatureTreeError(f"{cfg_path}: {flag}=true is not supported: save the SAE with the decoder norm "
                                    "folded into W_enc / b_enc")
-    if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise FeatureTreeError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} means the "
-                               "SAE expects rescaled inputs; featuretree feeds raw activations, so it is refused")
+    _check_raw_inputs(cfg_path, cfg)
     try:
         d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     except (ValueError, KeyError, TypeError) as e:
         raise FeatureTreeError(f"{cfg_path} is not a valid SAE config (missing or bad {e}): it needs d_in and d_sae") from e
-    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     w_path = path / WEIGHTS_FILE
-    from safetensors import safe_open
-
-    check_safetensors(w_path)
-    with safe_open(str(w_path), "pt") as f:
-        names = set(f.keys())
+    # every tensor of the file, read once; the four every SAE has are checked here, a threshold below
+    weights = TopKSAE._weights(w_path, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in),
+                                        "b_dec": (d_in,)}, CFG_FILE)
     if known[arch] == "jumprelu":
-        if "threshold" in names:
-            shapes["threshold"] = (d_sae,)
-        elif "log_threshold" in names:
-            shapes["log_threshold"] = (d_sae,)
-        else:
+        key = next((k for k in ("threshold", "log_threshold") if k in weights), None)
+        if key is None:
             raise FeatureTreeError(f"{w_path}: a JumpReLU SAE needs a 'threshold' (or 'log_threshold') tensor; "
                                    "it has none")
-    weights = TopKSAE._weights(w_path, shapes, CFG_FILE)
-    if known[arch] == "batchtopk":  # SAELens' training layout: one scalar threshold for every feature
-        if "topk_threshold" not in names:
+        t = _checked(weights, {key: (d_sae,)}, w_path, CFG_FILE)[key].float()
+        threshold = t if key == "threshold" else t.exp()
+    elif known[arch] == "batchtopk":  # SAELens' training layout: one scalar threshold for every feature
+        if "topk_threshold" not in weights:
             raise FeatureTreeError(f"{w_path}: a BatchTopK SAE needs its 'topk_threshold'; save it for inference "
                                    "(SAELens converts it to a JumpReLU threshold) or keep the training state")
-        from safetensors.torch import load_file
-
-        threshold = load_file(str(w_path))["topk_threshold"].float().reshape(-1)[0]
-    elif known[arch] == "jumprelu":
-        threshold = weights["threshold"].float() if "threshold" in weights else weights["log_threshold"].float().exp()
+        threshold = weights["topk_threshold"].float().reshape(-1)[0]
     else:
         threshold = torch.tensor(0.0)
     meta = dict(cfg.get("metadata") or {})
@@ -689,6 +650,25 @@ def _load_saelens_threshold(path: Path, cfg: dict, arch: str, max_codes: int) ->
           fold_b_dec=cfg.get("apply_b_dec_to_input", True) is False)
     sae.metrics = dict((cfg.get("metadata") or {}).get("featuretree_metrics") or {})
     return sae
+
+
+def _checked(weights: dict[str, Tensor], expected: dict[str, tuple[int, ...]], w_path: Path,
+             source: str) -> dict[str, Tensor]:
+    """`weights`, once each expected tensor is there with its shape and finite; FeatureTreeError otherwise."""
+    for name, shape in expected.items():
+        if name not in weights or tuple(weights[name].shape) != shape:
+            got = tuple(weights[name].shape) if name in weights else "missing"
+            raise FeatureTreeError(f"{w_path}: {name} has shape {got}, expected {shape} from {source}")
+        if not torch.isfinite(weights[name]).all():
+            raise FeatureTreeError(f"{w_path}: {name} holds NaN or Inf: the dictionary is broken; retrain it")
+    return weights
+
+
+def _check_raw_inputs(cfg_path: Path, cfg: dict) -> None:
+    """Refuse a SAELens config whose SAE expects rescaled inputs (featuretree feeds raw activations)."""
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise FeatureTreeError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} means the "
+                               "SAE expects rescaled inputs; featuretree feeds raw activations, so it is refused")
 
 
 def _fill(sae: TopKSAE, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, *, fold_b_dec: bool) -> None:
