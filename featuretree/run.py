@@ -172,23 +172,21 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     if STAGES.index(stage) <= STAGES.index("train"):
         reach("train")
     saes = _trained(run, cfg) if stage == "link" else None
-    if saes is None and given is not None:  # an existing ladder: measured, not trained
-        from featuretree.ladders import measure
-
-        measure({f"w{w}": s for w, s in given.items()}, acts)
-        saes = given
-        for w, sae in saes.items():
-            sae.save(run / "saes" / f"w{w}")
-        reach("link")
     if saes is None:
-        if train is None:
-            from featuretree.train import train_ladder as train
-        saes = train(acts, config=cfg, checkpoint=Resume(run / "ckpt" / "train.safetensors", every=checkpoint_every,
-                                                  keep=True), progress=progress)
-        from featuretree.faithful import is_causal_lm, record_faithfulness
+        if given is not None:  # an existing ladder: measured on the held-out split, not trained
+            from featuretree.ladders import measure
 
-        if is_causal_lm(model):  # loss recovered / KL per rung into faithfulness.json and each cfg.json
-            record_faithfulness(model, cfg.layer, saes, acts, run, progress=progress)
+            measure({f"w{w}": s for w, s in given.items()}, acts)
+            saes = given
+        else:
+            if train is None:
+                from featuretree.train import train_ladder as train
+            saes = train(acts, config=cfg, checkpoint=Resume(run / "ckpt" / "train.safetensors",
+                                                              every=checkpoint_every, keep=True), progress=progress)
+            from featuretree.faithful import is_causal_lm, record_faithfulness
+
+            if is_causal_lm(model):  # loss recovered / KL per rung into faithfulness.json and each cfg.json
+                record_faithfulness(model, cfg.layer, saes, acts, run, progress=progress)
         for w, sae in saes.items():
             sae.save(run / "saes" / f"w{w}")
         reach("link")
