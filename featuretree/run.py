@@ -129,7 +129,7 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     settings = {**_settings(cfg), "inputs": run_inputs(cfg, shard_size, store_dtype)}
     if given is not None:  # which dictionaries: their kind, width and a checksum of the decoder
         settings["ladder"] = [[type(s).__name__, getattr(s, "architecture", "topk"), w,
-                               round(float(s.W_dec.double().abs().sum()), 6)] for w, s in given.items()]
+                               round(float(s.W_dec.detach().double().abs().sum()), 6)] for w, s in given.items()]
     record = Checkpoint(run / RUN_FILE, settings,
                         "a run", "choose another --out for a new run, or pass --force (force=True) to replace it", where=run)
     try:

@@ -282,3 +282,32 @@ def test_serve_runs_real_find_and_refine_jobs_and_saves_into_the_run(run_dir, tm
     assert kids and all(k["id"].startswith(f"{node}/r8/") for k in kids), kids  # the refined features, from disk
     assert any(r.startswith(f"{node}/r8") for r in load(run).saes)
 
+
+
+def test_build_links_an_existing_mixed_ladder_without_training(run_dir, tmp_path, capsys):
+    """`build --ladder`: a JumpReLU rung (the run's w16 with its firing thresholds) and the run's TopK w64 are
+    measured and linked, saved as they are, and load back with their architectures; nothing is trained."""
+    import numpy as np
+    import torch
+
+    from featuretree.ladders import to_jumprelu
+
+    tree = load(run_dir)
+    at = np.full(16, 1e6, dtype=np.float32)
+    for _, d in tree.graph.nodes(data=True):
+        if d.get("rung") == "w16" and d.get("fire_at") is not None:
+            at[int(d["index"])] = d["fire_at"]
+    jump = to_jumprelu(tree.saes["w16"], torch.from_numpy(at)).save(tmp_path / "j16")
+    out = tmp_path / "mixed"
+    corpus = run_dir.parent / "corpus.txt"
+    assert main(["-q", "build", "--ladder", str(jump), str(run_dir / "saes" / "w64"), "--corpus", str(corpus),
+                 "--n-tokens", "700", "--out", str(out)]) == 0
+    mixed = load(out)
+    assert {r: type(s).__name__ for r, s in mixed.saes.items()} == {"w16": "ThresholdSAE", "w64": "TopKSAE"}
+    assert torch.equal(mixed.saes["w64"].W_dec, tree.saes["w64"].W_dec)  # not retrained
+    assert mixed.saes["w16"].metrics["l0"] > 0 and 0 < mixed.saes["w64"].metrics["fvu"] < 1
+    assert any(mixed.graph.nodes[c]["rung"] == "w64" and p.startswith("w16/") for p, c in mixed.graph.edges)
+    assert not (out / "ckpt").exists()
+    capsys.readouterr()
+    assert main(["-q", "info", str(out)]) == 0
+    assert "w16        FVU" in capsys.readouterr().out
