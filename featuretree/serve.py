@@ -142,20 +142,16 @@ class RunIndex:
             hay = []
             for n in self.data["ids"]:
                 f = card_facts(self.graph, n, brief=True)
-                label = f["label"].lower()
-                hay.append((label, " ".join([n, label, *f["top_words"], *f["words"]]).lower(), f["freq"] or 0.0))
+                hay.append((f["label"], " ".join([n, f["label"], *f["top_words"], *f["words"]]).lower(),
+                            f["freq"] or 0.0))
             self._hay = hay
         terms, hits = q.split(), []
         for i, (label, hay, freq) in enumerate(self._hay):
             if all(t in hay for t in terms):
-                rank = 3 if self.data["ids"][i].lower() == q else 2 if q in label else 1 if q in hay else 0
+                rank = 3 if self.data["ids"][i].lower() == q else 2 if q in label.lower() else 1 if q in hay else 0
                 hits.append((-rank, -freq, i))
         hits.sort()
-        return [{"id": self.data["ids"][i], "label": self._label(i)} for _, _, i in hits[:limit]]
-
-    def _label(self, i: int) -> str:
-        n = self.data["ids"][i]
-        return str(self.graph.nodes[n].get("label") or n)
+        return [{"id": self.data["ids"][i], "label": self._hay[i][0]} for _, _, i in hits[:limit]]
 
     def meta(self, version: int) -> dict:
         """The page's settings, the top-level records and the highlighted path, for GET /api/meta."""
@@ -259,7 +255,7 @@ class _Server:
             return
         buf = ""
         while True:
-            chunk = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+            chunk = proc.stdout.read1(4096)  # what has arrived, without waiting for 4096 bytes
             if not chunk:
                 break
             buf += chunk.decode("utf-8", errors="replace")
