@@ -285,29 +285,31 @@ def test_serve_runs_real_find_and_refine_jobs_and_saves_into_the_run(run_dir, tm
 
 
 def test_build_links_an_existing_mixed_ladder_without_training(run_dir, tmp_path, capsys):
-    """`build --ladder`: a JumpReLU rung (the run's w16 with its firing thresholds) and the run's TopK w64 are
+    """`build --ladder`: a JumpReLU rung (the run's narrowest, with its firing thresholds) and its widest TopK are
     measured and linked, saved as they are, and load back with their architectures; nothing is trained."""
     import numpy as np
     import torch
 
     from featuretree.ladders import to_jumprelu
 
-    tree = load(run_dir)
-    at = np.full(16, 1e6, dtype=np.float32)
+    tree = load(run_dir)  # (an earlier test may have rebuilt run_dir with other widths or another layer)
+    narrow, wide = (lambda rs: (rs[0], rs[-1]))([r for r in tree.rungs if "/" not in r])
+    sae = tree.saes[narrow]
+    at = np.full(sae.width, 1e6, dtype=np.float32)
     for _, d in tree.graph.nodes(data=True):
-        if d.get("rung") == "w16" and d.get("fire_at") is not None:
+        if d.get("rung") == narrow and d.get("fire_at") is not None:
             at[int(d["index"])] = d["fire_at"]
-    jump = to_jumprelu(tree.saes["w16"], torch.from_numpy(at)).save(tmp_path / "j16")
+    jump = to_jumprelu(sae, torch.from_numpy(at)).save(tmp_path / "jump")
     out = tmp_path / "mixed"
     corpus = run_dir.parent / "corpus.txt"
-    assert main(["-q", "build", "--ladder", str(jump), str(run_dir / "saes" / "w64"), "--corpus", str(corpus),
-                 "--n-tokens", "700", "--out", str(out)]) == 0
+    assert main(["-q", "build", "--ladder", str(jump), str(run_dir / "saes" / wide), "--corpus", str(corpus),
+                 "--layer", str(tree.config.layer), "--n-tokens", "700", "--out", str(out)]) == 0
     mixed = load(out)
-    assert {r: type(s).__name__ for r, s in mixed.saes.items()} == {"w16": "ThresholdSAE", "w64": "TopKSAE"}
-    assert torch.equal(mixed.saes["w64"].W_dec, tree.saes["w64"].W_dec)  # not retrained
-    assert mixed.saes["w16"].metrics["l0"] > 0 and 0 < mixed.saes["w64"].metrics["fvu"] < 1
-    assert any(mixed.graph.nodes[c]["rung"] == "w64" and p.startswith("w16/") for p, c in mixed.graph.edges)
+    assert {r: type(s).__name__ for r, s in mixed.saes.items()} == {narrow: "ThresholdSAE", wide: "TopKSAE"}
+    assert torch.equal(mixed.saes[wide].W_dec, tree.saes[wide].W_dec)  # not retrained
+    assert mixed.saes[narrow].metrics["l0"] > 0 and 0 < mixed.saes[wide].metrics["fvu"] < 1
+    assert any(mixed.graph.nodes[c]["rung"] == wide and p.startswith(f"{narrow}/") for p, c in mixed.graph.edges)
     assert not (out / "ckpt").exists()
     capsys.readouterr()
     assert main(["-q", "info", str(out)]) == 0
-    assert "w16        FVU" in capsys.readouterr().out
+    assert f"{narrow:<10} FVU" in capsys.readouterr().out
