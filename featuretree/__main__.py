@@ -43,6 +43,26 @@ def _ladder(tree) -> list[str]:
     return [r for r in tree.rungs if "/" not in r]
 
 
+def _ladder_target(cfg: Config, ladder: dict, args: argparse.Namespace) -> Config:
+    """The model and layer a loaded ladder reads, from its own files, where --model / --layer were not given; a
+    --layer that differs from the dictionaries' hook is an error (their features would be read off another layer)."""
+    from featuretree.ladders import hf_model_name, ladder_site
+
+    site = ladder_site(ladder)
+    changes = {}
+    if site["layer"] is not None:
+        if args.layer is not None and args.layer != site["layer"]:
+            raise FeatureTreeError(f"--layer {args.layer}, but the dictionaries read {site['hook_name']} (layer "
+                                   f"{site['layer']}, a block's output): drop --layer or pass --layer {site['layer']}")
+        changes["layer"] = site["layer"]
+    if args.model is None and site["model_name"]:
+        changes["model"] = hf_model_name(site["model_name"])
+    if changes:
+        log.info("the ladder reads %s of %s (from its files)", site["hook_name"] or f"layer {cfg.layer}",
+                 changes.get("model", cfg.model))
+    return Config.from_dict({**cfg.to_dict(), **changes}) if changes else cfg
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     """featuretree build: harvest, train the ladder, link, save the run and write its sunburst."""
     from featuretree.export import to_frame
@@ -58,12 +78,16 @@ def cmd_build(args: argparse.Namespace) -> int:
         src = list(args.ladder)
         one = src[0] if len(src) == 1 else src
         if len(src) == 1 and not Path(src[0]).is_dir() and (args.release_widths or args.release_ids):
-            kw["ladder"] = load_ladder(src[0], layer=cfg.layer, widths=args.release_widths or None,
+            if args.release_widths and not args.release_ids and args.layer is None:
+                raise FeatureTreeError("--release-widths picks a release's dictionaries of one layer: pass --layer N "
+                                       "too (or name them exactly with --release-ids)")
+            kw["ladder"] = load_ladder(src[0], layer=args.layer, widths=args.release_widths or None,
                                        sae_ids=args.release_ids or None, max_codes=args.max_codes)
         else:
             kw["ladder"] = load_ladder(one, prefixes=args.prefixes or None, max_codes=args.max_codes)
         log.info("linking %s (no training)", ", ".join(f"{r} {getattr(s, 'architecture', 'topk')}"
                                                        for r, s in kw["ladder"].items()))
+        cfg = _ladder_target(cfg, kw["ladder"], args)
     if args.layers:
         trees = build(cfg, out=out, layers=list(args.layers), **kw)
         for layer, tree in trees.items():

@@ -132,7 +132,7 @@ def load(path: str | os.PathLike) -> FeatureTree:
         >>> load(save(FeatureTree(g), tempfile.mkdtemp())).graph.edges
         OutEdgeView([('w2/0', 'w8/1')])
     """
-    from featuretree.sae import load_dictionary
+    from featuretree.dictionaries import load_dictionary
     from featuretree.tree import FeatureTree
 
     path = Path(path)

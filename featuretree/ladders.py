@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from featuretree.config import FeatureTreeError
-from featuretree.sae import MAX_CODES, ThresholdSAE, TopKSAE, load_dictionary
+from featuretree.dictionaries import MAX_CODES, ThresholdSAE, load_dictionary
+from featuretree.sae import TopKSAE
 
-__all__ = ["load_ladder", "measure", "release_files", "to_jumprelu"]
+__all__ = ["hf_model_name", "hook_layer", "ladder_site", "load_ladder", "measure", "release_files", "to_jumprelu"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def load_ladder(source, *, prefixes=None, layer: int | None = None, widths=None,
     """A ladder {"w<width>": dictionary} from dictionaries that already exist, narrow to wide.
 
     `source` is one of:
-    - a list of dictionary directories (any architecture `featuretree.sae.load_dictionary` reads: TopK,
+    - a list of dictionary directories (any architecture `featuretree.dictionaries.load_dictionary` reads: TopK,
       JumpReLU, BatchTopK, ReLU in SAELens' layout, sparsify's TopK, Gemma Scope's params.npz) -> a mixed ladder;
     - one directory with `prefixes` (or a cfg.json listing `matryoshka_widths`) -> a Matryoshka
       dictionary's prefixes, each a rung;
@@ -100,8 +101,20 @@ def load_ladder(source, *, prefixes=None, layer: int | None = None, widths=None,
         raise FeatureTreeError(f"{source} is not a directory: pass a dictionary's directory, a list of them, or a "
                                "SAELens release name")
     repo, paths = release_files(str(source), layer=layer, widths=widths, sae_ids=sae_ids, repo_id=repo_id)
-    dirs = [_cached(repo, p, cache_dir) for p in paths]
-    return _rung_names([load_dictionary(d, max_codes=max_codes) for d in dirs])
+    saes = [load_dictionary(_cached(repo, p, cache_dir), max_codes=max_codes) for p in paths]
+    model = None
+    if repo_id is None:
+        entry = _release_table()[str(source)]
+        model = entry[2] if len(entry) > 2 else None
+    for sae, p in zip(saes, paths):  # where it reads, when its files do not say (Gemma Scope's params.npz)
+        sae.metadata.setdefault("release", str(source))
+        sae.metadata.setdefault("release_path", p)
+        if model and "model_name" not in sae.metadata:
+            sae.metadata["model_name"] = model
+        hook = _release_hook(str(source), p)
+        if hook and "hook_name" not in sae.metadata:
+            sae.metadata["hook_name"] = hook
+    return _rung_names(saes)
 
 
 def _cfg_prefixes(path: Path) -> list[int]:
@@ -149,7 +162,7 @@ def release_files(release: str, *, layer: int | None = None, widths=None, sae_id
     if release not in table:
         near = sorted(r for r in table if release.split("-")[0] in r)[:8]
         raise FeatureTreeError(f"{release!r} is not a SAELens release{': near ones: ' + ', '.join(near) if near else ''}")
-    repo, saes_map = table[release]
+    repo, saes_map = table[release][:2]
     ids = list(saes_map)
     if sae_ids:
         unknown = [s for s in sae_ids if s not in saes_map]
@@ -169,14 +182,15 @@ def release_files(release: str, *, layer: int | None = None, widths=None, sae_id
     return repo, [str(saes_map[s]) for s in ids]
 
 
-def _release_table() -> dict[str, tuple[str, dict[str, str]]]:
-    """{release: (repo_id, {sae_id: path in the repo})} from sae_lens' pretrained_saes.yaml."""
+def _release_table() -> dict[str, tuple]:
+    """{release: (repo_id, {sae_id: path in the repo}, model)} from sae_lens' pretrained_saes.yaml."""
     try:
         from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
     except ImportError as e:
         raise FeatureTreeError(f"naming a release needs sae_lens ({e}): pip install sae-lens, or pass repo_id= and "
                                "sae_ids= (the folders in the Hugging Face repo)") from e
-    return {name: (lookup.repo_id, dict(lookup.saes_map)) for name, lookup in get_pretrained_saes_directory().items()}
+    return {name: (lookup.repo_id, dict(lookup.saes_map), lookup.model)
+            for name, lookup in get_pretrained_saes_directory().items()}
 
 
 def _cached(repo: str, folder: str, cache_dir) -> Path:
@@ -197,6 +211,121 @@ def _cached(repo: str, folder: str, cache_dir) -> Path:
                                f"folder): run  huggingface-cli download {repo} --include '{folder}/*'  where the "
                                "network is allowed")
     return d
+
+
+def _release_hook(release: str, path: str) -> str | None:
+    """The TransformerLens hook a release's folder reads, where its name says: a folder naming its hook
+    ("gemma_2b_blocks.12.hook_resid_post_16384"), or Gemma Scope's "layer_N/..." in a "-res" / "-mlp" / "-att" /
+    "-transcoders" release."""
+    m = re.search(r"blocks\.\d+\.(?:attn\.)?hook_(?:resid_pre|resid_post|resid_mid|mlp_out|attn_out|z)(?![a-z])", path)
+    if m:
+        return m.group(0)
+    m = re.match(r"layer_(\d+)/", path)
+    hooks = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z",
+             "transcoders": "ln2.hook_normalized"}  # Gemma Scope's kinds; its transcoders read the MLP's input
+    kind = re.search(r"-(res|mlp|att|transcoders)(-|$)", release)
+    if m and kind:
+        return f"blocks.{m.group(1)}.{hooks[kind.group(1)]}"
+    return None
+
+
+_BLOCK_OUTPUT = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)$")  # an HF block's path: model.layers.12
+
+
+def hook_layer(hook_name: str) -> int:
+    """The featuretree layer (the output of block L, what `collect` harvests) a dictionary's hook reads:
+    TransformerLens' `blocks.L.hook_resid_post` is layer L, `blocks.L.hook_resid_pre` layer L-1 (the previous
+    block's output); an HF block path (`model.layers.12`, `transformer.h.6`, sparsify's `layers.12`) and
+    dictionary_learning's `resid_post_layer_L` are layer L. Anything else (MLP or attention outputs, hook_z,
+    resid_mid, the embeddings) is an error: featuretree harvests block outputs.
+
+    Parameters
+    ----------
+    hook_name : str
+        The hook or module path, as the dictionary's config names it.
+
+    Example:
+        >>> hook_layer("blocks.12.hook_resid_post"), hook_layer("blocks.12.hook_resid_pre"), hook_layer("model.layers.3")
+        (12, 11, 3)
+    """
+    name = str(hook_name)
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", name)
+    if m:
+        layer = int(m.group(1)) - (m.group(2) == "pre")
+        if layer < 0:
+            raise FeatureTreeError(f"{name} reads the embeddings (the input of block 0); featuretree harvests block "
+                                   "outputs: use dictionaries of a later layer")
+        return layer
+    m = _BLOCK_OUTPUT.search(name) or re.fullmatch(r"resid_post_layer_(\d+)", name)
+    if m:
+        return int(m.group(1))
+    raise FeatureTreeError(f"the dictionaries read {name!r}, not a block's output (hook_resid_post / hook_resid_pre); "
+                           "featuretree harvests block outputs (residual stream), so MLP, attention and transcoder "
+                           "dictionaries cannot be linked on its activations: use residual-stream dictionaries")
+
+
+def ladder_site(ladder: dict) -> dict:
+    """Where a loaded ladder's dictionaries read, from their own files: {"hook_name", "layer", "model_name"}, each
+    None where no dictionary says. Dictionaries that disagree are an error (a ladder is one layer's).
+
+    Parameters
+    ----------
+    ladder : dict
+        {rung: dictionary}, as `load_ladder` returns.
+
+    Example:
+        >>> ladder_site({"w32": TopKSAE(8, 32, 2, metadata={"hook_name": "blocks.4.hook_resid_post"})})
+        {'hook_name': 'blocks.4.hook_resid_post', 'layer': 4, 'model_name': None}
+    """
+    out = {}
+    for key in ("hook_name", "model_name"):
+        said = {(s.metadata or {}).get(key) for s in ladder.values()} - {None}
+        if len(said) > 1:
+            raise FeatureTreeError(f"the ladder's dictionaries name different {key}s {sorted(said)}: a ladder is one "
+                                   "layer of one model's dictionaries; load those that share it")
+        out[key] = next(iter(said), None)
+    out["layer"] = hook_layer(out["hook_name"]) if out["hook_name"] else None
+    return {"hook_name": out["hook_name"], "layer": out["layer"], "model_name": out["model_name"]}
+
+
+_HF_ORGS = (("gemma-", "google/"), ("pythia-", "EleutherAI/"), ("gpt-neo", "EleutherAI/"), ("gpt-j", "EleutherAI/"),
+            ("Qwen", "Qwen/"), ("SmolLM", "HuggingFaceTB/"), ("Llama-", "meta-llama/"), ("Meta-Llama-", "meta-llama/"),
+            ("Mistral-", "mistralai/"))
+_TL_NAMES = {"gpt2-small": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl",
+             "tiny-stories-1M": "roneneldan/TinyStories-1M", "tiny-stories-33M": "roneneldan/TinyStories-33M"}
+
+
+def hf_model_name(name: str) -> str:
+    """The Hugging Face repo id of a model as SAELens releases name it (TransformerLens' names: "gpt2-small",
+    "gemma-2-2b", "pythia-70m-deduped"): transformer_lens' own table when it is installed, else featuretree's
+    (the common families). A repo id with an org, a path and featuretree's embedded models are returned as they are.
+
+    Parameters
+    ----------
+    name : str
+        The release's model name.
+
+    Example:
+        >>> hf_model_name("gemma-2-2b"), hf_model_name("gpt2-small"), hf_model_name("org/model")
+        ('google/gemma-2-2b', 'gpt2', 'org/model')
+    """
+    from featuretree.model import EMBEDDED_NAMES, SMOLLM2_NAMES
+
+    name = str(name)
+    if "/" in name or os.sep in name or name in EMBEDDED_NAMES or name.lower() in SMOLLM2_NAMES or name.endswith(".gguf"):
+        return name  # a repo id, a path, or a model featuretree embeds
+    try:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+
+        return get_official_model_name(name)
+    except Exception:  # not installed, or a name it does not know: featuretree's table below
+        pass
+    if name in _TL_NAMES:
+        return _TL_NAMES[name]
+    for prefix, org in _HF_ORGS:
+        if name.lower().startswith(prefix.lower()):
+            return org + name
+    return name
 
 
 @torch.no_grad()

@@ -262,7 +262,7 @@ def _harvest(model, cfg: Config, corpus, acts_dir: Path, shard_size: int, store_
 
 def _trained(run: Path, cfg: Config) -> dict | None:
     """The ladder a killed run saved before linking, or None (then it is trained again) if any rung is damaged."""
-    from featuretree.sae import load_dictionary
+    from featuretree.dictionaries import load_dictionary
 
     try:
         return {w: load_dictionary(run / "saes" / f"w{w}") for w in cfg.widths}

@@ -1,6 +1,6 @@
-"""Sparse dictionaries: TopKSAE (trained here; a sparse (k-row) encoder backward and decoder, saved in SAELens'
-format) and ThresholdSAE (JumpReLU / BatchTopK / ReLU dictionaries loaded from SAELens, Gemma Scope or
-sparsify files); `load_dictionary` reads any of them. Any of them is a rung.
+"""TopKSAE, the dictionary featuretree trains: a sparse (k-row) encoder backward and decoder, saved in SAELens'
+layout, read from SAELens' or sparsify's files; plus the weight checks every format's loader shares (the other
+architectures are in featuretree.dictionaries).
 
     pre     = (x - b_dec) @ W_enc + b_enc             # (n, width)
     indices = topk(pre, k); values = relu(pre[indices])  # (n, k) each
@@ -36,8 +36,8 @@ from featuretree.native import (
 )
 from featuretree.utils import SAFETENSORS_HINT, check_safetensors, save_tensors, write_json
 
-__all__ = ["CFG_FILE", "GEMMA_SCOPE_WEIGHTS", "INT8_MARGIN", "INT8_MIN_WIDTH", "load_dictionary", "MAX_CODES",
-           "SPARSIFY_WEIGHTS", "THRESHOLD_ARCHITECTURES", "ThresholdSAE", "TopKSAE", "WEIGHTS_FILE"]
+__all__ = ["CFG_FILE", "check_raw_inputs", "check_weights", "fill_weights", "INT8_MARGIN", "INT8_MIN_WIDTH",
+           "read_weights", "SPARSIFY_WEIGHTS", "TopKSAE", "WEIGHTS_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -319,12 +319,12 @@ class TopKSAE(nn.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_tensors(path / WEIGHTS_FILE, {n: getattr(self, n) for n in self._saved_tensors()})
+        save_tensors(path / WEIGHTS_FILE, self._saved_tensors())
         write_json(path / CFG_FILE, self.cfg_dict())
         return path
 
-    def _saved_tensors(self) -> tuple[str, ...]:
-        return ("W_enc", "b_enc", "W_dec", "b_dec")
+    def _saved_tensors(self) -> dict[str, Tensor]:  # {name in the file: tensor}
+        return {n: getattr(self, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TopKSAE:
@@ -364,17 +364,6 @@ class TopKSAE(nn.Module):
                                "are missing; re-save the dictionary")
 
     @classmethod
-    def _weights(cls, w_path: Path, expected: dict[str, tuple[int, ...]], source: str) -> dict[str, Tensor]:
-        from safetensors.torch import load_file
-
-        check_safetensors(w_path)
-        try:
-            weights = load_file(str(w_path))
-        except Exception as e:  # safetensors raises its own error types on damaged files
-            raise FeatureTreeError(f"{w_path} is not a readable safetensors file ({e}); re-save or retrain it") from e
-        return _checked(weights, expected, w_path, source)
-
-    @classmethod
     def _load_saelens(cls, path: Path, cfg: dict) -> TopKSAE:
         cfg_path, w_path = path / CFG_FILE, path / WEIGHTS_FILE
         try:
@@ -387,15 +376,15 @@ class TopKSAE(nn.Module):
         if arch != "topk":
             raise FeatureTreeError(f"{cfg_path}: architecture {arch!r} is not a TopK SAE; featuretree links TopK "
                                    "dictionaries (architecture 'topk')")
-        _check_raw_inputs(cfg_path, cfg)
+        check_raw_inputs(cfg_path, cfg)
         if not 0 < k < d_sae or d_in <= 0:
             raise FeatureTreeError(f"{cfg_path}: k={k}, d_in={d_in}, d_sae={d_sae}: need 0 < k < d_sae and d_in > 0")
-        weights = cls._weights(w_path, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in),
+        weights = read_weights(w_path, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in),
                                         "b_dec": (d_in,)}, CFG_FILE)
         meta = dict(cfg.get("metadata") or {})
         metrics = meta.pop("featuretree_metrics", {}) or {}
         sae = cls(d_in, d_sae, k, seed=None, metadata=meta)
-        _fill(sae, weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"],
+        fill_weights(sae, weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"],
               fold_b_dec=cfg.get("apply_b_dec_to_input", True) is False)
         sae.metrics = dict(metrics)
         return sae
@@ -418,243 +407,62 @@ class TopKSAE(nn.Module):
                                    "k and num_latents or expansion_factor") from e
         if not 0 < k < width:
             raise FeatureTreeError(f"{cfg_path}: k={k} must be below the {width} latents")
-        w = cls._weights(path / SPARSIFY_WEIGHTS, {"encoder.weight": (width, d_in), "encoder.bias": (width,),
+        w = read_weights(path / SPARSIFY_WEIGHTS, {"encoder.weight": (width, d_in), "encoder.bias": (width,),
                                                    "W_dec": (width, d_in), "b_dec": (d_in,)}, CFG_FILE)
         sae = cls(d_in, width, k, seed=None, metadata={"source": "sparsify", "sparsify_cfg": cfg})
-        _fill(sae, w["encoder.weight"].t(), w["encoder.bias"], w["W_dec"], w["b_dec"], fold_b_dec=False)
+        fill_weights(sae, w["encoder.weight"].t(), w["encoder.bias"], w["W_dec"], w["b_dec"], fold_b_dec=False)
         return sae
 
 
-# ---- dictionaries that fire by threshold: JumpReLU, BatchTopK (at inference), ReLU ------------------------
-MAX_CODES = 128
-"""Codes a threshold dictionary returns per token at most (its `k`): the strongest, the rest dropped and counted."""
-
-THRESHOLD_ARCHITECTURES = ("jumprelu", "batchtopk", "relu")
-"""featuretree's names: JumpReLU (a threshold per feature), BatchTopK at inference (one threshold for all
-features), ReLU / L1 ("standard" in SAELens; it fires wherever the pre-activation is positive)."""
-
-
-class ThresholdSAE(TopKSAE):
-    """A sparse dictionary whose features fire where their pre-activation clears a threshold, not by rank:
-    JumpReLU (Gemma Scope; a threshold per feature), BatchTopK at inference (one global threshold) or a
-    ReLU / L1 SAE (threshold 0). It is a rung like any other: `encode` gives (values, indices) of the
-    strongest `k` (= max_codes) active features of each token, zero-padded where fewer are active, so
-    linking, labels, find and the explorer read it as they read a TopK rung. It is loaded, not trained
-    (local dictionaries of a refinement stay TopK).
-
-        pre  = (x - b_dec) @ W_enc + b_enc
-        acts = relu(pre) * (pre > threshold)      # SAELens' JumpReLU; threshold 0 is a ReLU SAE
+# ---- reading weights: shared by every format's loader -------------------------------------------------
+def read_weights(w_path: Path, expected: dict[str, tuple[int, ...]], source: str) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file (never a pickle), once the `expected` ones are there with their shapes
+    and finite.
 
     Parameters
     ----------
-    d_model, width : int
-        Input size and number of features.
-    threshold : float or Tensor (width,)
-        Where each feature starts to fire (a float: the same for all).
-    architecture : str
-        "jumprelu", "batchtopk" or "relu" (what it was trained as; the encoding is the formula above).
-    max_codes : int
-        Most codes per token kept (`k`); a token with more active features keeps its strongest (counted
-        in `over_cap`, and warned about once).
-    metadata : dict, optional
-        Facts saved in cfg.json.
-
-    Example:
-        >>> sae = ThresholdSAE(4, 6, threshold=0.5, architecture="jumprelu", max_codes=3)
-        >>> with torch.no_grad():
-        ...     _ = sae.W_enc.copy_(torch.eye(4, 6)), sae.b_enc.zero_(), sae.b_dec.zero_()
-        >>> v, i = sae.encode(torch.tensor([[1.0, 0.2, 0.7, 0.0]]))
-        >>> [(j, round(a, 2)) for j, a in zip(i[0].tolist(), v[0].tolist()) if a > 0]  # 0.2 is under the threshold
-        [(0, 1.0), (2, 0.7)]
-    """
-
-    def __init__(self, d_model: int, width: int, threshold: float | Tensor = 0.0, *, architecture: str = "jumprelu",
-                 max_codes: int = MAX_CODES, metadata: dict[str, Any] | None = None) -> None:
-        if architecture not in THRESHOLD_ARCHITECTURES:
-            raise FeatureTreeError(f"architecture {architecture!r} does not fire by threshold: use one of "
-                                   f"{', '.join(THRESHOLD_ARCHITECTURES)}")
-        if int(max_codes) < 1:
-            raise FeatureTreeError(f"max_codes={max_codes} must be at least 1")
-        super().__init__(d_model, width, max(1, min(int(max_codes), int(width) - 1)), seed=None, metadata=metadata)
-        self.architecture = architecture
-        t = torch.as_tensor(threshold, dtype=torch.float32)
-        if t.dim() == 0:
-            t = t.expand(int(width))
-        if tuple(t.shape) != (int(width),):
-            raise FeatureTreeError(f"threshold has shape {tuple(t.shape)}; expected a number or ({width},)")
-        self.register_buffer("threshold", t.clone())
-        self.requires_grad_(False)
-        self.over_cap = 0  # tokens that had more than k active features (their weakest were dropped)
-        self._warned = False
-
-    def activations(self, x: Tensor) -> Tensor:
-        """Dense feature activations relu(pre) * (pre > threshold), shape (n, width).
-
-        Example:
-            >>> ThresholdSAE(8, 32, 0.1).activations(torch.randn(3, 8)).shape
-            torch.Size([3, 32])
-        """
-        with torch.no_grad():
-            pre = self.preacts(x.to(device=self.W_enc.device, dtype=self.W_enc.dtype))
-            return F.relu(pre) * (pre > self.threshold)
-
-    def encode(self, x: Tensor, *, k: int | None = None, among: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The strongest `k` active features of each row: (values (n, k) >= 0, zero where fewer are active;
-        indices (n, k) int64). `among` (a (width,) bool mask) keeps only those features.
-
-        Example:
-            >>> v, i = ThresholdSAE(8, 32, 10.0).encode(torch.randn(3, 8))  # a high threshold: nothing fires
-            >>> float(v.abs().sum()), i.shape
-            (0.0, torch.Size([3, 31]))
-        """
-        acts = self.activations(x)
-        if among is not None:
-            acts = acts.masked_fill(~among, 0.0)
-        k = int(k or self.k)
-        values, indices = torch.topk(acts, k, dim=1)
-        over = int(((acts > 0).sum(1) > k).sum())
-        if over:
-            self.over_cap += over
-            if not self._warned:
-                self._warned = True
-                log.warning("%s dictionary (width %d): %d of %d tokens have more than %d active features; the weakest "
-                            "are dropped (raise max_codes to keep them)", self.architecture, self.width, over,
-                            acts.shape[0], k)
-        return values, indices
-
-    def dense_codes(self, x: Tensor) -> Tensor:
-        """All active features' activations (n, width), none dropped.
-
-        Example:
-            >>> ThresholdSAE(8, 32, 0.0).dense_codes(torch.randn(3, 8)).shape
-            torch.Size([3, 32])
-        """
-        return self.activations(x)
-
-    @torch.no_grad()
-    def prefix(self, width: int) -> ThresholdSAE:
-        """The first `width` features as a dictionary of their own, thresholds kept (a Matryoshka prefix).
-
-        Example:
-            >>> ThresholdSAE(8, 32, 0.1).prefix(16).threshold.shape
-            torch.Size([16])
-        """
-        if not 1 < width <= self.width:
-            raise FeatureTreeError(f"prefix width {width} must be between 2 and {self.width}")
-        out = ThresholdSAE(self.d_model, width, self.threshold[:width], architecture=self.architecture,
-                           max_codes=self.k, metadata=dict(self.metadata))
-        out.W_enc.copy_(self.W_enc[:, :width])
-        out.b_enc.copy_(self.b_enc[:width])
-        out.W_dec.copy_(self.W_dec[:width])
-        out.b_dec.copy_(self.b_dec)
-        return out
-
-    def cfg_dict(self) -> dict[str, Any]:
-        """SAELens-style cfg.json: architecture "jumprelu" (JumpReLU, BatchTopK) or "standard" (ReLU).
-
-        Example:
-            >>> ThresholdSAE(8, 32, 0.0, architecture="relu").cfg_dict()["architecture"]
-            'standard'
-        """
-        out = super().cfg_dict()
-        out.pop("k")
-        out["architecture"] = "standard" if self.architecture == "relu" else "jumprelu"
-        out["metadata"] = {**out["metadata"], "featuretree_architecture": self.architecture,
-                           "featuretree_max_codes": self.k}
-        return out
-
-    def _saved_tensors(self) -> tuple[str, ...]:  # `save` writes "threshold" too, except for a ReLU SAE
-        return super()._saved_tensors() + (() if self.architecture == "relu" else ("threshold",))
-
-
-GEMMA_SCOPE_WEIGHTS = "params.npz"  # Gemma Scope's own files: W_enc, W_dec, b_enc, b_dec, threshold
-
-
-def load_dictionary(path: str | os.PathLike, *, max_codes: int = MAX_CODES) -> TopKSAE:
-    """Load any sparse dictionary featuretree can link, by what its files say: SAELens' layout (cfg.json +
-    sae_weights.safetensors) for architecture "topk", "jumprelu", "standard" (ReLU) and the training
-    layout of "batchtopk" (one `topk_threshold`); sparsify's (cfg.json + sae.safetensors, TopK); Gemma
-    Scope's params.npz (JumpReLU; read with allow_pickle=False). Never unpickles: dictionary_learning's
-    `ae.pt` is refused with the one line that converts it.
-
-    Parameters
-    ----------
-    path : str or Path
-        The dictionary's directory.
-    max_codes : int
-        Threshold dictionaries: codes kept per token (their `k`).
+    w_path : Path
+        The .safetensors file.
+    expected : dict
+        {name: shape} that must be present.
+    source : str
+        Where the shapes come from (named in the error, e.g. "cfg.json").
 
     Example:
         >>> import tempfile
         >>> d = TopKSAE(8, 32, 2).save(tempfile.mkdtemp())
-        >>> type(load_dictionary(d)).__name__, type(load_dictionary(ThresholdSAE(8, 32).save(tempfile.mkdtemp()))).__name__
-        ('TopKSAE', 'ThresholdSAE')
+        >>> sorted(read_weights(d / WEIGHTS_FILE, {"W_enc": (8, 32)}, CFG_FILE))
+        ['W_dec', 'W_enc', 'b_dec', 'b_enc']
     """
-    path = Path(path)
-    if path.is_dir() and (path / GEMMA_SCOPE_WEIGHTS).is_file() and not (path / WEIGHTS_FILE).is_file():
-        return _load_npz(path / GEMMA_SCOPE_WEIGHTS, max_codes)
-    cfg_path = path / CFG_FILE
-    if path.is_dir() and cfg_path.is_file() and (path / WEIGHTS_FILE).is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (ValueError, OSError) as e:
-            raise FeatureTreeError(f"{cfg_path} is not a readable JSON config ({e}): re-save the dictionary") from e
-        arch = cfg.get("architecture", "topk") if isinstance(cfg, dict) else "topk"
-        if arch != "topk":
-            return _load_saelens_threshold(path, cfg, arch, max_codes)
-    return TopKSAE.load(path)
+    from safetensors.torch import load_file
 
-
-def _load_saelens_threshold(path: Path, cfg: dict, arch: str, max_codes: int) -> ThresholdSAE:
-    cfg_path = path / CFG_FILE
-    known = {"jumprelu": "jumprelu", "standard": "relu", "relu": "relu", "batchtopk": "batchtopk"}
-    if arch not in known:
-        raise FeatureTreeError(f"{cfg_path}: architecture {arch!r} is not one featuretree reads; it reads topk, "
-                               "jumprelu, standard (ReLU), batchtopk (and matryoshka ladders of those); gated SAEs "
-                               "and transcoders are not supported yet")
-    for flag in ("rescale_acts_by_decoder_norm",):
-        if cfg.get(flag):
-            raise FeatureTreeError(f"{cfg_path}: {flag}=true is not supported: save the SAE with the decoder norm "
-                                   "folded into W_enc / b_enc")
-    _check_raw_inputs(cfg_path, cfg)
+    check_safetensors(w_path)
     try:
-        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise FeatureTreeError(f"{cfg_path} is not a valid SAE config (missing or bad {e}): it needs d_in and d_sae") from e
-    w_path = path / WEIGHTS_FILE
-    # every tensor of the file, read once; the four every SAE has are checked here, a threshold below
-    weights = TopKSAE._weights(w_path, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in),
-                                        "b_dec": (d_in,)}, CFG_FILE)
-    if known[arch] == "jumprelu":
-        key = next((k for k in ("threshold", "log_threshold") if k in weights), None)
-        if key is None:
-            raise FeatureTreeError(f"{w_path}: a JumpReLU SAE needs a 'threshold' (or 'log_threshold') tensor; "
-                                   "it has none")
-        t = _checked(weights, {key: (d_sae,)}, w_path, CFG_FILE)[key].float()
-        threshold = t if key == "threshold" else t.exp()
-    elif known[arch] == "batchtopk":  # SAELens' training layout: one scalar threshold for every feature
-        if "topk_threshold" not in weights:
-            raise FeatureTreeError(f"{w_path}: a BatchTopK SAE needs its 'topk_threshold'; save it for inference "
-                                   "(SAELens converts it to a JumpReLU threshold) or keep the training state")
-        threshold = weights["topk_threshold"].float().reshape(-1)[0]
-    else:
-        threshold = torch.tensor(0.0)
-    meta = dict(cfg.get("metadata") or {})
-    meta.pop("featuretree_metrics", None)
-    inner = meta.pop("featuretree_architecture", None)
-    cap = int(meta.pop("featuretree_max_codes", 0) or max_codes)
-    sae = ThresholdSAE(d_in, d_sae, threshold, architecture=inner if inner in THRESHOLD_ARCHITECTURES else known[arch],
-                       max_codes=cap, metadata={**meta, "source": meta.get("source", "saelens"),
-                                                "saelens_architecture": arch})
-    _fill(sae, weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"],
-          fold_b_dec=cfg.get("apply_b_dec_to_input", True) is False)
-    sae.metrics = dict((cfg.get("metadata") or {}).get("featuretree_metrics") or {})
-    return sae
+        weights = load_file(str(w_path))
+    except Exception as e:  # safetensors raises its own error types on damaged files
+        raise FeatureTreeError(f"{w_path} is not a readable safetensors file ({e}); re-save or retrain it") from e
+    return check_weights(weights, expected, w_path, source)
 
 
-def _checked(weights: dict[str, Tensor], expected: dict[str, tuple[int, ...]], w_path: Path,
+def check_weights(weights: dict[str, Tensor], expected: dict[str, tuple[int, ...]], w_path: Path,
              source: str) -> dict[str, Tensor]:
-    """`weights`, once each expected tensor is there with its shape and finite; FeatureTreeError otherwise."""
+    """`weights`, once each expected tensor is there with its shape and finite; FeatureTreeError otherwise.
+
+    Parameters
+    ----------
+    weights : dict of Tensor
+        The tensors read.
+    expected : dict
+        {name: shape} that must be present.
+    w_path : Path
+        The file they came from (named in the error).
+    source : str
+        Where the shapes come from.
+
+    Example:
+        >>> sorted(check_weights({"b": torch.zeros(3)}, {"b": (3,)}, Path("w.safetensors"), CFG_FILE))
+        ['b']
+    """
     for name, shape in expected.items():
         if name not in weights or tuple(weights[name].shape) != shape:
             got = tuple(weights[name].shape) if name in weights else "missing"
@@ -664,44 +472,49 @@ def _checked(weights: dict[str, Tensor], expected: dict[str, tuple[int, ...]], w
     return weights
 
 
-def _check_raw_inputs(cfg_path: Path, cfg: dict) -> None:
-    """Refuse a SAELens config whose SAE expects rescaled inputs (featuretree feeds raw activations)."""
+def check_raw_inputs(cfg_path: Path, cfg: dict) -> None:
+    """Refuse a SAELens config whose SAE expects rescaled inputs (featuretree feeds raw activations).
+
+    Parameters
+    ----------
+    cfg_path : Path
+        The config file (named in the error).
+    cfg : dict
+        Its contents.
+
+    Example:
+        >>> check_raw_inputs(Path(CFG_FILE), {"normalize_activations": "none"}) is None
+        True
+    """
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise FeatureTreeError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} means the "
                                "SAE expects rescaled inputs; featuretree feeds raw activations, so it is refused")
 
 
-def _fill(sae: TopKSAE, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, *, fold_b_dec: bool) -> None:
-    """Copy weights into `sae`; with fold_b_dec (inputs not centred by b_dec) b_enc absorbs it exactly."""
+def fill_weights(sae: TopKSAE, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, *, fold_b_dec: bool) -> None:
+    """Copy weights into `sae`; with fold_b_dec (inputs not centred by b_dec) b_enc absorbs it exactly:
+    x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc).
+
+    Parameters
+    ----------
+    sae : TopKSAE
+        The dictionary to fill (any subclass).
+    W_enc, b_enc, W_dec, b_dec : Tensor
+        The weights, in featuretree's shapes ((d, w), (w,), (w, d), (d,)).
+    fold_b_dec : bool
+        The source does not subtract b_dec from its input.
+
+    Example:
+        >>> sae = TopKSAE(4, 8, 2)
+        >>> fill_weights(sae, torch.eye(4, 8), torch.zeros(8), torch.eye(8, 4), torch.ones(4), fold_b_dec=True)
+        >>> sae.b_enc[:4].tolist()
+        [1.0, 1.0, 1.0, 1.0]
+    """
     b_enc = b_enc.float()
-    if fold_b_dec:  # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
+    if fold_b_dec:
         b_enc = b_enc + b_dec.float() @ W_enc.float()
     with torch.no_grad():
         sae.W_enc.copy_(W_enc.float())
         sae.b_enc.copy_(b_enc)
         sae.W_dec.copy_(W_dec.float())
         sae.b_dec.copy_(b_dec.float())
-
-
-def _load_npz(p: Path, max_codes: int) -> ThresholdSAE:
-    """Gemma Scope's params.npz: W_enc (d, w), W_dec (w, d), b_enc (w,), b_dec (d,), threshold (w,); inputs are
-    not centred by b_dec (pre = x W_enc + b_enc)."""
-    import numpy as np
-
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: torch.from_numpy(np.asarray(z[k], dtype=np.float32)) for k in z.files}
-    except (ValueError, OSError) as e:
-        raise FeatureTreeError(f"{p} is not a readable .npz of arrays ({e}); featuretree never unpickles") from e
-    need = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
-    missing = [k for k in need if k not in arrays]
-    if missing:
-        raise FeatureTreeError(f"{p} lacks {missing}: a Gemma Scope JumpReLU file holds {', '.join(need)}")
-    d, w = arrays["W_enc"].shape
-    for k, shape in (("W_dec", (w, d)), ("b_enc", (w,)), ("b_dec", (d,)), ("threshold", (w,))):
-        if tuple(arrays[k].shape) != shape:
-            raise FeatureTreeError(f"{p}: {k} has shape {tuple(arrays[k].shape)}, expected {shape} from W_enc {(d, w)}")
-    sae = ThresholdSAE(d, w, arrays["threshold"], architecture="jumprelu", max_codes=max_codes,
-                       metadata={"source": "gemma-scope", "file": p.name})
-    _fill(sae, arrays["W_enc"], arrays["b_enc"], arrays["W_dec"], arrays["b_dec"], fold_b_dec=True)
-    return sae

@@ -181,7 +181,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str
 
 
 SAFETENSORS_HINT = ("featuretree reads only safetensors and never unpickles (a pickle can run code); convert it in "
-                    "an environment you trust: safetensors.torch.save_file(torch.load(f, weights_only=True), out)")
+                    "an environment you trust: safetensors.torch.save_file({k: v.contiguous() for k, v in "
+                    "torch.load(f, weights_only=True).items()}, out)")
 
 
 def check_safetensors(path: str | os.PathLike) -> None:

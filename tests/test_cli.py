@@ -302,9 +302,15 @@ def test_build_links_an_existing_mixed_ladder_without_training(run_dir, tmp_path
     jump = to_jumprelu(sae, torch.from_numpy(at)).save(tmp_path / "jump")
     out = tmp_path / "mixed"
     corpus = run_dir.parent / "corpus.txt"
+    other = (tree.config.layer + 1) % 3
     assert main(["-q", "build", "--ladder", str(jump), str(run_dir / "saes" / wide), "--corpus", str(corpus),
-                 "--layer", str(tree.config.layer), "--n-tokens", "700", "--out", str(out)]) == 0
+                 "--layer", str(other), "--n-tokens", "700", "--out", str(out)]) == 2
+    assert f"--layer {other}, but the dictionaries read" in capsys.readouterr().err and not out.exists()
+    # no --layer: the dictionaries' own files say which block they read (their hook_name)
+    assert main(["-q", "build", "--ladder", str(jump), str(run_dir / "saes" / wide), "--corpus", str(corpus),
+                 "--n-tokens", "700", "--out", str(out)]) == 0
     mixed = load(out)
+    assert mixed.config.layer == tree.config.layer
     assert {r: type(s).__name__ for r, s in mixed.saes.items()} == {narrow: "ThresholdSAE", wide: "TopKSAE"}
     assert torch.equal(mixed.saes[wide].W_dec, tree.saes[wide].W_dec)  # not retrained
     assert mixed.saes[narrow].metrics["l0"] > 0 and 0 < mixed.saes[wide].metrics["fvu"] < 1
@@ -313,3 +319,12 @@ def test_build_links_an_existing_mixed_ladder_without_training(run_dir, tmp_path
     capsys.readouterr()
     assert main(["-q", "info", str(out)]) == 0
     assert f"{narrow:<10} FVU" in capsys.readouterr().out
+    # find and refine under a JumpReLU node: the local dictionary (TopK) trains on where the JumpReLU feature fires
+    import featuretree as ft
+
+    node = max((n for n, d in mixed.graph.nodes(data=True) if d.get("rung") == narrow), key=lambda n: mixed.graph.nodes[n]["freq"])
+    deep = ft.refine(mixed, node, width=8, depth=1, k=2, min_tokens=20)
+    kids = [c for c in deep.graph.successors(node) if c.startswith(f"{node}/r8/")]
+    assert kids and type(deep.saes[f"{node}/r8"]).__name__ == "TopKSAE"
+    hits = ft.find(deep, mixed.graph.nodes[node]["label"].split(" ")[0])
+    assert len(hits) and hits.node.iloc[0] in deep.graph

@@ -249,11 +249,11 @@ def test_serve_port_in_use_missing_run_and_bad_port(run, tmp_path, capsys):
 
 
 # ---- existing ladders (issue 18) ---------------------------------------------------------------------
-def _saelens_dir(path: Path, arch: str, d: int, w: int) -> Path:
+def _saelens_dir(path: Path, arch: str, d: int, w: int, **cfg) -> Path:
     from featuretree.utils import save_tensors
 
     path.mkdir(parents=True)
-    (path / "cfg.json").write_text(json.dumps({"architecture": arch, "d_in": d, "d_sae": w}))
+    (path / "cfg.json").write_text(json.dumps({"architecture": arch, "d_in": d, "d_sae": w, **cfg}))
     save_tensors(path / "sae_weights.safetensors", {"W_enc": torch.zeros(d, w), "b_enc": torch.zeros(w),
                                                     "W_dec": torch.zeros(w, d), "b_dec": torch.zeros(d),
                                                     "threshold": torch.zeros(w)})
@@ -264,9 +264,15 @@ def test_ladder_unknown_architecture_d_model_mismatch_and_missing_cache(tmp_path
     import featuretree.ladders as L
 
     out = tmp_path / "run"
-    gated = _saelens_dir(tmp_path / "gated", "gated", 384, 64)
-    fails(["build", "--ladder", str(gated), "--corpus", str(corpus), "--out", str(out)], capsys,
-          "architecture 'gated' is not one featuretree reads")
+    unknown = _saelens_dir(tmp_path / "crosscoder", "crosscoder", 384, 64)
+    fails(["build", "--ladder", str(unknown), "--corpus", str(corpus), "--out", str(out)], capsys,
+          "architecture 'crosscoder' is not one featuretree reads")
+    transcoder = _saelens_dir(tmp_path / "transcoder", "transcoder", 384, 64)
+    fails(["build", "--ladder", str(transcoder), "--corpus", str(corpus), "--out", str(out)], capsys,
+          "architecture 'transcoder' is a transcoder", "pass SAEs of one layer")
+    mlp = _saelens_dir(tmp_path / "mlp", "jumprelu", 384, 64, hook_name="blocks.3.hook_mlp_out")
+    fails(["build", "--ladder", str(mlp), "--corpus", str(corpus), "--out", str(out)], capsys,
+          "the dictionaries read 'blocks.3.hook_mlp_out', not a block's output")
     small = _saelens_dir(tmp_path / "small", "jumprelu", 16, 64)
     fails(["build", "--ladder", str(small), "--corpus", str(corpus), "--out", str(out)], capsys,
           "the ladder reads d_model [16]", "have 384")
@@ -274,4 +280,7 @@ def test_ladder_unknown_architecture_d_model_mismatch_and_missing_cache(tmp_path
     monkeypatch.setattr(L, "_release_table", lambda: {"org-scope-res": ("org/scope", {"layer_3/width_16k": "layer_3/width_16k"})})
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     fails(["build", "--ladder", "org-scope-res", "--release-widths", "16k", "--corpus", str(corpus), "--out", str(out)],
+          capsys, "--release-widths picks a release's dictionaries of one layer: pass --layer N")
+    fails(["build", "--ladder", "org-scope-res", "--release-widths", "16k", "--layer", "3", "--corpus", str(corpus),
+           "--out", str(out)],
           capsys, "not in the local Hugging Face cache", "huggingface-cli download org/scope --include 'layer_3/width_16k/*'")

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from featuretree.config import FeatureTreeError
+from featuretree.dictionaries import ThresholdSAE, load_dictionary
 from featuretree.eval import edge_scores, planted_hierarchy
 from featuretree.firing import fire
 from featuretree.ladders import load_ladder, measure, to_jumprelu
-from featuretree.sae import ThresholdSAE, load_dictionary
 from featuretree.train import train_ladder
 from featuretree.tree import link
 from featuretree.utils import save_tensors
@@ -86,8 +86,10 @@ def test_gemma_scope_npz_and_refusals(tmp_path):
     sae = load_dictionary(tmp_path / "gs")
     x = torch.randn(50, 8)
     assert torch.allclose(dense(sae, x), saelens_formula("jumprelu", w, x, apply_b_dec=False), atol=1e-5)
-    with pytest.raises(FeatureTreeError, match="architecture 'gated' is not one featuretree reads"):
-        load_dictionary(write_saelens(tmp_path / "g", "gated", w))
+    with pytest.raises(FeatureTreeError, match="'transcoder' is a transcoder .*reads 'blocks.3.hook_resid_post'"):
+        load_dictionary(write_saelens(tmp_path / "tc", "transcoder", w))
+    with pytest.raises(FeatureTreeError, match="architecture 'crosscoder' is not one featuretree reads"):
+        load_dictionary(write_saelens(tmp_path / "cc", "crosscoder", w))
     with pytest.raises(FeatureTreeError, match="needs a 'threshold'"):
         load_dictionary(write_saelens(tmp_path / "j", "jumprelu", {k: v for k, v in w.items() if k != "threshold"}))
     (tmp_path / "dl").mkdir()
@@ -166,11 +168,20 @@ def test_releases_resolve_from_the_local_cache_only(tmp_path, monkeypatch):
     ladder = load_ladder("org-scope", repo_id="org/scope", cache_dir=cache,
                          sae_ids=["layer_3/width_16k/average_l0_20", "layer_3/width_65k/average_l0_20"])
     assert list(ladder) == ["w16", "w64"]
-    table = {"org-scope-res": ("org/scope", {f"layer_{n}/width_{w}/canonical": f"layer_{n}/width_{w}/average_l0_20"
-                                             for n in (3, 13) for w in ("16k", "65k")})}
+    ids = {f"layer_{n}/width_{w}/canonical": f"layer_{n}/width_{w}/average_l0_20" for n in (3, 13) for w in ("16k", "65k")}
+    table = {"org-scope-res": ("org/scope", ids, "gemma-2-2b"), "org-scope-mlp": ("org/scope", ids, "gemma-2-2b")}
     monkeypatch.setattr(L, "_release_table", lambda: table)  # what sae_lens' pretrained_saes.yaml would say
     ladder = load_ladder("org-scope-res", layer=3, widths=["16k", "65k"], cache_dir=cache)
     assert list(ladder) == ["w16", "w64"]
+    # where it reads: the file's cfg says blocks.3.hook_resid_post; the release names the model
+    assert L.ladder_site(ladder) == {"hook_name": "blocks.3.hook_resid_post", "layer": 3, "model_name": "tiny"}
+    # a release whose files do not say (Gemma Scope's params.npz): its folder's name does
+    assert L._release_hook("org-scope-res", "layer_3/width_16k/average_l0_20") == "blocks.3.hook_resid_post"
+    assert L._release_hook("jb", "gemma_2b_blocks.12.hook_resid_post_16384") == "blocks.12.hook_resid_post"
+    mlp = L._release_hook("org-scope-mlp", "layer_3/width_16k/average_l0_20")
+    assert mlp == "blocks.3.hook_mlp_out"
+    with pytest.raises(FeatureTreeError, match="not a block's output"):
+        L.ladder_site({"w16": ThresholdSAE(8, 16, metadata={"hook_name": mlp})})
     with pytest.raises(FeatureTreeError, match=r"huggingface-cli download org/scope --include 'layer_13/width_16k"):
         load_ladder("org-scope-res", layer=13, widths=["16k"], cache_dir=cache)
     with pytest.raises(FeatureTreeError, match="not a SAELens release"):
@@ -185,7 +196,7 @@ def test_against_saelens_itself(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(300, 16)
     for arch, cls_cfg in (("jumprelu", "JumpReLUSAEConfig"), ("standard", "StandardSAEConfig"),
-                          ("topk", "TopKSAEConfig")):
+                          ("topk", "TopKSAEConfig"), ("gated", "GatedSAEConfig")):
         cfg_cls = getattr(sl, cls_cfg)
         kw = {"k": 8} if arch == "topk" else {}
         sae = SAE.from_dict(cfg_cls(d_in=16, d_sae=64, **kw).to_dict())
@@ -196,3 +207,87 @@ def test_against_saelens_itself(tmp_path):
         ours = load_dictionary(tmp_path / arch, max_codes=63)
         with torch.no_grad():
             assert float((dense(ours, x) - sae.encode(x)).abs().max()) < 1e-4, arch
+
+
+def test_hook_names_map_to_block_outputs():
+    import featuretree.ladders as L
+
+    assert [L.hook_layer(h) for h in ("blocks.12.hook_resid_post", "blocks.12.hook_resid_pre", "model.layers.7",
+                                      "transformer.h.6", "layers.2", "encoder.layer.3", "resid_post_layer_5")] == [
+        12, 11, 7, 6, 2, 3, 5]
+    for bad in ("blocks.0.hook_resid_pre", "blocks.4.hook_mlp_out", "blocks.4.attn.hook_z", "blocks.4.hook_resid_mid"):
+        with pytest.raises(FeatureTreeError, match="embeddings|not a block's output"):
+            L.hook_layer(bad)
+    with pytest.raises(FeatureTreeError, match="different hook_names"):
+        L.ladder_site({"w16": ThresholdSAE(8, 16, metadata={"hook_name": "blocks.1.hook_resid_post"}),
+                       "w32": ThresholdSAE(8, 32, metadata={"hook_name": "blocks.2.hook_resid_post"})})
+    assert L.hf_model_name("pythia-70m-deduped") == "EleutherAI/pythia-70m-deduped"
+    assert L.hf_model_name("smollm2") == "smollm2" and L.hf_model_name("all-MiniLM-L6-v2") == "all-MiniLM-L6-v2"
+
+
+FAKE_SAE_LENS = '''
+"""A stand-in for sae_lens' release directory (pretrained_saes.yaml), with one release."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PretrainedSAELookup:
+    release: str
+    repo_id: str
+    model: str
+    conversion_func: str | None = None
+    saes_map: dict = field(default_factory=dict)
+
+
+def get_pretrained_saes_directory():
+    ids = {f"layer_2/width_{w}/canonical": f"layer_2/width_{w}/average_l0_9" for w in (16, 64)}
+    return {"org-scope-res": PretrainedSAELookup("org-scope-res", "org/scope", "org/tiny-gpt", None, ids)}
+'''
+
+
+def test_build_a_release_by_name_offline(tmp_path):
+    """`featuretree build --ladder RELEASE --release-ids ...` with nothing else: sae_lens' directory names the repo
+    and the model, the dictionaries' cfg names the hook (blocks.2.hook_resid_post -> layer 2), the dictionaries
+    and the model come from the local Hugging Face cache only, and the run is linked without training."""
+    import os
+    import subprocess
+    import sys
+
+    from _models import tiny_gpt2
+
+    from featuretree.export import load
+    from featuretree.sae import TopKSAE
+
+    words = "the cat sat on a mat while dogs ran in parks and birds sang over green trees".split()
+    model, tok = tiny_gpt2(words, n_layer=3)
+    files = {}
+    for w in (16, 64):
+        d = TopKSAE(32, w, 4, seed=w, metadata={"hook_name": "blocks.2.hook_resid_post"}).save(tmp_path / f"s{w}")
+        files.update({f"layer_2/width_{w}/average_l0_9/{f.name}": f.read_bytes() for f in d.iterdir()})
+    cache = fake_cache(tmp_path / "hub", "org/scope", files)
+    (tmp_path / "m").mkdir()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    fake_cache(cache, "org/tiny-gpt", {f.name: f.read_bytes() for f in (tmp_path / "m").iterdir() if f.is_file()})
+    pkg = tmp_path / "fake" / "sae_lens" / "loading"
+    pkg.mkdir(parents=True)
+    (pkg.parent / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "pretrained_saes_directory.py").write_text(FAKE_SAE_LENS)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(words[i:] + words[:i]) for i in range(len(words))) * 3)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "featuretree", "-q", "build", "--ladder", "org-scope-res", "--release-ids",
+           "layer_2/width_16/canonical", "layer_2/width_64/canonical", "--corpus", str(corpus), "--n-tokens", "400",
+           "--out", str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    tree = load(out)
+    assert tree.config.model == "org/tiny-gpt" and tree.config.layer == 2 and tree.rungs[:2] == ["w16", "w64"]
+    assert tree.saes["w64"].metadata["release"] == "org-scope-res"
+    r = subprocess.run(cmd[:-1] + [str(tmp_path / "run2"), "--layer", "1"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "--layer 1, but the dictionaries read blocks.2.hook_resid_post" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run2").exists()

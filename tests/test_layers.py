@@ -23,7 +23,8 @@ LAYERS = [
     "activations",  # the on-disk store and every way to stream it (or a plain Tensor)
     "harvest",      # collect: one layer's activations through nnsight into a store
     "native",       # compiled CPU kernels (top-k, int8 ranking) with a torch fallback
-    "sae",          # TopKSAE, SAELens / sparsify formats
+    "sae",          # TopKSAE, SAELens / sparsify formats; the weight checks every loader shares
+    "dictionaries", # ThresholdSAE (JumpReLU, BatchTopK, ReLU), GatedSAE, load_dictionary: every other format
     "train",        # train_ladder and the local dictionaries of a refinement
     "ladders",      # load_ladder: existing dictionaries (any architecture, Matryoshka prefixes, releases)
     "faithful",     # loss recovered and KL of each rung spliced into a causal LM
