@@ -559,7 +559,7 @@ def cmd_faithful(args: argparse.Namespace) -> int:
     saes = {rung: tree.saes[rung] for rung in _ladder(tree)}
     frame = record_faithfulness(load_model(tree.config.model), tree.config.layer, saes, Activations(store), args.run,
                                 max_tokens=args.max_tokens, max_docs=args.max_docs, batch_size=args.batch_size,
-                                progress=not args.quiet)
+                                progress=not args.quiet, site=tree.config.site)
     lines = [frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"), f"wrote {Path(args.run) / FAITHFUL_FILE}"]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

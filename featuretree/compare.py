@@ -28,7 +28,7 @@ import torch
 
 from featuretree.activations import is_store, iter_batches
 from featuretree.config import FeatureTreeError
-from featuretree.firing import encode_all
+from featuretree.firing import encode_all, tree_site
 from featuretree.sae import TopKSAE
 from featuretree.tree import FeatureTree
 from featuretree.utils import quiet
@@ -173,7 +173,8 @@ def _same_model(m_a: Any, m_b: Any) -> bool:
 
 
 def aligned_activations(texts, model_a, layer_a: int, model_b, layer_b: int, *, max_tokens: int = 100_000,
-                        max_length: int = 128) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        max_length: int = 128, site_a: str = "",
+                        site_b: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Activations of `texts` at two models' layers, row-aligned by identical (doc text, start, end) spans.
 
     Only tokens whose span exists in both tokenizations are kept. With the same model and layer the texts
@@ -191,6 +192,8 @@ def aligned_activations(texts, model_a, layer_a: int, model_b, layer_b: int, *, 
         Most tokens harvested from each model.
     max_length : int
         Tokenizer truncation length for each text.
+    site_a, site_b : str
+        A submodule of each block to read instead of its output ("mlp"; "" the block), as each tree's config says.
 
     Example:
         >>> xa, xb = aligned_activations(["a cat"], tiny_a, 0, tiny_b, 0)  # doctest: +SKIP
@@ -207,12 +210,12 @@ def aligned_activations(texts, model_a, layer_a: int, model_b, layer_b: int, *, 
     with quiet(), tempfile.TemporaryDirectory(prefix="featuretree-match-") as tmp:
         model_a = load_model(model_a)
         acts_a = collect(model_a, layer_a, texts, n_tokens=max_tokens, out=f"{tmp}/a", progress=False,
-                         max_length=max_length)
-        if same and layer_a == layer_b:
+                         max_length=max_length, site=site_a)
+        if same and layer_a == layer_b and site_a == site_b:
             return acts_a.load("all"), None
         model_b = model_a if same else load_model(model_b)
         acts_b = collect(model_b, layer_b, texts, n_tokens=max_tokens, out=f"{tmp}/b", progress=False,
-                         max_length=max_length)
+                         max_length=max_length, site=site_b)
         both = _span_table(acts_a).merge(_span_table(acts_b), on=["text", "start", "end"], suffixes=("_a", "_b"))
         if both.empty:
             raise FeatureTreeError("no token of the texts has the same character span in both models' "
@@ -387,7 +390,9 @@ def match(a, b, acts=None, *, acts_b=None, texts=None, rung_a=None, rung_b=None,
                                    "not both")
         m_a, l_a, max_len = _model_and_layer(a, model_a, layer_a, "a")
         m_b, l_b, _ = _model_and_layer(b, model_b, layer_b, "b")
-        x_a, x_b = aligned_activations(texts, m_a, l_a, m_b, l_b, max_tokens=max_tokens, max_length=max_len)
+        x_a, x_b = aligned_activations(texts, m_a, l_a, m_b, l_b, max_tokens=max_tokens, max_length=max_len,
+                                       site_a=tree_site(a) if isinstance(a, FeatureTree) else "",
+                                       site_b=tree_site(b) if isinstance(b, FeatureTree) else "")
     elif acts is None:
         raise FeatureTreeError("no tokens to compare on: pass acts= (an Activations store or a Tensor [n, d_model]) "
                                "or texts= (a list of strings the trees' models will read)")

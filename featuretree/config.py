@@ -180,6 +180,11 @@ class HarvestConfig(_Seeded):
     layer: int = 3
     """Index of the transformer block whose output is harvested (0-based; negative counts from the end)."""
 
+    site: str = ""
+    """A module inside block `layer` to harvest instead of the block's output, as a path relative to the block
+    (e.g. "mlp": the MLP's output, as TransformerLens' hook_mlp_out on most models); "" is the block's output
+    (the residual stream). `build --ladder` sets it from the dictionaries' hook names."""
+
     corpus: str = "wordnet"
     """'wordnet' (bundled WordNet 3.0 glosses), or a path to a .txt (one text per line) or .jsonl file."""
 
@@ -193,6 +198,9 @@ class HarvestConfig(_Seeded):
         for name in ("n_tokens", "max_length"):
             if int(getattr(self, name)) <= 0:
                 raise FeatureTreeError(f"{name}={getattr(self, name)} must be a positive integer")
+        if not isinstance(self.site, str) or (self.site and not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", self.site)):
+            raise FeatureTreeError(f"site={self.site!r} is not a module path inside a block (e.g. 'mlp' or "
+                                   "'self_attn'); pass '' for the block's output")
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 
 from featuretree.config import FeatureTreeError
 from featuretree.faithful import Splice, causal_lm, splice_batch
-from featuretree.firing import fire_rungs, tree_layer, tree_model
+from featuretree.firing import fire_rungs, tree_layer, tree_model, tree_site
 from featuretree.harvest import forward_args, special_ids
 
 __all__ = ["effects", "Effects", "feature_logits", "firing_texts", "steer"]
@@ -195,7 +195,7 @@ def steer(tree, node: str, prompt: str, *, scale: float = 4.0, activation: float
     a = activation if activation is not None else (_typical_activation(tree, node) or 1.0)
     d = sae.W_dec[j].detach().float() * float(scale) * float(a)
     probs = {}
-    with _spliced(lm, tree_layer(tree, layer)) as (module, block, splice, tok, special, accepted, device):
+    with _spliced(lm, tree_layer(tree, layer), tree_site(tree)) as (module, block, splice, tok, special, accepted, device):
         enc, mask, _ = splice_batch(tok, [prompt], 512, special)
         last = int(enc["attention_mask"][0].sum()) - 1
         inputs = {k: v.to(device) for k, v in enc.items() if k in accepted}
@@ -212,11 +212,11 @@ def steer(tree, node: str, prompt: str, *, scale: float = 4.0, activation: float
 class _spliced:
     """Context: the causal LM's module, block `layer` with a recording Splice hook, tokenizer, special ids."""
 
-    def __init__(self, lm, layer: int) -> None:
-        from featuretree.model import check_layer, find_layers, get_tokenizer
+    def __init__(self, lm, layer: int, site: str = "") -> None:
+        from featuretree.model import get_tokenizer, site_module
 
         self.module = getattr(lm, "_module", lm)
-        self.block = find_layers(lm)[1][check_layer(lm, layer)]
+        self.block = site_module(lm, layer, site)  # the module whose output the tree's features read
         self.tok = get_tokenizer(lm)
         self.special = torch.tensor(special_ids(self.tok), dtype=torch.long)
         param = next(self.module.parameters(), None)
@@ -331,7 +331,7 @@ def effects(tree, node: str, texts: list[str] | None = None, *, model: Any = Non
     rungs = sorted({r for r, _ in sets})
     stats = [{"n": 0, "dl": 0.0, "n_after": 0, "dl_after": 0.0} for _ in sets]
     docs, drop_sum, act_sum, first_fire = [], None, 0.0, None
-    with _spliced(lm, layer) as (module, block, splice, tok, special, accepted, device):
+    with _spliced(lm, layer, tree_site(tree)) as (module, block, splice, tok, special, accepted, device):
         for b in tqdm(range(0, len(texts), int(batch_size)), desc=f"effects {node}", unit="batch",
                       disable=not progress):
             batch = texts[b:b + int(batch_size)]

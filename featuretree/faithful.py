@@ -279,6 +279,7 @@ def faithfulness(
     batch_size: int = 8,
     max_length: int = 128,
     progress: bool = True,
+    site: str = "",
 ):
     """Loss recovered and KL of each rung's reconstruction spliced into block `layer` of a causal LM.
 
@@ -294,6 +295,7 @@ def faithfulness(
     batch_size : documents per forward.
     max_length : tokenizer truncation, as in the harvest.
     progress : a tqdm bar over the batches.
+    site : the submodule of the block the dictionaries read ("mlp"; "" the block's output), as harvested.
 
     Returns a DataFrame with one row per rung: rung, ce_clean, ce_zero, ce_sae, loss_recovered
     = (ce_zero - ce_sae) / (ce_zero - ce_clean), kl (mean KL(clean || spliced) per prediction, nats) and
@@ -315,7 +317,7 @@ def faithfulness(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from featuretree.model import check_layer, find_layers, get_tokenizer
+    from featuretree.model import check_layer, get_tokenizer, site_module
 
     for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size), ("max_length", max_length)):
         if isinstance(value, bool) or int(value) <= 0:
@@ -327,7 +329,7 @@ def faithfulness(
     lm = causal_lm(model)
     module = _module(lm)
     index = check_layer(lm, layer)
-    block = find_layers(lm)[1][index]  # the module layer_module(lm, layer) wraps: what collect harvests
+    block = site_module(lm, index, site)  # the module layer_module(lm, layer, site) wraps: what collect harvests
     tokenizer = get_tokenizer(lm)
     special = torch.tensor(special_ids(tokenizer), dtype=torch.long)
     accepted = forward_args(module)
@@ -451,6 +453,7 @@ def record_faithfulness(
     batch_size: int = 8,
     max_length: int | None = None,
     progress: bool = True,
+    site: str = "",
 ):
     """`faithfulness` on a store's held-out documents, written to OUT/faithfulness.json and each rung's `.metrics`.
 
@@ -463,6 +466,7 @@ def record_faithfulness(
     batch_size : documents per forward.
     max_length : tokenizer truncation (default: the harvest's, from the store's meta.json).
     progress : a tqdm bar.
+    site : as for `faithfulness`.
 
     Each dictionary's `.metrics` gains loss_recovered, kl, ce_clean, ce_sae and ce_zero, so saving it
     afterwards puts them in its cfg.json. `build` calls this for causal LMs before saving the ladder.
@@ -477,7 +481,7 @@ def record_faithfulness(
         max_length = int(getattr(acts, "meta", {}).get("max_length", 128))
     texts = heldout_texts(acts, max_docs)
     frame = faithfulness(model, layer, named, texts, max_tokens=max_tokens, batch_size=batch_size,
-                         max_length=max_length, progress=progress)
+                         max_length=max_length, progress=progress, site=site)
     for row in frame.itertuples(index=False):
         named[row.rung].metrics = {**getattr(named[row.rung], "metrics", {}),
                                    **{k: float(getattr(row, k)) for k in METRIC_KEYS}}
@@ -485,7 +489,8 @@ def record_faithfulness(
         from featuretree.model import check_layer, model_name
 
         write_json(Path(out) / FAITHFUL_FILE, {
-            "model": model_name(model), "layer": check_layer(model, layer), "n_docs": len(texts),
+            "model": model_name(model), "layer": check_layer(model, layer), **({"site": site} if site else {}),
+            "n_docs": len(texts),
             "max_length": int(max_length), "max_tokens": int(max_tokens),
             "rungs": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                       for r in frame.to_dict("records")]})

@@ -23,7 +23,7 @@ from featuretree.config import FeatureTreeError
 from featuretree.sae import TopKSAE
 from featuretree.utils import quiet, rung_key
 
-__all__ = ["drop_weak", "encode_all", "fire", "fire_codes", "fire_rungs", "firing_matrix", "forward_texts", "gate_of",
+__all__ = ["drop_weak", "encode_all", "fire", "fire_codes", "fire_rungs", "firing_matrix", "forward_texts", "gate_of", "tree_site",
            "in_spans", "node_mask", "query_firing", "query_rates", "QueryFiring", "thresholds", "tree_layer", "tree_model"]
 
 log = logging.getLogger(__name__)
@@ -330,6 +330,19 @@ def tree_layer(tree, layer: int | None = None) -> int:
     return int(tree.config.layer)
 
 
+def tree_site(tree) -> str:
+    """The submodule of the tree's layer its activations came from ("" for the block's output, or a tree
+    without a config).
+
+    Example:
+        >>> from featuretree.config import Config
+        >>> from types import SimpleNamespace
+        >>> tree_site(SimpleNamespace(config=Config(site="mlp"))), tree_site(SimpleNamespace(config=None))
+        ('mlp', '')
+    """
+    return str(getattr(tree.config, "site", "") or "") if tree.config is not None else ""
+
+
 def _is_content(token: str) -> bool:
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
@@ -464,7 +477,7 @@ def forward_texts(tree, texts: list[str], *, model=None, layer: int | None = Non
     cfg = tree.config
     with quiet(), tempfile.TemporaryDirectory(prefix="featuretree-query-") as tmp:
         acts = collect(wrapped, layer, texts, n_tokens=10**9, out=tmp, progress=False,
-                       max_length=cfg.max_length if cfg is not None else 128)
+                       max_length=cfg.max_length if cfg is not None else 128, site=tree_site(tree))
         x = acts.load("all")
         toks = acts.tokens("all")
         strings = acts.token_strings(toks["token_id"].tolist())

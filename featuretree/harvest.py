@@ -77,8 +77,10 @@ def collect(
     dtype: str = "float32",
     resume: bool = False,
     progress: bool = True,
+    site: str = "",
 ) -> Activations:
-    """Harvest the output of block `layer` for up to `n_tokens` real tokens of `texts` into store `out`.
+    """Harvest the output of block `layer` (or of its submodule `site`, e.g. "mlp") for up to `n_tokens` real
+    tokens of `texts` into store `out`.
 
     `model` is what `load_model` returns (anything `load_model` accepts is loaded first); `texts` is a
     list of strings or an object with a `.texts` list. Doc order is shuffled with `seed`, so a partial
@@ -101,7 +103,7 @@ def collect(
     outs = {layer: Path(tempfile.mkdtemp(prefix="featuretree-acts-")) if out is None else Path(out)}
     return next(iter(collect_layers(model, [layer], texts, n_tokens, outs, batch_size=batch_size,
                                     max_length=max_length, shard_size=shard_size, heldout_every=heldout_every,
-                                    seed=seed, dtype=dtype, resume=resume, progress=progress).values()))
+                                    seed=seed, dtype=dtype, resume=resume, progress=progress, site=site).values()))
 
 
 def collect_layers(
@@ -119,6 +121,7 @@ def collect_layers(
     dtype: str = "float32",
     resume: bool = False,
     progress: bool = True,
+    site: str = "",
 ) -> dict[int, Activations]:
     """`collect` for several layers in ONE forward pass per batch: one store per layer, each the same, bit for
     bit, as `collect` at that layer alone would write (same documents, tokens and recipe).
@@ -129,6 +132,8 @@ def collect_layers(
         As for `collect`.
     layers : sequence of int
         Distinct block indices (negative from the end); the pass stops after the deepest.
+    site : str
+        A submodule of each block to harvest instead of the block's output ("mlp", "self_attn"; "" the block).
     outs : dict, optional
         {layer: store directory} (default: fresh temp directories).
 
@@ -175,7 +180,7 @@ def collect_layers(
     order = sorted(layers, key=index.__getitem__)  # blocks in execution order: nnsight reads them in that order
     outs = {layer: Path(outs[layer]) if outs and layer in outs else Path(tempfile.mkdtemp(prefix="featuretree-acts-"))
             for layer in order}
-    harvest = _Harvest(model, [layer_module(model, index[la]) for la in order], get_tokenizer(model), texts,
+    harvest = _Harvest(model, [layer_module(model, index[la], site) for la in order], get_tokenizer(model), texts,
                        batch_size, max_length, seed, STORE_DTYPES[dtype])
     writers = []
     for k, layer in enumerate(order):
@@ -184,6 +189,8 @@ def collect_layers(
                   "shard_size": int(shard_size), "heldout_every": int(heldout_every), "seed": int(seed)}
         if dtype != "float32":  # (stores from before the option are float32 and their recipes lack the key)
             recipe["dtype"] = dtype
+        if site:  # likewise: a block's output has no site
+            recipe["site"] = site
         writers.append(_StoreWriter(outs[layer], recipe, harvest, k, int(n_tokens), int(shard_size), resume))
     todo = [w for w in writers if not w.done]
     if todo:
@@ -212,7 +219,8 @@ def collect_layers(
     result = {}
     for layer, w in zip(order, writers):
         if not w.done:
-            docs = _finish_store(w.out, w.state, harvest, texts, w.recipe, f"{find_layers(model)[0]}.{index[layer]}",
+            hook = f"{find_layers(model)[0]}.{index[layer]}" + (f".{site}" if site else "")
+            docs = _finish_store(w.out, w.state, harvest, texts, w.recipe, hook,
                                  heldout_every=heldout_every, max_length=max_length, dtype=dtype, seed=seed)
             log.info("collected %d tokens of %d docs at layer %d into %s", w.state["n_done"], len(docs), index[layer],
                      w.out)
@@ -323,7 +331,8 @@ def _finish_store(out: Path, state: dict, harvest: _Harvest, texts: list[str], r
         "n_docs": len(harvested_docs),
         "model": recipe["model"],
         "layer": recipe["layer"],
-        "hook_name": hook_name,  # the block whose output was harvested
+        "hook_name": hook_name,  # the module whose output was harvested (a block, or a site inside it)
+        **({"site": recipe["site"]} if recipe.get("site") else {}),
         "heldout_every": heldout_every,
         "max_length": max_length,
         "dtype": dtype,

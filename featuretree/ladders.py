@@ -23,7 +23,7 @@ from featuretree.config import FeatureTreeError
 from featuretree.dictionaries import MAX_CODES, ThresholdSAE, load_dictionary
 from featuretree.sae import TopKSAE
 
-__all__ = ["hf_model_name", "hook_layer", "ladder_site", "load_ladder", "measure", "release_files", "to_jumprelu"]
+__all__ = ["hf_model_name", "hook_layer", "hook_site", "ladder_site", "load_ladder", "measure", "release_files", "to_jumprelu"]
 
 log = logging.getLogger(__name__)
 
@@ -229,15 +229,18 @@ def _release_hook(release: str, path: str) -> str | None:
     return None
 
 
-_BLOCK_OUTPUT = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)$")  # an HF block's path: model.layers.12
+_BLOCK_OUTPUT = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?:\.([A-Za-z_][\w.]*))?$")  # model.layers.12[.mlp]
+_TL_SITES = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out"}
 
 
-def hook_layer(hook_name: str) -> int:
-    """The featuretree layer (the output of block L, what `collect` harvests) a dictionary's hook reads:
-    TransformerLens' `blocks.L.hook_resid_post` is layer L, `blocks.L.hook_resid_pre` layer L-1 (the previous
-    block's output); an HF block path (`model.layers.12`, `transformer.h.6`, sparsify's `layers.12`) and
-    dictionary_learning's `resid_post_layer_L` are layer L. Anything else (MLP or attention outputs, hook_z,
-    resid_mid, the embeddings) is an error: featuretree harvests block outputs.
+def hook_site(hook_name: str) -> dict:
+    """Where a dictionary's hook reads, as featuretree harvests it: {"layer", "kind", "path"}. TransformerLens'
+    `blocks.L.hook_resid_post` is block L's output, `blocks.L.hook_resid_pre` block L-1's, `blocks.L.hook_mlp_out`
+    / `hook_attn_out` the MLP's / attention's output in block L (kind "mlp_out" / "attn_out": the module is
+    found per architecture by `featuretree.model.site_of`). An HF module path (`model.layers.12`,
+    `transformer.h.6.mlp`, sparsify's `layers.12`) is that block, and its submodule `path` when it names one;
+    dictionary_learning's `resid_post_layer_L` is block L. The embeddings, hook_resid_mid, attention's hook_z
+    (per head, before the output projection) and the MLP's input (transcoders' site) are errors naming why.
 
     Parameters
     ----------
@@ -245,28 +248,51 @@ def hook_layer(hook_name: str) -> int:
         The hook or module path, as the dictionary's config names it.
 
     Example:
+        >>> hook_site("blocks.12.hook_resid_pre"), hook_site("blocks.5.hook_mlp_out")["kind"]
+        ({'layer': 11, 'kind': 'resid_post', 'path': None}, 'mlp_out')
+    """
+    name = str(hook_name)
+    m = re.fullmatch(r"blocks\.(\d+)\.(hook_[a-z_]+)", name)
+    if m and m.group(2) == "hook_resid_pre":
+        if int(m.group(1)) == 0:
+            raise FeatureTreeError(f"{name} reads the embeddings (the input of block 0); featuretree harvests module "
+                                   "outputs inside the blocks: use dictionaries of a later layer")
+        return {"layer": int(m.group(1)) - 1, "kind": "resid_post", "path": None}
+    if m and m.group(2) in _TL_SITES:
+        return {"layer": int(m.group(1)), "kind": _TL_SITES[m.group(2)], "path": None}
+    tl = "hook_" in name  # a TransformerLens name; anything else may be an HF module path
+    m2 = None if tl else (_BLOCK_OUTPUT.search(name) or re.fullmatch(r"resid_post_layer_(\d+)()", name))
+    if m2:
+        return {"layer": int(m2.group(1)), "kind": "resid_post" if not m2.group(2) else "path", "path": m2.group(2) or None}
+    why = ("the MLP's input (a transcoder's site; featuretree links dictionaries that reconstruct the module they read)"
+           if "ln2" in name or "mlp_in" in name else
+           "attention's per-head hook_z (before the output projection, not a module's output)" if "hook_z" in name else
+           "not a module's output featuretree harvests")
+    raise FeatureTreeError(f"the dictionaries read {name!r}: {why}; featuretree harvests block outputs "
+                           "(hook_resid_post / hook_resid_pre), MLP outputs (hook_mlp_out) and attention outputs "
+                           "(hook_attn_out): use dictionaries of one of those")
+
+
+def hook_layer(hook_name: str) -> int:
+    """The block a dictionary's hook reads (`hook_site`'s layer): `blocks.L.hook_resid_post` is L,
+    `blocks.L.hook_resid_pre` is L-1, `model.layers.3` is 3.
+
+    Parameters
+    ----------
+    hook_name : str
+        The hook or module path.
+
+    Example:
         >>> hook_layer("blocks.12.hook_resid_post"), hook_layer("blocks.12.hook_resid_pre"), hook_layer("model.layers.3")
         (12, 11, 3)
     """
-    name = str(hook_name)
-    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", name)
-    if m:
-        layer = int(m.group(1)) - (m.group(2) == "pre")
-        if layer < 0:
-            raise FeatureTreeError(f"{name} reads the embeddings (the input of block 0); featuretree harvests block "
-                                   "outputs: use dictionaries of a later layer")
-        return layer
-    m = _BLOCK_OUTPUT.search(name) or re.fullmatch(r"resid_post_layer_(\d+)", name)
-    if m:
-        return int(m.group(1))
-    raise FeatureTreeError(f"the dictionaries read {name!r}, not a block's output (hook_resid_post / hook_resid_pre); "
-                           "featuretree harvests block outputs (residual stream), so MLP, attention and transcoder "
-                           "dictionaries cannot be linked on its activations: use residual-stream dictionaries")
+    return hook_site(hook_name)["layer"]
 
 
 def ladder_site(ladder: dict) -> dict:
-    """Where a loaded ladder's dictionaries read, from their own files: {"hook_name", "layer", "model_name"}, each
-    None where no dictionary says. Dictionaries that disagree are an error (a ladder is one layer's).
+    """Where a loaded ladder's dictionaries read, from their own files: {"hook_name", "layer", "kind", "path",
+    "model_name"}, None where no dictionary says (kind "resid_post", a block's output, when none does).
+    Dictionaries that disagree are an error (a ladder is one site's).
 
     Parameters
     ----------
@@ -274,8 +300,8 @@ def ladder_site(ladder: dict) -> dict:
         {rung: dictionary}, as `load_ladder` returns.
 
     Example:
-        >>> ladder_site({"w32": TopKSAE(8, 32, 2, metadata={"hook_name": "blocks.4.hook_resid_post"})})
-        {'hook_name': 'blocks.4.hook_resid_post', 'layer': 4, 'model_name': None}
+        >>> ladder_site({"w32": TopKSAE(8, 32, 2, metadata={"hook_name": "blocks.4.hook_mlp_out"})})["kind"]
+        'mlp_out'
     """
     out = {}
     for key in ("hook_name", "model_name"):
@@ -284,8 +310,8 @@ def ladder_site(ladder: dict) -> dict:
             raise FeatureTreeError(f"the ladder's dictionaries name different {key}s {sorted(said)}: a ladder is one "
                                    "layer of one model's dictionaries; load those that share it")
         out[key] = next(iter(said), None)
-    out["layer"] = hook_layer(out["hook_name"]) if out["hook_name"] else None
-    return {"hook_name": out["hook_name"], "layer": out["layer"], "model_name": out["model_name"]}
+    site = hook_site(out["hook_name"]) if out["hook_name"] else {"layer": None, "kind": "resid_post", "path": None}
+    return {"hook_name": out["hook_name"], **site, "model_name": out["model_name"]}
 
 
 _HF_ORGS = (("gemma-", "google/"), ("pythia-", "EleutherAI/"), ("gpt-neo", "EleutherAI/"), ("gpt-j", "EleutherAI/"),

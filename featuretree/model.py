@@ -25,7 +25,7 @@ from torch import nn
 from featuretree.config import DEFAULT_MODEL, FeatureTreeError
 
 __all__ = ["check_layer", "EMBEDDED_NAMES", "embed_texts", "find_layers", "get_tokenizer", "hidden_size", "is_remote",
-           "layer_module",
+           "layer_module", "site_module", "site_of", "SITE_KINDS",
            "load_model", "model_name", "n_layers", "REMOTE_ATTR", "resolve_model_dir", "SMOLLM2_NAMES"]
 
 log = logging.getLogger(__name__)
@@ -540,13 +540,94 @@ def check_layer(model: Any, layer: int) -> int:
     return layer % n
 
 
-def layer_module(model: Any, layer: int):
-    """The nnsight envoy of block `layer` (negative counts from the end); trace its `.output`.
+def site_module(model: Any, layer: int, site: str = "") -> nn.Module:
+    """The torch module whose output is harvested: block `layer`, or its submodule at path `site`.
+
+    Parameters
+    ----------
+    model : model from `load_model`, or nn.Module
+        The model.
+    layer : int
+        A block index (negative counts from the end).
+    site : str
+        A path inside the block ("mlp", "self_attn", "attention.output"); "" is the block itself.
+
+    Example:
+        >>> type(site_module(load_model(), 3, "attention")).__name__
+        'BertAttention'
+    """
+    block = find_layers(model)[1][check_layer(model, layer)]
+    module = block
+    for part in site.split(".") if site else []:
+        nxt = getattr(module, part, None)
+        if not isinstance(nxt, nn.Module):
+            kids = ", ".join(n for n, _ in block.named_children())
+            raise FeatureTreeError(f"block {layer} ({type(block).__name__}) has no submodule {site!r}; its "
+                                   f"submodules are: {kids}")
+        module = nxt
+    return module
+
+
+SITE_KINDS = ("resid_post", "mlp_out", "attn_out", "mlp_in")
+"""What a dictionary may read, by TransformerLens' names: a block's output, its MLP's output, its attention's
+output, or the MLP's input (after the norm before it; what transcoders read)."""
+
+
+def site_of(model: Any, layer: int, kind: str) -> str:
+    """The submodule path inside block `layer` whose output is TransformerLens' hook of that `kind`: "" for
+    resid_post; for models with a norm on each sublayer's output (Gemma 2 / 3: a `pre_feedforward_layernorm`
+    exists) the norms around the MLP and attention (TransformerLens' hook_mlp_out / hook_attn_out come after
+    them), otherwise the `mlp` and attention modules and the norm before the MLP.
+
+    Parameters
+    ----------
+    model : model from `load_model`, or nn.Module
+    layer : int
+        The block.
+    kind : str
+        One of SITE_KINDS.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2Model
+        >>> gpt2 = GPT2Model(GPT2Config(n_layer=2, n_embd=8, n_head=2))
+        >>> site_of(gpt2, 1, "mlp_out"), site_of(gpt2, 1, "attn_out"), site_of(gpt2, 1, "mlp_in")
+        ('mlp', 'attn', 'ln_2')
+    """
+    if kind not in SITE_KINDS:
+        raise FeatureTreeError(f"site kind {kind!r} is not one of {', '.join(SITE_KINDS)}")
+    if kind == "resid_post":
+        return ""
+    block = find_layers(model)[1][check_layer(model, layer)]
+    names = {n for n, _ in block.named_children()}
+    sandwich = "pre_feedforward_layernorm" in names
+    candidates = {
+        "mlp_out": ("post_feedforward_layernorm",) if sandwich else ("mlp", "feed_forward", "ffn"),
+        "attn_out": ("post_attention_layernorm",) if sandwich else ("self_attn", "attn", "attention", "self_attention"),
+        "mlp_in": ("pre_feedforward_layernorm",) if sandwich else ("post_attention_layernorm", "ln_2", "ln2"),
+    }[kind]
+    for c in candidates:
+        if c in names:
+            return c
+    raise FeatureTreeError(f"block {layer} ({type(block).__name__}) has none of {', '.join(candidates)} for {kind}; "
+                           f"its submodules are {', '.join(sorted(names))}: pass --site with the module's path")
+
+
+def layer_module(model: Any, layer: int, site: str = ""):
+    """The nnsight envoy of block `layer` (negative counts from the end), or of its submodule `site`; trace its
+    `.output`.
+
+    Parameters
+    ----------
+    model : the nnsight-wrapped model `load_model` returns
+    layer : int
+        The block.
+    site : str
+        A submodule path inside the block ("" is the block).
 
     Example:
         >>> nm = load_model()
-        >>> layer_module(nm, 3).path
-        'model.encoder.layer.3'
+        >>> layer_module(nm, 3).path, layer_module(nm, 3, "attention").path
+        ('model.encoder.layer.3', 'model.encoder.layer.3.attention')
     """
     import nnsight
 
@@ -556,14 +637,17 @@ def layer_module(model: Any, layer: int):
         )
     index = check_layer(model, layer)
     path, blocks = find_layers(model)
+    target = site_module(model, index, site)
     # nnsight keeps one envoy per module, keyed by id; walking attribute names would have to know that
     # nnsight renames children called `output` (BERT) to `E_output`.
-    envoy = model.interleaver.envoys.get(id(blocks[index]))
+    envoy = model.interleaver.envoys.get(id(target))
     if envoy is None:
         envoy = model
-        for part in path.split("."):
+        for part in [*path.split("."), str(index), *(site.split(".") if site else [])]:
+            if part.isdigit():
+                envoy = envoy[int(part)]
+                continue
             envoy = getattr(
                 envoy, f"E_{part}" if inspect.isdatadescriptor(getattr(type(envoy), part, None)) else part
             )
-        envoy = envoy[index]
     return envoy

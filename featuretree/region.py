@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from featuretree.config import FeatureTreeError
-from featuretree.firing import node_mask, tree_layer, tree_model
+from featuretree.firing import node_mask, tree_layer, tree_model, tree_site
 from featuretree.utils import quiet, store_path
 
 __all__ = ["collect_region", "local_split", "Region", "TOKEN_COLUMNS"]
@@ -298,7 +298,7 @@ def _stream(col: _Collector, tree, chunk: list[str], model, layer: int | None) -
     max_length = tree.config.max_length if tree.config is not None else 128
     with quiet(), tempfile.TemporaryDirectory(prefix="featuretree-stream-") as tmp:
         part = collect(model, tree_layer(tree, layer), chunk, n_tokens=10**12, out=tmp,
-                       progress=False, max_length=max_length)
+                       progress=False, max_length=max_length, site=tree_site(tree))
         col.spell = col.spell or _vocab_of(part)
         col.add(part.load("all"), part.tokens("all"), part.texts())
 

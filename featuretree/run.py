@@ -58,6 +58,8 @@ def run_inputs(cfg: Config, shard_size: int, store_dtype: str = "float32") -> di
 def _settings(cfg: Config) -> dict:
     d = cfg.to_dict()
     d.pop("extra", None)  # notes do not change the results
+    if not d.get("site"):  # runs from before `site` existed read block outputs: the same settings
+        d.pop("site", None)
     return d
 
 
@@ -108,7 +110,7 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     from featuretree.corpus import load_corpus
     from featuretree.explore import write_explorer
     from featuretree.export import load, save
-    from featuretree.model import check_layer, hidden_size, load_model
+    from featuretree.model import check_layer, hidden_size, load_model, site_module
 
     cfg = Config.from_dict({**(config.to_dict() if config else {}), **overrides})
     given = None
@@ -149,6 +151,10 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     # what can be wrong with the inputs shows before anything is written, so a mistake leaves no run behind
     model, corpus = load_model(cfg.model), load_corpus(cfg.corpus)
     check_layer(model, cfg.layer)
+    if given is not None and not cfg.site:  # the dictionaries read an MLP / attention output: harvest that module
+        cfg = Config.from_dict({**cfg.to_dict(), "site": _ladder_module(model, cfg.layer, given)})
+    if cfg.site:  # a submodule the block does not have fails here, naming the ones it has
+        site_module(model, cfg.layer, cfg.site)
     if given is not None:
         hidden = hidden_size(model)
         d = {s.d_model for s in given.values()}
@@ -183,10 +189,10 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
                 from featuretree.train import train_ladder as train
             saes = train(acts, config=cfg, checkpoint=Resume(run / "ckpt" / "train.safetensors",
                                                               every=checkpoint_every, keep=True), progress=progress)
-            from featuretree.faithful import is_causal_lm, record_faithfulness
+        from featuretree.faithful import is_causal_lm, record_faithfulness
 
-            if is_causal_lm(model):  # loss recovered / KL per rung into faithfulness.json and each cfg.json
-                record_faithfulness(model, cfg.layer, saes, acts, run, progress=progress)
+        if is_causal_lm(model):  # loss recovered / KL per rung (trained or given) into faithfulness.json, cfg.json
+            record_faithfulness(model, cfg.layer, saes, acts, run, progress=progress, site=cfg.site)
         for w, sae in saes.items():
             sae.save(run / "saes" / f"w{w}")
         reach("link")
@@ -200,6 +206,17 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     write_explorer(tree, run / "sunburst.html", run=out)  # the sunburst with search and feature cards
     reach("done")
     return tree
+
+
+def _ladder_module(model, layer: int, ladder: dict) -> str:
+    """The submodule of block `layer` a given ladder reads, from its dictionaries' hook names ("" for the block)."""
+    from featuretree.ladders import ladder_site
+    from featuretree.model import site_of
+
+    site = ladder_site({w: s for w, s in ladder.items()})
+    if site["kind"] == "path":
+        return site["path"]
+    return site_of(model, layer, site["kind"])
 
 
 def _build_layers(cfg: Config, layers: list[int], *, out, force: bool, progress: bool, checkpoint_every: float,
@@ -237,7 +254,7 @@ def _build_layers(cfg: Config, layers: list[int], *, out, force: bool, progress:
     out.mkdir(parents=True, exist_ok=True)
     outs = {v: out / f"L{v}" / "acts" for v in layers}
     kw = dict(n_tokens=cfg.n_tokens, outs=outs, max_length=cfg.max_length, seed=cfg.seed, shard_size=shard_size,
-              dtype=store_dtype, progress=progress)
+              dtype=store_dtype, progress=progress, site=cfg.site)
     try:
         collect_layers(model, layers, corpus, resume=True, **kw)
     except StoreMismatch:
@@ -252,7 +269,7 @@ def _harvest(model, cfg: Config, corpus, acts_dir: Path, shard_size: int, store_
     from featuretree.harvest import StoreMismatch, collect
 
     kw = dict(n_tokens=cfg.n_tokens, out=acts_dir, max_length=cfg.max_length, seed=cfg.seed, shard_size=shard_size,
-              dtype=store_dtype, progress=progress)
+              dtype=store_dtype, progress=progress, site=cfg.site)
     try:
         return collect(model, cfg.layer, corpus, resume=True, **kw)
     except StoreMismatch:

@@ -272,7 +272,12 @@ def test_ladder_unknown_architecture_d_model_mismatch_and_missing_cache(tmp_path
           "architecture 'transcoder' is a transcoder", "pass SAEs of one layer")
     mlp = _saelens_dir(tmp_path / "mlp", "jumprelu", 384, 64, hook_name="blocks.3.hook_mlp_out")
     fails(["build", "--ladder", str(mlp), "--corpus", str(corpus), "--out", str(out)], capsys,
-          "the dictionaries read 'blocks.3.hook_mlp_out', not a block's output")
+          "block 3 (BertLayer) has none of mlp, feed_forward, ffn for mlp_out", "pass --site")
+    z = _saelens_dir(tmp_path / "z", "jumprelu", 384, 64, hook_name="blocks.3.attn.hook_z")
+    fails(["build", "--ladder", str(z), "--corpus", str(corpus), "--out", str(out)], capsys,
+          "the dictionaries read 'blocks.3.attn.hook_z': attention's per-head hook_z")
+    fails(["build", "--site", "nope", "--corpus", str(corpus), "--out", str(out)], capsys,
+          "block 3 (BertLayer) has no submodule 'nope'; its submodules are: attention, intermediate, output")
     small = _saelens_dir(tmp_path / "small", "jumprelu", 16, 64)
     fails(["build", "--ladder", str(small), "--corpus", str(corpus), "--out", str(out)], capsys,
           "the ladder reads d_model [16]", "have 384")

@@ -174,14 +174,16 @@ def test_releases_resolve_from_the_local_cache_only(tmp_path, monkeypatch):
     ladder = load_ladder("org-scope-res", layer=3, widths=["16k", "65k"], cache_dir=cache)
     assert list(ladder) == ["w16", "w64"]
     # where it reads: the file's cfg says blocks.3.hook_resid_post; the release names the model
-    assert L.ladder_site(ladder) == {"hook_name": "blocks.3.hook_resid_post", "layer": 3, "model_name": "tiny"}
+    assert L.ladder_site(ladder) == {"hook_name": "blocks.3.hook_resid_post", "layer": 3, "kind": "resid_post",
+                                     "path": None, "model_name": "tiny"}
     # a release whose files do not say (Gemma Scope's params.npz): its folder's name does
     assert L._release_hook("org-scope-res", "layer_3/width_16k/average_l0_20") == "blocks.3.hook_resid_post"
     assert L._release_hook("jb", "gemma_2b_blocks.12.hook_resid_post_16384") == "blocks.12.hook_resid_post"
     mlp = L._release_hook("org-scope-mlp", "layer_3/width_16k/average_l0_20")
-    assert mlp == "blocks.3.hook_mlp_out"
-    with pytest.raises(FeatureTreeError, match="not a block's output"):
-        L.ladder_site({"w16": ThresholdSAE(8, 16, metadata={"hook_name": mlp})})
+    assert mlp == "blocks.3.hook_mlp_out" and L.ladder_site({"w16": ThresholdSAE(8, 16, metadata={"hook_name": mlp})})[
+        "kind"] == "mlp_out"
+    with pytest.raises(FeatureTreeError, match="per-head hook_z"):
+        L.ladder_site({"w16": ThresholdSAE(8, 16, metadata={"hook_name": L._release_hook("org-scope-att", "layer_3/x")})})
     with pytest.raises(FeatureTreeError, match=r"huggingface-cli download org/scope --include 'layer_13/width_16k"):
         load_ladder("org-scope-res", layer=13, widths=["16k"], cache_dir=cache)
     with pytest.raises(FeatureTreeError, match="not a SAELens release"):
@@ -215,8 +217,11 @@ def test_hook_names_map_to_block_outputs():
     assert [L.hook_layer(h) for h in ("blocks.12.hook_resid_post", "blocks.12.hook_resid_pre", "model.layers.7",
                                       "transformer.h.6", "layers.2", "encoder.layer.3", "resid_post_layer_5")] == [
         12, 11, 7, 6, 2, 3, 5]
-    for bad in ("blocks.0.hook_resid_pre", "blocks.4.hook_mlp_out", "blocks.4.attn.hook_z", "blocks.4.hook_resid_mid"):
-        with pytest.raises(FeatureTreeError, match="embeddings|not a block's output"):
+    assert [L.hook_site(h)["kind"] for h in ("blocks.4.hook_mlp_out", "blocks.4.hook_attn_out", "model.layers.4.mlp")] \
+        == ["mlp_out", "attn_out", "path"] and L.hook_site("transformer.h.4.mlp")["path"] == "mlp"
+    for bad, why in (("blocks.0.hook_resid_pre", "embeddings"), ("blocks.4.attn.hook_z", "hook_z"),
+                     ("blocks.4.ln2.hook_normalized", "transcoder"), ("blocks.4.hook_resid_mid", "not a module's output")):
+        with pytest.raises(FeatureTreeError, match=why):
             L.hook_layer(bad)
     with pytest.raises(FeatureTreeError, match="different hook_names"):
         L.ladder_site({"w16": ThresholdSAE(8, 16, metadata={"hook_name": "blocks.1.hook_resid_post"}),
