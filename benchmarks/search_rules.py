@@ -1,7 +1,11 @@
-"""Which branch rule should search follow? Each rule patched into featuretree.find.branch_reach, on the tuning
-half of the WordNet query nouns only (docs/EVAL.md, "Which branch rule?").
+"""Which branch rule should search follow, and which nodes should its path show? Each branch rule patched into
+featuretree.find.branch_reach (with every node shown: min_lift 0, as they were measured), or the default rule with
+search's min_lift set (liftX), on the tuning half of the WordNet query nouns (docs/EVAL.md, "Which branch rule?"
+and "Passing over nodes not about the query"); the held-out half only once a choice is made.
 
-    python benchmarks/search_rules.py base,sum,mean,disc0.8 60     # rules, number of tuning queries
+    python benchmarks/search_rules.py base,sum,mean,disc0.8 60             # rules, number of tuning queries
+    python benchmarks/search_rules.py lift0,lift0.5,lift1,lift2 60         # min_lift floors
+    python benchmarks/search_rules.py lift0,lift0.5,lift1 150 held-out     # after choosing: the held-out half
 """
 import importlib
 import sys
@@ -16,6 +20,7 @@ from featuretree.export import load
 F = importlib.import_module("featuretree.find")  # the module (featuretree.find the attribute is the function)
 
 base = F.branch_reach
+search = F.search
 
 def make(rule, gamma=0.8):
     def reach_fn(tree, scores):
@@ -46,12 +51,15 @@ def make(rule, gamma=0.8):
         return reach
     return reach_fn
 
-tree = load(sys.argv[3] if len(sys.argv) > 3 else "runs/default")
+tree = load(sys.argv[4] if len(sys.argv) > 4 else "runs/default")
 corpus = load_corpus("wordnet")
-queries = search_queries(corpus, split="tuning", n=int(sys.argv[2]) if len(sys.argv) > 2 else 60, seed=0)
+split = sys.argv[3] if len(sys.argv) > 3 else "tuning"
+queries = search_queries(corpus, split=split, n=int(sys.argv[2]) if len(sys.argv) > 2 else 60, seed=0)
 cols = ["precision", "recall", "f1", "coherent", "path_coherent", "domain_coherent", "depth"]
 for name in sys.argv[1].split(","):
-    if name == "base":
+    floor = float(name[4:]) if name.startswith("lift") else 0.0
+    F.search = lambda *a, _floor=floor, **k: search(*a, **{**k, "min_lift": _floor})  # eval imports it per call
+    if name == "base" or name.startswith("lift"):
         F.branch_reach = base
     elif name.startswith("disc"):
         F.branch_reach = make("disc", float(name[4:]))
@@ -60,5 +68,5 @@ for name in sys.argv[1].split(","):
     t = time.time()
     df = search_quality(tree, corpus, queries, level="concept", refine=False, seed=0, progress=False)
     m = df[cols].mean()
-    print(name, f"{time.time() - t:.0f}s", " ".join(f"{c} {m[c]:.3f}" for c in cols), flush=True)
+    print(name, split, f"{time.time() - t:.0f}s", " ".join(f"{c} {m[c]:.3f}" for c in cols), flush=True)
 

@@ -43,6 +43,8 @@ def main(argv=None):
     print(f"search {query!r}: each step the child whose branch answers best")
     for r in path.itertuples():
         where = "refined" if r.refined else "ladder "
+        if r.passed:  # nodes on the way whose firing is not about the query
+            print(f"     (passed over {r.passed})")
         print(f"  {r.step}  {r.node:<22} {where}  score {r.score:5.2f}  covers {r.coverage:4.0%} of its "
               f"occurrences, precision {r.precision:.3f}, confidence {r.confidence:4.0%}  {r.label}")
     out = Path(args.out)

@@ -263,7 +263,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     query = args.query[0] if len(args.query) == 1 else args.query
     path = search(tree, query, RefineConfig.from_args(args, SEARCH_REFINE), start=args.start,
                   max_depth=args.max_depth, negatives=args.negative or None, refine_leaves=not args.no_refine,
-                  progress=not args.quiet)
+                  progress=not args.quiet, min_lift=args.min_lift)
     deep = path.attrs.pop("tree")
     if not len(path):
         raise FeatureTreeError(f"no top-level feature fires on {args.query[0]!r} more than it usually does: "
@@ -271,6 +271,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     cols = ["step", "node", "score", "coverage", "precision", "confidence", "label"]
     if path["coverage"].isna().all():  # example texts: scored by document, no concept columns
         cols = ["step", "node", "score", "query_rate", "confidence", "label"]
+    if (path["passed"] != "").any():  # the nodes stepped through that are not about the query
+        cols.append("passed")
     lines = [path[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")]
     saved = None
     if path.refined.any() and not args.no_save:
@@ -782,7 +784,7 @@ def make_parser() -> argparse.ArgumentParser:
         >>> make_parser().parse_args(["info", "runs/x"]).run
         'runs/x'
     """
-    from featuretree.find import SEARCH_REFINE
+    from featuretree.find import MIN_LIFT, SEARCH_REFINE
 
     p = argparse.ArgumentParser(
         prog="featuretree",
@@ -885,6 +887,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("query", nargs="+", help="a word or phrase; several arguments are several example texts")
     s.add_argument("--start", help="node to search under, e.g. a biology feature (default: the top-level features)")
     s.add_argument("--max-depth", type=int, default=6, help="steps down at most (default: 6)")
+    s.add_argument("--min-lift", type=float, default=None,
+                   help="pass over a node whose firing is less than e^MIN_LIFT times as specific to the query's texts "
+                        f"as the corpus's, on the way to its branch's best (0 keeps every node; default {MIN_LIFT})")
     s.add_argument("--negative", action="append", help="a text the feature should not fire on (repeatable)")
     s.add_argument("--no-refine", action="store_true", help="only walk the existing tree; never train")
     s.add_argument("--no-save", action="store_true", help="do not save the refinements made on the way")

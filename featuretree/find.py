@@ -35,7 +35,7 @@ import pandas as pd
 from featuretree.config import FeatureTreeError, RefineConfig, settings
 from featuretree.utils import rung_key
 
-__all__ = ["CONTEXT_WEIGHT", "SEARCH_REFINE", "background_texts", "concept_query", "ConceptQuery", "coverage", "find", "lift",
+__all__ = ["CONTEXT_WEIGHT", "MIN_LIFT", "SEARCH_REFINE", "background_texts", "concept_query", "ConceptQuery", "coverage", "find", "lift",
            "node_scores", "novel", "query_words", "rung_filter", "Sample", "sample_texts", "search"]
 
 log = logging.getLogger(__name__)
@@ -608,7 +608,7 @@ branch narrows fast, so leaves are smaller than the nodes one refines by hand)."
 def search(tree, query, config: RefineConfig | None = None, *, start: str | None = None, max_depth: int = 6,
            negatives=None, refine_leaves: bool = True, texts=None, model=None, layer: int | None = None,
            level: str = "auto", label_weight: float = 0.5, background=None, n_contexts: int = 50,
-           progress: bool = True, **overrides) -> pd.DataFrame:
+           progress: bool = True, min_lift: float | None = None, **overrides) -> pd.DataFrame:
     """Targeted depth-first search: from the top, step to the child that answers `query` best, refining leaves.
 
     A word or phrase is scored as a concept (`ConceptQuery`, the default): each candidate by how many of the
@@ -622,7 +622,10 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
     does better (a leaf, or one whose ladder children miss the query) is refined (depth 1) when
     `refine_leaves`, on a region that holds the query's contexts first, so the search goes below the ladder
     only along the branch it follows. Stops after `max_depth` steps, when no child does better, or when a
-    leaf has too few tokens to refine.
+    leaf has too few tokens to refine. A node whose branch leads further down but whose own firing is not
+    about the query (concept precision under e^min_lift times the corpus's: a broad 'cell · cells' on the
+    way to 'bacteria') is passed over: the path lists the nodes about the query, coarse to fine, and each
+    row's `passed` names the nodes stepped through to reach it.
 
     Parameters
     ----------
@@ -653,12 +656,15 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
     n_contexts : int
         Corpus texts containing a word or phrase that are sampled as its contexts.
     progress : bool
+    min_lift : float, optional
+        Concept scoring: pass over a node (to the child its branch's best lies under) whose firing is less than
+        e^min_lift times as specific to the query's texts as the corpus's; 0 keeps every node. Default MIN_LIFT.
 
     Returns
     -------
     DataFrame
         The path (step, node, label, score, coverage, precision, query_rate, freq, confidence, n_candidates,
-        refined). `confidence` is the chosen child's share of exp(branch score) among the candidates (1: it
+        refined, passed). `confidence` is the chosen child's share of exp(branch score) among the candidates (1: it
         was the only one). `path.attrs["candidates"]` lists every candidate of every step (step, node,
         label, score, reach, coverage, precision, chosen); `path.attrs["tree"]` is the tree with the
         refinements made (take it with `path.attrs.pop("tree")`: pandas deep-copies attrs on every operation
@@ -671,6 +677,9 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
     import numpy as np
 
     rc = settings(RefineConfig, config if config is not None else SEARCH_REFINE, **overrides)
+    lift_floor = MIN_LIFT if min_lift is None else float(min_lift)
+    if not lift_floor >= 0:
+        raise FeatureTreeError(f"min_lift={min_lift} must be >= 0 (0 keeps every node search steps through)")
     from featuretree.firing import tree_layer, tree_model
     from featuretree.refine import refine
     from featuretree.tree import ROOT
@@ -695,6 +704,7 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
             if neg is not None:
                 s = _minus_negatives(t, s, neg)
             s = s.set_index("node")
+            s.attrs["r0"] = cq.r0
             return s, branch_reach(t, s)
     else:
         focus = None
@@ -720,7 +730,8 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
     rows, cands, current = [], [], ROOT
     if start is not None and start != ROOT:
         tree.node(start)  # an unknown id is a clear error
-        rows.append(row(0, start, scores.loc[start] if start in scores.index else None, float("nan"), 0))
+        rows.append({**row(0, start, scores.loc[start] if start in scores.index else None, float("nan"), 0),
+                     "passed": ""})
         current = start
     refined_here: set[str] = set()
     for step in range(len(rows), len(rows) + int(max_depth)):
@@ -743,21 +754,43 @@ def search(tree, query, config: RefineConfig | None = None, *, start: str | None
             log.info("search stops at %s: none of its %d children answers %r", current, len(kids), query)
             break
         answer.sort(key=lambda c: (reach[c], scores.at[c, "score"], scores.at[c, "query_rate"]), reverse=True)
-        best = answer[0]
+        best, passed = answer[0], []
+        while lift_floor > 0 and _weak(best, scores, reach, lift_floor):  # not about the query; its branch's best is below
+            below = sorted((c for c in answering(_children(tree, best), scores) if reach.get(c) == reach[best]),
+                           key=lambda c: scores.at[c, "score"], reverse=True)
+            if not below:
+                break
+            passed.append(best)
+            best = below[0]
         r = np.array([reach[c] for c in answer])
         confidence = float(1.0 / np.exp(r - r[0]).sum())
         for c in answer:
             cands.append({"step": step, "node": c, "label": scores.at[c, "label"], "score": float(scores.at[c, "score"]),
                           "reach": float(reach[c]), "coverage": float(scores.get("coverage", pd.Series()).get(c, np.nan)),
                           "precision": float(scores.get("precision", pd.Series()).get(c, np.nan)), "chosen": c == best})
-        rows.append(row(step, best, scores.loc[best], confidence, len(answer)))
+        rows.append({**row(step, best, scores.loc[best], confidence, len(answer)), "passed": " > ".join(passed)})
         current = best
     path = pd.DataFrame(rows, columns=["step", "node", "label", "score", "coverage", "precision", "query_rate", "freq",
-                                       "confidence", "n_candidates", "refined"])
+                                       "confidence", "n_candidates", "refined", "passed"])
     path.attrs["candidates"] = pd.DataFrame(cands, columns=["step", "node", "label", "score", "reach", "coverage",
                                                             "precision", "chosen"])
     path.attrs["tree"] = tree
     return path
+
+
+MIN_LIFT = 0.5
+"""search passes over a node whose concept precision is under e^MIN_LIFT x the corpus's (the relevance of a token
+at random) when its branch's best lies below it: chosen on the tuning half of `featuretree eval search`
+(docs/EVAL.md, "Passing over nodes not about the query")."""
+
+
+def _weak(node: str, scores: pd.DataFrame, reach: dict[str, float], min_lift: float) -> bool:
+    """A node search passes over: its branch's best score lies below it and its own firing is less than
+    e^min_lift times as specific to the query's texts as the corpus's (concept scores only)."""
+    if "precision" not in scores.columns or reach.get(node, -math.inf) <= float(scores.at[node, "score"]):
+        return False
+    r0 = scores.attrs.get("r0")
+    return r0 is not None and math.log(max(float(scores.at[node, "precision"]), 1e-12) / r0) < min_lift
 
 
 def _negative_firing(tree, negatives, model, layer):

@@ -93,8 +93,9 @@ def test_search_descends_to_a_refined_node_specific_to_the_query(run):
     path = search(tree, "anthrax", model=model, layer=0, width=8, k=1, min_tokens=30, max_tokens=3000,
                   stream_tokens=0, max_depth=5, progress=False)
     deep = path.attrs["tree"]
-    assert len(path) >= 2 and path.refined.any(), path
-    for a, b in zip(path.node, path.node[1:]):  # each step is a child of the one before
+    assert len(path) >= 1 and path.refined.any(), path
+    chain = [n for passed, node in zip(path.passed, path.node) for n in [*filter(None, passed.split(" > ")), node]]
+    for a, b in zip(chain, chain[1:]):  # each step is a child of the one before (through any node passed over)
         assert deep.graph.has_edge(a, b)
     assert (path.query_rate > 0).all() and (path.score > 0).all()
     on_word, elsewhere = fires_on_word(deep, acts, path.node.iloc[-1], "anthrax")
@@ -102,11 +103,35 @@ def test_search_descends_to_a_refined_node_specific_to_the_query(run):
     assert not any("/r8" in n for n in tree.graph)  # the input tree is untouched
     # from a given start: the path begins there and stays in its subtree
     start = path.node.iloc[0]
-    under = search(tree, "anthrax", start=start, model=model, layer=0, refine_leaves=False, progress=False)
+    under = search(tree, "anthrax", start=start, model=model, layer=0, refine_leaves=False, progress=False, min_lift=0)
     assert under.node.iloc[0] == start and under.step.tolist() == list(range(len(under)))
     assert all(tree.graph.has_edge(a, b) for a, b in zip(under.node, under.node[1:]))
     with pytest.raises(FeatureTreeError, match="unknown node"):
         search(tree, "anthrax", start="w16/999", model=model, layer=0, progress=False)
+
+
+def test_search_passes_over_nodes_not_about_the_query(corpus_run):
+    """min_lift=0 lists every node of the branch; a floor no node clears passes over all but the branch's best,
+    which is the same end, reached through the same nodes (named in `passed`); a floor in between keeps the
+    nodes whose concept precision clears it."""
+    from featuretree import search
+
+    model, _, tree, _ = corpus_run
+    kw = dict(model=model, refine_leaves=False, progress=False)
+    every = search(tree, "anthrax", min_lift=0, **kw)
+    none = search(tree, "anthrax", min_lift=1e9, **kw)
+    assert len(every) >= 2 and (every.passed == "").all(), every
+    assert none.node.tolist() == [every.node.iloc[-1]] and none.passed.iloc[0] == " > ".join(every.node.iloc[:-1])
+    mid = search(tree, "anthrax", min_lift=0.5, **kw)
+    assert set(mid.node) <= set(every.node) and mid.node.iloc[-1] == every.node.iloc[-1]
+    prec = dict(zip(every.node, every.precision))
+    passed = [n for p in mid.passed for n in filter(None, p.split(" > "))]
+    assert sorted([*passed, *mid.node], key=every.node.tolist().index) == every.node.tolist()
+    kept = [n for n in mid.node.iloc[:-1]]  # the end is never passed over: its branch's best is itself
+    if passed and kept:  # every node kept on the way is more specific to the query than every node passed over
+        assert min(prec[n] for n in kept) > max(prec[n] for n in passed)
+    with pytest.raises(FeatureTreeError, match="min_lift=-1"):
+        search(tree, "anthrax", min_lift=-1, **kw)
 
 
 def test_refine_streams_texts_beyond_the_store(run):
