@@ -35,7 +35,8 @@ def _rung_line(tree, frame, rung: str) -> str:
             f"dead {100 * m.get('dead_fraction', nan):.1f}%  live {len(sub)}  linked {int(sub.parent.notna().sum())}")
     if m.get("loss_recovered") is not None and m.get("kl") is not None:
         line += f"  loss recovered {m['loss_recovered']:.3f}  KL {m['kl']:.3f}"
-    return line
+    arch = getattr(tree.saes[rung], "architecture", "topk")
+    return line + (f"  ({arch})" if arch != "topk" else "")
 
 
 def _ladder(tree) -> list[str]:
@@ -351,7 +352,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     tree = load(args.run)
     _merge_faithfulness(tree, Path(args.run))
     frame = to_frame(tree)
-    lines = [f"run {args.run}: {len(frame)} features in {len(tree.rungs)} rungs, {tree.graph.number_of_edges()} edges"]
+    cfg = tree.config
+    where = (f" (model {cfg.model}, layer {cfg.layer}" + (f", site {cfg.site}" if cfg.site else "") + ")") if cfg else ""
+    lines = [f"run {args.run}: {len(frame)} features in {len(tree.rungs)} rungs, {tree.graph.number_of_edges()} edges"
+             f"{where}"]
     lines += [f"  {_rung_line(tree, frame, rung)}" for rung in _ladder(tree)]
     scored: dict[str, list[float]] = {}
     for _, d in tree.graph.nodes(data=True):

@@ -320,7 +320,8 @@ def test_build_links_an_existing_mixed_ladder_without_training(run_dir, tmp_path
     assert not (out / "ckpt").exists()
     capsys.readouterr()
     assert main(["-q", "info", str(out)]) == 0
-    assert f"{narrow:<10} FVU" in capsys.readouterr().out
+    info = capsys.readouterr().out
+    assert f"{narrow:<10} FVU" in info and "(jumprelu)" in info and f"layer {tree.config.layer})" in info
     # find and refine under a JumpReLU node: the local dictionary (TopK) trains on where the JumpReLU feature fires
     import featuretree as ft
 
