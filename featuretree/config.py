@@ -183,7 +183,9 @@ class HarvestConfig(_Seeded):
     site: str = ""
     """A module inside block `layer` to harvest instead of the block's output, as a path relative to the block
     (e.g. "mlp": the MLP's output, as TransformerLens' hook_mlp_out on most models); "" is the block's output
-    (the residual stream). `build --ladder` sets it from the dictionaries' hook names."""
+    (the residual stream); a norm's path with ":normalized" reads its output with the gain taken out (the MLP's
+    input as TransformerLens' ln2.hook_normalized and Gemma Scope's transcoders see it). `build --ladder` sets it
+    from the dictionaries' hook names."""
 
     corpus: str = "wordnet"
     """'wordnet' (bundled WordNet 3.0 glosses), or a path to a .txt (one text per line) or .jsonl file."""
@@ -198,7 +200,8 @@ class HarvestConfig(_Seeded):
         for name in ("n_tokens", "max_length"):
             if int(getattr(self, name)) <= 0:
                 raise FeatureTreeError(f"{name}={getattr(self, name)} must be a positive integer")
-        if not isinstance(self.site, str) or (self.site and not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", self.site)):
+        if not isinstance(self.site, str) or (self.site and not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*(:normalized)?",
+                                                                              self.site)):
             raise FeatureTreeError(f"site={self.site!r} is not a module path inside a block (e.g. 'mlp' or "
                                    "'self_attn'); pass '' for the block's output")
 

@@ -1,5 +1,6 @@
 """Every sparse dictionary featuretree reads as a rung besides its own TopK: JumpReLU, BatchTopK, ReLU and gated
-SAEs from SAELens' layout, Gemma Scope's params.npz and dictionary_learning's (converted) files;
+SAEs and (JumpReLU / ReLU) transcoders from SAELens' layout, Gemma Scope's params.npz and dictionary_learning's
+(converted) files;
 `load_dictionary` picks the reader by what a directory holds. They are loaded, never trained here.
 
     pre  = (x - b_dec) @ W_enc + b_enc                  # every one of them (b_dec folded where a source skips it)
@@ -189,10 +190,17 @@ class ThresholdSAE(TopKSAE):
         out["architecture"] = "standard" if self.architecture == "relu" else "jumprelu"
         out["metadata"] = {**out["metadata"], "featuretree_architecture": self.architecture,
                            "featuretree_max_codes": self.k}
+        if self.metadata.get("transcoder"):  # SAELens' transcoder layout: no input centring, d_out
+            out.update(architecture="transcoder" if self.architecture == "relu" else "jumprelu_transcoder",
+                       d_out=self.d_model, apply_b_dec_to_input=False,
+                       hook_name=self.metadata.get("hook_name"), hook_name_out=self.metadata.get("hook_name_out"))
         return out
 
     def _saved_tensors(self) -> dict[str, Tensor]:  # `save` writes "threshold" too, except for a ReLU SAE
-        return {**super()._saved_tensors(), **({} if self.architecture == "relu" else {"threshold": self.threshold})}
+        out = {**super()._saved_tensors(), **({} if self.architecture == "relu" else {"threshold": self.threshold})}
+        if self.metadata.get("transcoder"):  # b_enc as the transcoder reads x: un-fold the centring by b_dec
+            out["b_enc"] = (self.b_enc - self.b_dec @ self.W_enc).detach()
+        return out
 
 
 class GatedSAE(ThresholdSAE):
@@ -319,19 +327,23 @@ def _site_of(cfg: dict, meta: dict) -> dict:
     return out
 
 
-_SAELENS = {"jumprelu": "jumprelu", "standard": "relu", "relu": "relu", "batchtopk": "batchtopk", "gated": "gated"}
-_TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder")
+_SAELENS = {"jumprelu": "jumprelu", "standard": "relu", "relu": "relu", "batchtopk": "batchtopk", "gated": "gated",
+            "transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
+_TRANSCODERS = ("transcoder", "jumprelu_transcoder")
 
 
 def _load_saelens_threshold(path: Path, cfg: dict, arch: str, max_codes: int) -> ThresholdSAE:
     cfg_path = path / CFG_FILE
-    if arch in _TRANSCODERS:
-        raise FeatureTreeError(f"{cfg_path}: architecture {arch!r} is a transcoder (it reads {cfg.get('hook_name')!r} "
-                               f"and writes {cfg.get('hook_name_out')!r}); featuretree links dictionaries that "
-                               "reconstruct the layer they read: pass SAEs of one layer")
+    if arch == "skip_transcoder":
+        raise FeatureTreeError(f"{cfg_path}: architecture 'skip_transcoder' adds a linear skip path (x @ W_skip) to "
+                               "its output that featuretree's rungs do not carry: use a transcoder without one")
+    if arch in _TRANSCODERS and int(cfg.get("d_out", cfg.get("d_in", 0)) or 0) != int(cfg.get("d_in", -1) or -1):
+        raise FeatureTreeError(f"{cfg_path}: a transcoder from d_in {cfg.get('d_in')} to d_out {cfg.get('d_out')}; "
+                               "featuretree reads transcoders whose output has the input's width")
     if arch not in _SAELENS:
         raise FeatureTreeError(f"{cfg_path}: architecture {arch!r} is not one featuretree reads; it reads topk, "
-                               "jumprelu, standard (ReLU), batchtopk, gated (and matryoshka ladders of those)")
+                               "jumprelu, standard (ReLU), batchtopk, gated, transcoder, jumprelu_transcoder (and "
+                               "matryoshka ladders of those)")
     for flag in ("rescale_acts_by_decoder_norm",):
         if cfg.get(flag):
             raise FeatureTreeError(f"{cfg_path}: {flag}=true is not supported: save the SAE with the decoder norm "
@@ -352,7 +364,9 @@ def _load_saelens_threshold(path: Path, cfg: dict, arch: str, max_codes: int) ->
     inner = meta.pop("featuretree_architecture", None)
     cap = int(meta.pop("featuretree_max_codes", 0) or max_codes)
     meta = {**meta, "source": meta.get("source", "saelens"), "saelens_architecture": arch}
-    fold = cfg.get("apply_b_dec_to_input", True) is False
+    fold = cfg.get("apply_b_dec_to_input", True) is False or arch in _TRANSCODERS  # a transcoder never centres x
+    if arch in _TRANSCODERS:  # reads hook_name, writes hook_name_out (its decoder rows live there)
+        meta.update(transcoder=True, hook_name_out=cfg.get("hook_name_out") or meta.get("hook_name_out"))
     if kind == "gated":
         check_weights(weights, {"r_mag": (d_sae,), "b_mag": (d_sae,)}, w_path, CFG_FILE)
         sae = _gated(d_in, d_sae, weights["W_enc"], weights["b_gate"], weights["r_mag"], weights["b_mag"],

@@ -195,7 +195,7 @@ def steer(tree, node: str, prompt: str, *, scale: float = 4.0, activation: float
     a = activation if activation is not None else (_typical_activation(tree, node) or 1.0)
     d = sae.W_dec[j].detach().float() * float(scale) * float(a)
     probs = {}
-    with _spliced(lm, tree_layer(tree, layer), tree_site(tree)) as (module, block, splice, tok, special, accepted, device):
+    with _spliced(lm, tree_layer(tree, layer), tree) as (module, block, splice, tok, special, accepted, device):
         enc, mask, _ = splice_batch(tok, [prompt], 512, special)
         last = int(enc["attention_mask"][0].sum()) - 1
         inputs = {k: v.to(device) for k, v in enc.items() if k in accepted}
@@ -212,9 +212,14 @@ def steer(tree, node: str, prompt: str, *, scale: float = 4.0, activation: float
 class _spliced:
     """Context: the causal LM's module, block `layer` with a recording Splice hook, tokenizer, special ids."""
 
-    def __init__(self, lm, layer: int, site: str = "") -> None:
-        from featuretree.model import get_tokenizer, site_module
+    def __init__(self, lm, layer: int, tree) -> None:
+        from featuretree.model import NORMALIZED, get_tokenizer, site_module
 
+        site = tree_site(tree)
+        if site.endswith(NORMALIZED) or any((s.metadata or {}).get("transcoder") for s in tree.saes.values()):
+            raise FeatureTreeError(f"effects edit the module the features read ({site or 'the block'}) with their "
+                                   "decoder directions; a transcoder writes another module and a ':normalized' site "
+                                   "is not a module's output, so effects are not supported for this tree")
         self.module = getattr(lm, "_module", lm)
         self.block = site_module(lm, layer, site)  # the module whose output the tree's features read
         self.tok = get_tokenizer(lm)
@@ -331,7 +336,7 @@ def effects(tree, node: str, texts: list[str] | None = None, *, model: Any = Non
     rungs = sorted({r for r, _ in sets})
     stats = [{"n": 0, "dl": 0.0, "n_after": 0, "dl_after": 0.0} for _ in sets]
     docs, drop_sum, act_sum, first_fire = [], None, 0.0, None
-    with _spliced(lm, layer, tree_site(tree)) as (module, block, splice, tok, special, accepted, device):
+    with _spliced(lm, layer, tree) as (module, block, splice, tok, special, accepted, device):
         for b in tqdm(range(0, len(texts), int(batch_size)), desc=f"effects {node}", unit="batch",
                       disable=not progress):
             batch = texts[b:b + int(batch_size)]

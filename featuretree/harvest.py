@@ -181,7 +181,8 @@ def collect_layers(
     outs = {layer: Path(outs[layer]) if outs and layer in outs else Path(tempfile.mkdtemp(prefix="featuretree-acts-"))
             for layer in order}
     harvest = _Harvest(model, [layer_module(model, index[la], site) for la in order], get_tokenizer(model), texts,
-                       batch_size, max_length, seed, STORE_DTYPES[dtype])
+                       batch_size, max_length, seed, STORE_DTYPES[dtype],
+                       post=[_post(model, index[la], site) for la in order])
     writers = []
     for k, layer in enumerate(order):
         recipe = {"model": model_name(model), "layer": index[layer], "texts": texts_fingerprint(texts),
@@ -419,8 +420,9 @@ class _Harvest:
     """The model side of `collect`: doc batches in a fixed order, and the real-token rows of any of them."""
 
     def __init__(self, model, blocks: list, tokenizer, texts: list[str], batch_size: int, max_length: int, seed: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, post: list | None = None):
         self.model, self.blocks, self.tokenizer, self.texts = model, list(blocks), tokenizer, texts
+        self.post = list(post) if post is not None else [None] * len(self.blocks)  # per block: output -> stored rows
         self.max_length, self.dtype = max_length, dtype
         self.special_ids = torch.tensor(special_ids(tokenizer), dtype=torch.long)
         self.fast = bool(getattr(tokenizer, "is_fast", False))
@@ -453,8 +455,10 @@ class _Harvest:
                     saved.append(block.output.save())
                 tracer.stop()  # later blocks never run
         out = []
-        for hidden in saved:
+        for hidden, post in zip(saved, self.post):
             hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
+            if post is not None:
+                hidden = post(hidden)
             rows = _real_rows(enc, hidden, batch_docs, self.special_ids)
             if not torch.isfinite(rows["acts"]).all():
                 raise FeatureTreeError(
@@ -472,6 +476,16 @@ class _Harvest:
         """Block `which`'s rows of batches [b0, b1), the first `limit` of them (a shard recomputed)."""
         parts = [self.rows(b)[which] for b in range(b0, b1)]
         return _first({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, limit)
+
+
+def _post(model, layer: int, site: str):
+    """What turns a site's output into stored rows: None, or for a ":normalized" site the norm's gain taken out."""
+    from featuretree.model import NORMALIZED, normalized, site_module
+
+    if not site.endswith(NORMALIZED):
+        return None
+    module = site_module(model, layer, site)
+    return lambda y: normalized(module, y)
 
 
 def doc_batches(texts: list[str], batch_size: int, seed: int) -> Iterator[list[int]]:

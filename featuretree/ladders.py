@@ -114,6 +114,9 @@ def load_ladder(source, *, prefixes=None, layer: int | None = None, widths=None,
         hook = _release_hook(str(source), p)
         if hook and "hook_name" not in sae.metadata:
             sae.metadata["hook_name"] = hook
+        out = _release_transcoder(str(source), p)
+        if out and "hook_name_out" not in sae.metadata:  # a transcoder: it writes the MLP's output
+            sae.metadata.update(transcoder=True, hook_name_out=out)
     return _rung_names(saes)
 
 
@@ -229,6 +232,12 @@ def _release_hook(release: str, path: str) -> str | None:
     return None
 
 
+def _release_transcoder(release: str, path: str) -> str | None:
+    """A Gemma Scope transcoders release's output hook for a folder (its params.npz does not say), else None."""
+    m = re.match(r"layer_(\d+)/", path)
+    return f"blocks.{m.group(1)}.hook_mlp_out" if m and re.search(r"-transcoders(-|$)", release) else None
+
+
 _BLOCK_OUTPUT = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)(?:\.([A-Za-z_][\w.]*))?$")  # model.layers.12[.mlp]
 _TL_SITES = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out"}
 
@@ -237,10 +246,11 @@ def hook_site(hook_name: str) -> dict:
     """Where a dictionary's hook reads, as featuretree harvests it: {"layer", "kind", "path"}. TransformerLens'
     `blocks.L.hook_resid_post` is block L's output, `blocks.L.hook_resid_pre` block L-1's, `blocks.L.hook_mlp_out`
     / `hook_attn_out` the MLP's / attention's output in block L (kind "mlp_out" / "attn_out": the module is
-    found per architecture by `featuretree.model.site_of`). An HF module path (`model.layers.12`,
+    found per architecture by `featuretree.model.site_of`), `blocks.L.ln2.hook_normalized` the MLP's input
+    after its norm with the gain taken out ("mlp_in", where transcoders read). An HF module path (`model.layers.12`,
     `transformer.h.6.mlp`, sparsify's `layers.12`) is that block, and its submodule `path` when it names one;
-    dictionary_learning's `resid_post_layer_L` is block L. The embeddings, hook_resid_mid, attention's hook_z
-    (per head, before the output projection) and the MLP's input (transcoders' site) are errors naming why.
+    dictionary_learning's `resid_post_layer_L` is block L. The embeddings, hook_resid_mid and attention's hook_z
+    (per head, before the output projection) are errors naming why.
 
     Parameters
     ----------
@@ -260,17 +270,19 @@ def hook_site(hook_name: str) -> dict:
         return {"layer": int(m.group(1)) - 1, "kind": "resid_post", "path": None}
     if m and m.group(2) in _TL_SITES:
         return {"layer": int(m.group(1)), "kind": _TL_SITES[m.group(2)], "path": None}
+    m_in = re.fullmatch(r"blocks\.(\d+)\.ln2\.hook_normalized", name)
+    if m_in:  # the MLP's input after its norm, gain folded out (what transcoders read)
+        return {"layer": int(m_in.group(1)), "kind": "mlp_in", "path": None}
     tl = "hook_" in name  # a TransformerLens name; anything else may be an HF module path
     m2 = None if tl else (_BLOCK_OUTPUT.search(name) or re.fullmatch(r"resid_post_layer_(\d+)()", name))
     if m2:
         return {"layer": int(m2.group(1)), "kind": "resid_post" if not m2.group(2) else "path", "path": m2.group(2) or None}
-    why = ("the MLP's input (a transcoder's site; featuretree links dictionaries that reconstruct the module they read)"
-           if "ln2" in name or "mlp_in" in name else
-           "attention's per-head hook_z (before the output projection, not a module's output)" if "hook_z" in name else
-           "not a module's output featuretree harvests")
+    why = ("attention's per-head hook_z (before the output projection, not a module's output)" if "hook_z" in name
+           else "not a module's output featuretree harvests")
     raise FeatureTreeError(f"the dictionaries read {name!r}: {why}; featuretree harvests block outputs "
-                           "(hook_resid_post / hook_resid_pre), MLP outputs (hook_mlp_out) and attention outputs "
-                           "(hook_attn_out): use dictionaries of one of those")
+                           "(hook_resid_post / hook_resid_pre), MLP outputs (hook_mlp_out), attention outputs "
+                           "(hook_attn_out) and the MLP's normalised input (ln2.hook_normalized): use dictionaries "
+                           "of one of those")
 
 
 def hook_layer(hook_name: str) -> int:
@@ -291,8 +303,9 @@ def hook_layer(hook_name: str) -> int:
 
 def ladder_site(ladder: dict) -> dict:
     """Where a loaded ladder's dictionaries read, from their own files: {"hook_name", "layer", "kind", "path",
-    "model_name"}, None where no dictionary says (kind "resid_post", a block's output, when none does).
-    Dictionaries that disagree are an error (a ladder is one site's).
+    "model_name", "out"}, None where no dictionary says (kind "resid_post", a block's output, when none does);
+    "out" is where transcoders write ({"hook_name", "layer", "kind", "path"}; None for SAEs). Dictionaries that
+    disagree, or a ladder of transcoders and SAEs, are an error (a ladder is one site's).
 
     Parameters
     ----------
@@ -311,7 +324,19 @@ def ladder_site(ladder: dict) -> dict:
                                    "layer of one model's dictionaries; load those that share it")
         out[key] = next(iter(said), None)
     site = hook_site(out["hook_name"]) if out["hook_name"] else {"layer": None, "kind": "resid_post", "path": None}
-    return {"hook_name": out["hook_name"], **site, "model_name": out["model_name"]}
+    kinds = {bool((s.metadata or {}).get("transcoder")) for s in ladder.values()}
+    if len(kinds) > 1:
+        raise FeatureTreeError("the ladder mixes transcoders and SAEs: their decoders write different modules, so "
+                               "their directions cannot be compared; load one kind")
+    result = {"hook_name": out["hook_name"], **site, "model_name": out["model_name"], "out": None}
+    if kinds == {True}:
+        outs = {(s.metadata or {}).get("hook_name_out") for s in ladder.values()}
+        if len(outs) != 1 or None in outs:
+            raise FeatureTreeError(f"the transcoders name output hooks {sorted(map(str, outs))}: each must name one, "
+                                   "the same (hook_name_out in its cfg.json)")
+        hook_out = next(iter(outs))
+        result["out"] = {"hook_name": hook_out, **hook_site(hook_out)}
+    return result
 
 
 _HF_ORGS = (("gemma-", "google/"), ("pythia-", "EleutherAI/"), ("gpt-neo", "EleutherAI/"), ("gpt-j", "EleutherAI/"),
@@ -379,7 +404,7 @@ def to_jumprelu(sae: TopKSAE, threshold) -> ThresholdSAE:
     return out
 
 
-def measure(ladder: dict, acts, *, split: str = "heldout") -> dict:
+def measure(ladder: dict, acts, *, split: str = "heldout", targets=None) -> dict:
     """Held-out FVU, L0 and dead fraction of each rung of a loaded ladder, stored in its `.metrics` (what
     `featuretree info` prints for trained rungs); returns {rung: metrics}.
 
@@ -391,6 +416,9 @@ def measure(ladder: dict, acts, *, split: str = "heldout") -> dict:
         The layer's activations (a store's `split` is read).
     split : str
         Which split of a store.
+    targets : Activations or Tensor, optional
+        Transcoders: what the reconstruction is scored against (the output module's activations on the same
+        tokens, row for row); default `acts` itself.
 
     Example:
         >>> m = measure({"w32": TopKSAE(8, 32, 2)}, torch.randn(64, 8))
@@ -405,10 +433,17 @@ def measure(ladder: dict, acts, *, split: str = "heldout") -> dict:
     if d != {width}:
         raise FeatureTreeError(f"the ladder reads d_model {sorted(d)} but the layer's activations have {width}: "
                                "choose the layer (and model) the dictionaries were trained on")
-    if is_store(acts) and n_rows(acts, split) > 0:
-        batches = iter_batches(acts, 8192, split=split, shuffle=False)
-    else:
-        batches = iter_batches(acts, 8192, shuffle=False)
+    def rows(a):
+        if is_store(a) and n_rows(a, split) > 0:
+            return iter_batches(a, 8192, split=split, shuffle=False)
+        return iter_batches(a, 8192, shuffle=False)
+
+    batches = rows(acts)
+    if targets is not None:
+        if n_rows(targets, split if is_store(targets) else "all") != n_rows(acts, split if is_store(acts) else "all"):
+            raise FeatureTreeError("targets must hold the same tokens as acts, row for row (one harvest of the same "
+                                   "texts at the output module)")
+        batches = zip(batches, rows(targets))
     out = {}
     for (rung, sae), m in zip(ladder.items(), evaluate_many(list(ladder.values()), batches)):
         sae.metrics = {**sae.metrics, **m}

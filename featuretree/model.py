@@ -25,7 +25,7 @@ from torch import nn
 from featuretree.config import DEFAULT_MODEL, FeatureTreeError
 
 __all__ = ["check_layer", "EMBEDDED_NAMES", "embed_texts", "find_layers", "get_tokenizer", "hidden_size", "is_remote",
-           "layer_module", "site_module", "site_of", "SITE_KINDS",
+           "layer_module", "NORMALIZED", "normalized", "site_module", "site_of", "SITE_KINDS",
            "load_model", "model_name", "n_layers", "REMOTE_ATTR", "resolve_model_dir", "SMOLLM2_NAMES"]
 
 log = logging.getLogger(__name__)
@@ -550,7 +550,8 @@ def site_module(model: Any, layer: int, site: str = "") -> nn.Module:
     layer : int
         A block index (negative counts from the end).
     site : str
-        A path inside the block ("mlp", "self_attn", "attention.output"); "" is the block itself.
+        A path inside the block ("mlp", "self_attn", "attention.output"); "" is the block itself. A norm's path
+        with ":normalized" names the same module (its output is then read with the gain taken out).
 
     Example:
         >>> type(site_module(load_model(), 3, "attention")).__name__
@@ -558,7 +559,8 @@ def site_module(model: Any, layer: int, site: str = "") -> nn.Module:
     """
     block = find_layers(model)[1][check_layer(model, layer)]
     module = block
-    for part in site.split(".") if site else []:
+    path = site.removesuffix(NORMALIZED)
+    for part in path.split(".") if path else []:
         nxt = getattr(module, part, None)
         if not isinstance(nxt, nn.Module):
             kids = ", ".join(n for n, _ in block.named_children())
@@ -570,7 +572,41 @@ def site_module(model: Any, layer: int, site: str = "") -> nn.Module:
 
 SITE_KINDS = ("resid_post", "mlp_out", "attn_out", "mlp_in")
 """What a dictionary may read, by TransformerLens' names: a block's output, its MLP's output, its attention's
-output, or the MLP's input (after the norm before it; what transcoders read)."""
+output, or the MLP's input after the norm before it with the norm's gain (and bias) taken out: TransformerLens'
+ln2.hook_normalized, and what Gemma Scope's transcoders read ("we fold the pre-MLP RMS norm gain parameters
+into the MLP input matrices ... and train the transcoder on input activations just after the pre-MLP
+RMSNorm", google/gemma-scope-2b-pt-transcoders' README)."""
+
+NORMALIZED = ":normalized"
+"""Suffix of a site that names a norm whose output is read with its gain (and bias) taken out."""
+
+
+def normalized(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """A norm module's output `y` with its elementwise gain and bias taken out: (y - bias) / weight, or
+    y / (1 + weight) for Gemma's RMSNorm (which scales by 1 + weight).
+
+    Parameters
+    ----------
+    module : nn.Module
+        The norm (nn.LayerNorm, LlamaRMSNorm, Gemma2RMSNorm, ...).
+    y : Tensor (..., d)
+        Its output.
+
+    Example:
+        >>> ln = nn.LayerNorm(4)
+        >>> with torch.no_grad():
+        ...     _ = ln.weight.fill_(2.0), ln.bias.fill_(1.0)
+        >>> x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+        >>> torch.allclose(normalized(ln, ln(x)), nn.functional.layer_norm(x, (4,)))
+        True
+    """
+    w = getattr(module, "weight", None)
+    b = getattr(module, "bias", None)
+    if not isinstance(w, torch.Tensor):
+        return y
+    gain = (1.0 + w.float()) if "gemma" in type(module).__name__.lower() else w.float()
+    out = y.float() - (b.float() if isinstance(b, torch.Tensor) else 0.0)
+    return (out / gain).to(y.dtype)
 
 
 def site_of(model: Any, layer: int, kind: str) -> str:
@@ -591,7 +627,7 @@ def site_of(model: Any, layer: int, kind: str) -> str:
         >>> from transformers import GPT2Config, GPT2Model
         >>> gpt2 = GPT2Model(GPT2Config(n_layer=2, n_embd=8, n_head=2))
         >>> site_of(gpt2, 1, "mlp_out"), site_of(gpt2, 1, "attn_out"), site_of(gpt2, 1, "mlp_in")
-        ('mlp', 'attn', 'ln_2')
+        ('mlp', 'attn', 'ln_2:normalized')
     """
     if kind not in SITE_KINDS:
         raise FeatureTreeError(f"site kind {kind!r} is not one of {', '.join(SITE_KINDS)}")
@@ -607,7 +643,7 @@ def site_of(model: Any, layer: int, kind: str) -> str:
     }[kind]
     for c in candidates:
         if c in names:
-            return c
+            return c + NORMALIZED if kind == "mlp_in" else c
     raise FeatureTreeError(f"block {layer} ({type(block).__name__}) has none of {', '.join(candidates)} for {kind}; "
                            f"its submodules are {', '.join(sorted(names))}: pass --site with the module's path")
 
@@ -643,7 +679,8 @@ def layer_module(model: Any, layer: int, site: str = ""):
     envoy = model.interleaver.envoys.get(id(target))
     if envoy is None:
         envoy = model
-        for part in [*path.split("."), str(index), *(site.split(".") if site else [])]:
+        inner = site.removesuffix(NORMALIZED)
+        for part in [*path.split("."), str(index), *(inner.split(".") if inner else [])]:
             if part.isdigit():
                 envoy = envoy[int(part)]
                 continue

@@ -182,17 +182,22 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
         if given is not None:  # an existing ladder: measured on the held-out split, not trained
             from featuretree.ladders import measure
 
-            measure({f"w{w}": s for w, s in given.items()}, acts)
+            writes = _ladder_output(model, given)
+            targets = None
+            if writes is not None:  # transcoders: scored against the module they write, harvested on the same texts
+                out_cfg = Config.from_dict({**cfg.to_dict(), "layer": writes[0], "site": writes[1]})
+                targets = _harvest(model, out_cfg, corpus, run / "acts_out", shard_size, store_dtype, progress)
+            measure({f"w{w}": s for w, s in given.items()}, acts, targets=targets)
             saes = given
         else:
             if train is None:
                 from featuretree.train import train_ladder as train
             saes = train(acts, config=cfg, checkpoint=Resume(run / "ckpt" / "train.safetensors",
                                                               every=checkpoint_every, keep=True), progress=progress)
-        from featuretree.faithful import is_causal_lm, record_faithfulness
+        from featuretree.faithful import is_causal_lm, record_faithfulness, spliceable
 
-        if is_causal_lm(model):  # loss recovered / KL per rung (trained or given) into faithfulness.json, cfg.json
-            record_faithfulness(model, cfg.layer, saes, acts, run, progress=progress, site=cfg.site)
+        if is_causal_lm(model) and spliceable(cfg.site, saes.values()):  # loss recovered / KL per rung (trained or
+            record_faithfulness(model, cfg.layer, saes, acts, run, progress=progress, site=cfg.site)  # given)
         for w, sae in saes.items():
             sae.save(run / "saes" / f"w{w}")
         reach("link")
@@ -206,6 +211,17 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     write_explorer(tree, run / "sunburst.html", run=out)  # the sunburst with search and feature cards
     reach("done")
     return tree
+
+
+def _ladder_output(model, ladder: dict) -> tuple[int, str] | None:
+    """(layer, site) of the module a ladder of transcoders writes; None for SAEs."""
+    from featuretree.ladders import ladder_site
+    from featuretree.model import site_of
+
+    out = ladder_site(dict(ladder))["out"]
+    if out is None:
+        return None
+    return out["layer"], out["path"] if out["kind"] == "path" else site_of(model, out["layer"], out["kind"])
 
 
 def _ladder_module(model, layer: int, ladder: dict) -> str:

@@ -188,8 +188,9 @@ def evaluate_many(saes: list[TopKSAE], batches: Iterable[Tensor]) -> list[dict[s
     ----------
     saes : list of TopKSAE
         The dictionaries, all of the same d_model (batches move to the first one's device).
-    batches : iterable of Tensor (b, d_model)
-        The evaluation rows.
+    batches : iterable of Tensor (b, d_model), or of (x, y) pairs
+        The evaluation rows; a pair scores the reconstruction against `y` (a transcoder's target: the
+        output of the module whose input `x` is).
 
     Example:
         >>> a, b = evaluate_many([TopKSAE(8, 32, 2), TopKSAE(8, 64, 2)], [torch.randn(64, 8)])
@@ -202,16 +203,18 @@ def evaluate_many(saes: list[TopKSAE], batches: Iterable[Tensor]) -> list[dict[s
     sx = sxx = None
     n = 0
     device = saes[0].W_dec.device if saes else torch.device("cpu")
-    for x in batches:
+    for item in batches:
+        x, y = item if isinstance(item, tuple) else (item, item)
         x = x.to(device=device, dtype=torch.float32)
+        y = x if y is item else y.to(device=device, dtype=torch.float32)
         for j, sae in enumerate(saes):
             values, indices = sae.encode(x)
-            sse[j] += (x - sae.decode(values, indices)).double().pow(2).sum()
+            sse[j] += (y - sae.decode(values, indices)).double().pow(2).sum()
             active = values > 0
             l0[j] += int(active.sum())
             fired[j][indices[active]] = True
-        sx = x.double().sum(0) if sx is None else sx + x.double().sum(0)  # float64 sums (also on CUDA)
-        sxx = x.double().pow(2).sum() if sxx is None else sxx + x.double().pow(2).sum()
+        sx = y.double().sum(0) if sx is None else sx + y.double().sum(0)  # float64 sums (also on CUDA)
+        sxx = y.double().pow(2).sum() if sxx is None else sxx + y.double().pow(2).sum()
         n += x.shape[0]
     if n == 0:
         raise FeatureTreeError("no tokens to evaluate on: collect more tokens (held-out docs are a tenth of them)")

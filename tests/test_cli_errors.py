@@ -267,9 +267,9 @@ def test_ladder_unknown_architecture_d_model_mismatch_and_missing_cache(tmp_path
     unknown = _saelens_dir(tmp_path / "crosscoder", "crosscoder", 384, 64)
     fails(["build", "--ladder", str(unknown), "--corpus", str(corpus), "--out", str(out)], capsys,
           "architecture 'crosscoder' is not one featuretree reads")
-    transcoder = _saelens_dir(tmp_path / "transcoder", "transcoder", 384, 64)
+    transcoder = _saelens_dir(tmp_path / "transcoder", "transcoder", 384, 64)  # no hook_name_out
     fails(["build", "--ladder", str(transcoder), "--corpus", str(corpus), "--out", str(out)], capsys,
-          "architecture 'transcoder' is a transcoder", "pass SAEs of one layer")
+          "the transcoders name output hooks ['None']", "hook_name_out in its cfg.json")
     mlp = _saelens_dir(tmp_path / "mlp", "jumprelu", 384, 64, hook_name="blocks.3.hook_mlp_out")
     fails(["build", "--ladder", str(mlp), "--corpus", str(corpus), "--out", str(out)], capsys,
           "block 3 (BertLayer) has none of mlp, feed_forward, ffn for mlp_out", "pass --site")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from test_ladders import dense, write_saelens
+from test_ladders import dense, random_weights, write_saelens
 
 from featuretree.config import FeatureTreeError
 from featuretree.dictionaries import DL_CONVERT, GatedSAE, ThresholdSAE, load_dictionary
@@ -213,3 +213,41 @@ def test_against_dictionary_learning_itself(tmp_path):
             want = theirs.encode(x).detach()
         got = dense(load_dictionary(d, max_codes=63), x)
         assert (want > 0).any() and float((got - want).abs().max()) < 1e-4, (cls, dl.__name__)
+
+
+@pytest.mark.parametrize("arch", ["transcoder", "jumprelu_transcoder"])
+def test_saelens_transcoders_encode_without_centring_and_round_trip(tmp_path, arch):
+    """SAELens' Transcoder.encode: relu(x @ W_enc + b_enc) (JumpReLU: times pre > threshold), never x - b_dec; its
+    decoder writes hook_name_out. featuretree's save is SAELens' layout again (b_enc un-folded)."""
+    w = random_weights(16, 48, seed=9)
+    saved = dict(w) if arch == "jumprelu_transcoder" else {k: v for k, v in w.items() if k != "threshold"}
+    d = write_saelens(tmp_path / arch, arch, saved, apply_b_dec=False,
+                      extra={"d_out": 16, "hook_name": "blocks.2.ln2.hook_normalized",
+                             "hook_name_out": "blocks.2.hook_mlp_out"})
+    x = torch.randn(300, 16)
+    sae = load_dictionary(d, max_codes=47)
+    pre = x @ w["W_enc"] + w["b_enc"]
+    want = torch.relu(pre) * (pre > w["threshold"]) if arch == "jumprelu_transcoder" else torch.relu(pre)
+    assert torch.allclose(dense(sae, x), want, atol=1e-5)
+    assert sae.metadata["transcoder"] and sae.metadata["hook_name_out"] == "blocks.2.hook_mlp_out"
+    v, i = sae.encode(x)
+    assert torch.allclose(sae.decode(v, i), want @ w["W_dec"] + w["b_dec"], atol=1e-4)  # in the output's space
+    again = sae.save(tmp_path / "resaved")
+    cfg = json.loads((again / "cfg.json").read_text())
+    assert cfg["architecture"] == arch and cfg["apply_b_dec_to_input"] is False and cfg["d_out"] == 16
+    from safetensors.torch import load_file
+
+    assert torch.allclose(load_file(str(again / "sae_weights.safetensors"))["b_enc"], w["b_enc"], atol=1e-5)
+    assert torch.allclose(dense(load_dictionary(again), x), want, atol=1e-5)
+
+
+def test_a_ladder_is_all_transcoders_or_none():
+    from featuretree.ladders import ladder_site
+
+    t = ThresholdSAE(8, 16, metadata={"hook_name": "blocks.1.ln2.hook_normalized", "transcoder": True,
+                                      "hook_name_out": "blocks.1.hook_mlp_out"})
+    site = ladder_site({"w16": t})
+    assert site["kind"] == "mlp_in" and site["out"] == {"hook_name": "blocks.1.hook_mlp_out", "layer": 1,
+                                                        "kind": "mlp_out", "path": None}
+    with pytest.raises(FeatureTreeError, match="mixes transcoders and SAEs"):
+        ladder_site({"w16": t, "w32": ThresholdSAE(8, 32, metadata={"hook_name": "blocks.1.ln2.hook_normalized"})})

@@ -86,8 +86,10 @@ def test_gemma_scope_npz_and_refusals(tmp_path):
     sae = load_dictionary(tmp_path / "gs")
     x = torch.randn(50, 8)
     assert torch.allclose(dense(sae, x), saelens_formula("jumprelu", w, x, apply_b_dec=False), atol=1e-5)
-    with pytest.raises(FeatureTreeError, match="'transcoder' is a transcoder .*reads 'blocks.3.hook_resid_post'"):
-        load_dictionary(write_saelens(tmp_path / "tc", "transcoder", w))
+    with pytest.raises(FeatureTreeError, match="'skip_transcoder' adds a linear skip path"):
+        load_dictionary(write_saelens(tmp_path / "tc", "skip_transcoder", w))
+    with pytest.raises(FeatureTreeError, match="from d_in 8 to d_out 16"):
+        load_dictionary(write_saelens(tmp_path / "t16", "transcoder", w, extra={"d_out": 16}))
     with pytest.raises(FeatureTreeError, match="architecture 'crosscoder' is not one featuretree reads"):
         load_dictionary(write_saelens(tmp_path / "cc", "crosscoder", w))
     with pytest.raises(FeatureTreeError, match="needs a 'threshold'"):
@@ -175,7 +177,7 @@ def test_releases_resolve_from_the_local_cache_only(tmp_path, monkeypatch):
     assert list(ladder) == ["w16", "w64"]
     # where it reads: the file's cfg says blocks.3.hook_resid_post; the release names the model
     assert L.ladder_site(ladder) == {"hook_name": "blocks.3.hook_resid_post", "layer": 3, "kind": "resid_post",
-                                     "path": None, "model_name": "tiny"}
+                                     "path": None, "model_name": "tiny", "out": None}
     # a release whose files do not say (Gemma Scope's params.npz): its folder's name does
     assert L._release_hook("org-scope-res", "layer_3/width_16k/average_l0_20") == "blocks.3.hook_resid_post"
     assert L._release_hook("jb", "gemma_2b_blocks.12.hook_resid_post_16384") == "blocks.12.hook_resid_post"
@@ -198,9 +200,10 @@ def test_against_saelens_itself(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(300, 16)
     for arch, cls_cfg in (("jumprelu", "JumpReLUSAEConfig"), ("standard", "StandardSAEConfig"),
-                          ("topk", "TopKSAEConfig"), ("gated", "GatedSAEConfig")):
+                          ("topk", "TopKSAEConfig"), ("gated", "GatedSAEConfig"), ("transcoder", "TranscoderConfig"),
+                          ("jumprelu_transcoder", "JumpReLUTranscoderConfig")):
         cfg_cls = getattr(sl, cls_cfg)
-        kw = {"k": 8} if arch == "topk" else {}
+        kw = {"k": 8} if arch == "topk" else {"d_out": 16, "apply_b_dec_to_input": False} if "transcoder" in arch else {}
         sae = SAE.from_dict(cfg_cls(d_in=16, d_sae=64, **kw).to_dict())
         with torch.no_grad():
             for p in sae.parameters():
@@ -219,8 +222,9 @@ def test_hook_names_map_to_block_outputs():
         12, 11, 7, 6, 2, 3, 5]
     assert [L.hook_site(h)["kind"] for h in ("blocks.4.hook_mlp_out", "blocks.4.hook_attn_out", "model.layers.4.mlp")] \
         == ["mlp_out", "attn_out", "path"] and L.hook_site("transformer.h.4.mlp")["path"] == "mlp"
+    assert L.hook_site("blocks.4.ln2.hook_normalized") == {"layer": 4, "kind": "mlp_in", "path": None}
     for bad, why in (("blocks.0.hook_resid_pre", "embeddings"), ("blocks.4.attn.hook_z", "hook_z"),
-                     ("blocks.4.ln2.hook_normalized", "transcoder"), ("blocks.4.hook_resid_mid", "not a module's output")):
+                     ("blocks.4.hook_resid_mid", "not a module's output")):
         with pytest.raises(FeatureTreeError, match=why):
             L.hook_layer(bad)
     with pytest.raises(FeatureTreeError, match="different hook_names"):

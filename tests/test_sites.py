@@ -79,3 +79,65 @@ def test_a_ladder_of_mlp_out_dictionaries_builds_at_the_mlp(lm_dir, tmp_path):
         ft.build(model=str(lm_dir), layer=1, corpus=str(corpus), n_tokens=500, site="nope", out=tmp_path / "bad",
                  progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_normalized_site_reads_the_norm_without_its_gain(lm_dir):
+    """ln_2:normalized = (x - mean) / std of the MLP's input, the norm's weight and bias taken out (what
+    TransformerLens' ln2.hook_normalized and Gemma Scope's transcoders read)."""
+    from featuretree.model import find_layers
+
+    model = load_model(str(lm_dir))
+    ln = find_layers(model)[1][1].ln_2
+    with torch.no_grad():  # a gain and bias that are not the identity, so taking them out shows
+        ln.weight.uniform_(0.5, 2.0)
+        ln.bias.uniform_(-1.0, 1.0)
+    from featuretree.model import get_tokenizer
+
+    text = texts(3)[0]
+    acts = collect(model, 1, [text], progress=False, site="ln_2:normalized")
+    seen: list = []
+    handle = ln.register_forward_hook(lambda m, a, out, seen=seen: seen.append(a[0].detach()))
+    try:
+        with torch.no_grad():
+            enc = get_tokenizer(model)(text, return_tensors="pt")
+            model._module(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    finally:
+        handle.remove()
+    x = seen[0][0][1:]  # the BOS dropped
+    want = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=ln.eps)
+    assert torch.allclose(acts.load("all"), want, atol=1e-4)
+
+
+def test_a_ladder_of_transcoders_reads_the_mlp_input_and_is_scored_on_its_output(lm_dir, tmp_path):
+    """Transcoders whose files say ln2.hook_normalized -> hook_mlp_out: the run harvests the MLP's normalised
+    input (their firing), and their FVU is against the MLP's output on the same tokens (by hand here)."""
+    from test_ladders import random_weights, write_saelens
+
+    from featuretree.activations import Activations
+    from featuretree.ladders import load_ladder
+
+    dirs = []
+    for w in (16, 48):
+        weights = random_weights(32, w, seed=w)
+        weights["threshold"] = weights["threshold"] * 0.1
+        dirs.append(write_saelens(tmp_path / f"t{w}", "jumprelu_transcoder", weights, apply_b_dec=False,
+                                  extra={"d_out": 32, "hook_name": "blocks.1.ln2.hook_normalized",
+                                         "hook_name_out": "blocks.1.hook_mlp_out"}))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(texts(200)))
+    out = tmp_path / "run"
+    tree = ft.build(model=str(lm_dir), layer=1, corpus=str(corpus), n_tokens=1500, ladder=load_ladder(dirs), out=out,
+                    progress=False)
+    assert tree.config.site == "ln_2:normalized" and not (out / "faithfulness.json").exists()
+    x = Activations(out / "acts").load("heldout")
+    y = Activations(out / "acts_out").load("heldout")
+    assert Activations(out / "acts_out").meta["site"] == "mlp" and x.shape == y.shape
+    for rung, sae in tree.saes.items():
+        v, i = sae.encode(x)
+        fvu = float((y - sae.decode(v, i)).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+        assert sae.metrics["fvu"] == pytest.approx(fvu, rel=1e-4), rung
+    assert len(ft.find(tree, "birds"))
+    with pytest.raises(FeatureTreeError, match="effects are not supported"):
+        from featuretree.effect import effects
+
+        effects(tree, next(n for n in tree.graph if n.startswith("w16/")), texts=texts(4), progress=False)
