@@ -328,7 +328,8 @@ def _site_of(cfg: dict, meta: dict) -> dict:
 
 
 _SAELENS = {"jumprelu": "jumprelu", "standard": "relu", "relu": "relu", "batchtopk": "batchtopk", "gated": "gated",
-            "transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
+            "matryoshka_batchtopk": "batchtopk", "transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
+# (matryoshka_batchtopk's training layout: BatchTopK's one topk_threshold; its cfg's matryoshka_widths are the prefixes)
 _TRANSCODERS = ("transcoder", "jumprelu_transcoder")
 
 
@@ -342,8 +343,8 @@ def _load_saelens_threshold(path: Path, cfg: dict, arch: str, max_codes: int) ->
                                "featuretree reads transcoders whose output has the input's width")
     if arch not in _SAELENS:
         raise FeatureTreeError(f"{cfg_path}: architecture {arch!r} is not one featuretree reads; it reads topk, "
-                               "jumprelu, standard (ReLU), batchtopk, gated, transcoder, jumprelu_transcoder (and "
-                               "matryoshka ladders of those)")
+                               "jumprelu, standard (ReLU), batchtopk, matryoshka_batchtopk, gated, transcoder, "
+                               "jumprelu_transcoder (and matryoshka ladders of those)")
     for flag in ("rescale_acts_by_decoder_norm",):
         if cfg.get(flag):
             raise FeatureTreeError(f"{cfg_path}: {flag}=true is not supported: save the SAE with the decoder norm "

@@ -57,7 +57,7 @@ def dense(sae, x):
 
 
 @pytest.mark.parametrize("arch,apply_b_dec", [("jumprelu", True), ("jumprelu", False), ("standard", True),
-                                              ("batchtopk", True)])
+                                              ("batchtopk", True), ("matryoshka_batchtopk", True)])
 def test_saelens_layouts_encode_as_saelens_does(tmp_path, arch, apply_b_dec):
     w = random_weights(16, 48, seed=1)
     x = torch.randn(200, 16)
@@ -65,11 +65,15 @@ def test_saelens_layouts_encode_as_saelens_does(tmp_path, arch, apply_b_dec):
     extra_t = None
     if arch == "standard":
         saved.pop("threshold")
-    if arch == "batchtopk":  # the training layout: one scalar threshold
+    if "batchtopk" in arch:  # the training layout: one scalar threshold
         saved.pop("threshold")
         saved["topk_threshold"] = torch.tensor(0.15)
         extra_t = 0.15
-    sae = load_dictionary(write_saelens(tmp_path / arch, arch, saved, apply_b_dec=apply_b_dec), max_codes=47)
+    extra = {"matryoshka_widths": [16, 48]} if arch.startswith("matryoshka") else None
+    d = write_saelens(tmp_path / arch, arch, saved, apply_b_dec=apply_b_dec, extra=extra)
+    sae = load_dictionary(d, max_codes=47)
+    if extra:  # its prefixes are a ladder
+        assert list(load_ladder(d)) == ["w16", "w48"]
     assert isinstance(sae, ThresholdSAE)
     want = saelens_formula(arch, w, x, apply_b_dec, extra_t)
     got = dense(sae, x)
