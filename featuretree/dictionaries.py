@@ -169,6 +169,8 @@ class ThresholdSAE(TopKSAE):
         out.W_enc.copy_(self.W_enc[:, :width])
         out.W_dec.copy_(self.W_dec[:width])
         out.b_dec.copy_(self.b_dec)
+        if getattr(self, "W_skip", None) is not None:
+            out.register_buffer("W_skip", self.W_skip.clone())
         return out
 
     def _empty(self, width: int) -> ThresholdSAE:  # a dictionary of this kind with `width` features, to fill
@@ -191,7 +193,8 @@ class ThresholdSAE(TopKSAE):
         out["metadata"] = {**out["metadata"], "featuretree_architecture": self.architecture,
                            "featuretree_max_codes": self.k}
         if self.metadata.get("transcoder"):  # SAELens' transcoder layout: no input centring, d_out
-            out.update(architecture="transcoder" if self.architecture == "relu" else "jumprelu_transcoder",
+            kind = "skip_transcoder" if getattr(self, "W_skip", None) is not None else "transcoder"
+            out.update(architecture=kind if self.architecture == "relu" else f"jumprelu_{kind}",
                        d_out=self.d_model, apply_b_dec_to_input=False,
                        hook_name=self.metadata.get("hook_name"), hook_name_out=self.metadata.get("hook_name_out"))
         return out
@@ -200,6 +203,8 @@ class ThresholdSAE(TopKSAE):
         out = {**super()._saved_tensors(), **({} if self.architecture == "relu" else {"threshold": self.threshold})}
         if self.metadata.get("transcoder"):  # b_enc as the transcoder reads x: un-fold the centring by b_dec
             out["b_enc"] = (self.b_enc - self.b_dec @ self.W_enc).detach()
+        if getattr(self, "W_skip", None) is not None:
+            out["W_skip"] = self.W_skip
         return out
 
 
@@ -328,16 +333,14 @@ def _site_of(cfg: dict, meta: dict) -> dict:
 
 
 _SAELENS = {"jumprelu": "jumprelu", "standard": "relu", "relu": "relu", "batchtopk": "batchtopk", "gated": "gated",
-            "matryoshka_batchtopk": "batchtopk", "transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
+            "matryoshka_batchtopk": "batchtopk", "transcoder": "relu", "jumprelu_transcoder": "jumprelu",
+            "skip_transcoder": "relu", "jumprelu_skip_transcoder": "jumprelu"}
 # (matryoshka_batchtopk's training layout: BatchTopK's one topk_threshold; its cfg's matryoshka_widths are the prefixes)
-_TRANSCODERS = ("transcoder", "jumprelu_transcoder")
+_TRANSCODERS = ("transcoder", "jumprelu_transcoder", "skip_transcoder", "jumprelu_skip_transcoder")
 
 
 def _load_saelens_threshold(path: Path, cfg: dict, arch: str, max_codes: int) -> ThresholdSAE:
     cfg_path = path / CFG_FILE
-    if arch == "skip_transcoder":
-        raise FeatureTreeError(f"{cfg_path}: architecture 'skip_transcoder' adds a linear skip path (x @ W_skip) to "
-                               "its output that featuretree's rungs do not carry: use a transcoder without one")
     if arch in _TRANSCODERS and int(cfg.get("d_out", cfg.get("d_in", 0)) or 0) != int(cfg.get("d_in", -1) or -1):
         raise FeatureTreeError(f"{cfg_path}: a transcoder from d_in {cfg.get('d_in')} to d_out {cfg.get('d_out')}; "
                                "featuretree reads transcoders whose output has the input's width")
@@ -368,6 +371,9 @@ def _load_saelens_threshold(path: Path, cfg: dict, arch: str, max_codes: int) ->
     fold = cfg.get("apply_b_dec_to_input", True) is False or arch in _TRANSCODERS  # a transcoder never centres x
     if arch in _TRANSCODERS:  # reads hook_name, writes hook_name_out (its decoder rows live there)
         meta.update(transcoder=True, hook_name_out=cfg.get("hook_name_out") or meta.get("hook_name_out"))
+    skip = None
+    if "skip" in arch:  # a linear path x @ W_skip.T added to the output: part of the reconstruction, not the codes
+        skip = check_weights(weights, {"W_skip": (d_in, d_in)}, w_path, CFG_FILE)["W_skip"].float()
     if kind == "gated":
         check_weights(weights, {"r_mag": (d_sae,), "b_mag": (d_sae,)}, w_path, CFG_FILE)
         sae = _gated(d_in, d_sae, weights["W_enc"], weights["b_gate"], weights["r_mag"], weights["b_mag"],
@@ -377,6 +383,8 @@ def _load_saelens_threshold(path: Path, cfg: dict, arch: str, max_codes: int) ->
                            architecture=inner if inner in THRESHOLD_ARCHITECTURES else kind, max_codes=cap,
                            metadata=meta)
         fill_weights(sae, weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"], fold_b_dec=fold)
+    if skip is not None:
+        sae.register_buffer("W_skip", skip)
     sae.metrics = dict((cfg.get("metadata") or {}).get("featuretree_metrics") or {})
     return sae
 

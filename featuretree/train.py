@@ -209,7 +209,11 @@ def evaluate_many(saes: list[TopKSAE], batches: Iterable[Tensor]) -> list[dict[s
         y = x if y is item else y.to(device=device, dtype=torch.float32)
         for j, sae in enumerate(saes):
             values, indices = sae.encode(x)
-            sse[j] += (y - sae.decode(values, indices)).double().pow(2).sum()
+            recon = sae.decode(values, indices)
+            skip = getattr(sae, "W_skip", None)  # a skip transcoder's linear path is part of its reconstruction
+            if skip is not None:
+                recon = recon + x @ skip.T
+            sse[j] += (y - recon).double().pow(2).sum()
             active = values > 0
             l0[j] += int(active.sum())
             fired[j][indices[active]] = True

@@ -251,3 +251,26 @@ def test_a_ladder_is_all_transcoders_or_none():
                                                         "kind": "mlp_out", "path": None}
     with pytest.raises(FeatureTreeError, match="mixes transcoders and SAEs"):
         ladder_site({"w16": t, "w32": ThresholdSAE(8, 32, metadata={"hook_name": "blocks.1.ln2.hook_normalized"})})
+
+
+def test_a_skip_transcoder_fires_as_a_transcoder_and_its_skip_path_counts_in_the_fvu(tmp_path):
+    """SAELens' SkipTranscoder: output = decode(encode(x)) + x @ W_skip.T; the skip path is not a feature, so
+    the codes are the transcoder's and only the reconstruction (FVU against the output) includes it."""
+    from featuretree.ladders import measure
+
+    w = random_weights(16, 48, seed=11)
+    w["W_skip"] = torch.randn(16, 16) * 0.2
+    d = write_saelens(tmp_path / "skip", "jumprelu_skip_transcoder", w, apply_b_dec=False,
+                      extra={"d_out": 16, "hook_name": "blocks.2.ln2.hook_normalized",
+                             "hook_name_out": "blocks.2.hook_mlp_out"})
+    sae = load_dictionary(d, max_codes=47)
+    x, y = torch.randn(400, 16), torch.randn(400, 16)
+    pre = x @ w["W_enc"] + w["b_enc"]
+    codes = torch.relu(pre) * (pre > w["threshold"])
+    assert torch.allclose(dense(sae, x), codes, atol=1e-5)
+    out = codes @ w["W_dec"] + w["b_dec"] + x @ w["W_skip"].T
+    fvu = float((y - out).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert measure({"w48": sae}, x, targets=y)["w48"]["fvu"] == pytest.approx(fvu, rel=1e-4)
+    again = load_dictionary(sae.save(tmp_path / "resaved"))
+    assert json.loads((tmp_path / "resaved" / "cfg.json").read_text())["architecture"] == "jumprelu_skip_transcoder"
+    assert torch.equal(again.W_skip, sae.W_skip) and torch.allclose(dense(again, x), codes, atol=1e-5)

@@ -90,7 +90,7 @@ def test_gemma_scope_npz_and_refusals(tmp_path):
     sae = load_dictionary(tmp_path / "gs")
     x = torch.randn(50, 8)
     assert torch.allclose(dense(sae, x), saelens_formula("jumprelu", w, x, apply_b_dec=False), atol=1e-5)
-    with pytest.raises(FeatureTreeError, match="'skip_transcoder' adds a linear skip path"):
+    with pytest.raises(FeatureTreeError, match=r"W_skip has shape missing, expected \(8, 8\)"):
         load_dictionary(write_saelens(tmp_path / "tc", "skip_transcoder", w))
     with pytest.raises(FeatureTreeError, match="from d_in 8 to d_out 16"):
         load_dictionary(write_saelens(tmp_path / "t16", "transcoder", w, extra={"d_out": 16}))
@@ -205,7 +205,8 @@ def test_against_saelens_itself(tmp_path):
     x = torch.randn(300, 16)
     for arch, cls_cfg in (("jumprelu", "JumpReLUSAEConfig"), ("standard", "StandardSAEConfig"),
                           ("topk", "TopKSAEConfig"), ("gated", "GatedSAEConfig"), ("transcoder", "TranscoderConfig"),
-                          ("jumprelu_transcoder", "JumpReLUTranscoderConfig")):
+                          ("jumprelu_transcoder", "JumpReLUTranscoderConfig"),
+                          ("jumprelu_skip_transcoder", "JumpReLUSkipTranscoderConfig")):
         cfg_cls = getattr(sl, cls_cfg)
         kw = {"k": 8} if arch == "topk" else {"d_out": 16, "apply_b_dec_to_input": False} if "transcoder" in arch else {}
         sae = SAE.from_dict(cfg_cls(d_in=16, d_sae=64, **kw).to_dict())
