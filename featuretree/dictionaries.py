@@ -307,7 +307,7 @@ def load_dictionary(path: str | os.PathLike, *, max_codes: int = MAX_CODES) -> T
             sae = _load_saelens_threshold(path, cfg, arch, max_codes)
         else:
             sae = TopKSAE.load(path)
-        sae.metadata.update(_site_of(cfg, sae.metadata))
+        sae.metadata.update(_cfg_facts(cfg, sae.metadata))
         return sae
     return TopKSAE.load(path)
 
@@ -322,13 +322,16 @@ def _read_json(p: Path) -> dict:
     return cfg
 
 
-def _site_of(cfg: dict, meta: dict) -> dict:
-    """hook_name / model_name where the SAELens config names them (top level in older saves, metadata in 6.x)."""
+def _cfg_facts(cfg: dict, meta: dict) -> dict:
+    """hook_name / model_name where the SAELens config names them (top level in older saves, metadata in 6.x),
+    and a Matryoshka SAE's matryoshka_widths (its prefixes, which `load_ladder` makes rungs)."""
     out = {}
     for key in ("hook_name", "model_name"):
         v = cfg.get(key) or (cfg.get("metadata") or {}).get(key) or meta.get(key)
         if isinstance(v, str) and v:
             out[key] = v
+    if cfg.get("matryoshka_widths"):
+        out["matryoshka_widths"] = [int(w) for w in cfg["matryoshka_widths"]]
     return out
 
 

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from featuretree.config import FeatureTreeError
-from featuretree.faithful import Splice, causal_lm, splice_batch
+from featuretree.faithful import Splice, causal_lm, splice_batch, splice_blocker
 from featuretree.firing import fire_rungs, tree_layer, tree_model, tree_site
 from featuretree.harvest import forward_args, special_ids
 
@@ -213,13 +213,13 @@ class _spliced:
     """Context: the causal LM's module, block `layer` with a recording Splice hook, tokenizer, special ids."""
 
     def __init__(self, lm, layer: int, tree) -> None:
-        from featuretree.model import NORMALIZED, get_tokenizer, site_module
+        from featuretree.model import get_tokenizer, site_module
 
         site = tree_site(tree)
-        if site.endswith(NORMALIZED) or any((s.metadata or {}).get("transcoder") for s in tree.saes.values()):
-            raise FeatureTreeError(f"effects edit the module the features read ({site or 'the block'}) with their "
-                                   "decoder directions; a transcoder writes another module and a ':normalized' site "
-                                   "is not a module's output, so effects are not supported for this tree")
+        why = splice_blocker(site, tree.saes.values())
+        if why is not None:
+            raise FeatureTreeError(f"effects edit the module the features read with their decoder directions, "
+                                   f"so effects are not supported for this tree: {why}")
         self.module = getattr(lm, "_module", lm)
         self.block = site_module(lm, layer, site)  # the module whose output the tree's features read
         self.tok = get_tokenizer(lm)

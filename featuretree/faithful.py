@@ -51,7 +51,7 @@ from featuretree.config import FeatureTreeError
 from featuretree.harvest import forward_args, special_ids
 from featuretree.utils import write_json
 
-__all__ = ["spliceable", "causal_lm", "FAITHFUL_FILE", "faithfulness", "heldout_texts", "is_causal_lm", "METRIC_KEYS",
+__all__ = ["causal_lm", "FAITHFUL_FILE", "faithfulness", "heldout_texts", "is_causal_lm", "METRIC_KEYS", "splice_blocker",
            "record_faithfulness", "Splice", "splice_batch"]
 
 log = logging.getLogger(__name__)
@@ -269,10 +269,10 @@ def splice_batch(tokenizer: Any, texts: Sequence[str], max_length: int, special:
     return enc, spliced, count
 
 
-def spliceable(site: str, saes=()) -> bool:
-    """Whether `faithfulness` can splice these dictionaries at `site`: not transcoders (their reconstruction is
-    another module's output) and not a ":normalized" site (the norm's output is not what they reconstruct).
-    Says why in the log when not.
+def splice_blocker(site: str, saes=()) -> str | None:
+    """Why a splice at `site` cannot stand for these dictionaries' features (faithfulness, effects), or None when
+    it can: transcoders reconstruct another module's output than they read, and a ":normalized" site is a norm's
+    output with its gain taken out, not the module output a splice replaces.
 
     Parameters
     ----------
@@ -281,19 +281,17 @@ def spliceable(site: str, saes=()) -> bool:
     saes : iterable of dictionaries
 
     Example:
-        >>> spliceable(""), spliceable("ln_2:normalized")
-        (True, False)
+        >>> splice_blocker("") is None, splice_blocker("ln_2:normalized")[:24]
+        (True, 'the dictionaries read a ')
     """
     from featuretree.model import NORMALIZED
 
     if str(site).endswith(NORMALIZED):
-        log.info("faithfulness not measured: the dictionaries read a norm's output with its gain taken out (%s), "
-                 "which is not the module output a splice replaces", site)
-        return False
+        return (f"the dictionaries read a norm's output with its gain taken out ({site}), which is not the module "
+                "output a splice replaces")
     if any((getattr(s, "metadata", None) or {}).get("transcoder") for s in saes):
-        log.info("faithfulness not measured: transcoders reconstruct another module's output than they read")
-        return False
-    return True
+        return "transcoders write another module than the one they read"
+    return None
 
 
 def faithfulness(
@@ -353,9 +351,9 @@ def faithfulness(
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise FeatureTreeError("faithfulness needs held-out texts: pass a non-empty list of documents")
-    if not spliceable(site, named.values()):
-        raise FeatureTreeError(f"faithfulness cannot splice these dictionaries at site {site!r}: transcoders and "
-                               "':normalized' sites reconstruct something other than the module's output")
+    why = splice_blocker(site, named.values())
+    if why is not None:
+        raise FeatureTreeError(f"faithfulness cannot splice these dictionaries: {why}")
     lm = causal_lm(model)
     module = _module(lm)
     index = check_layer(lm, layer)

@@ -89,7 +89,7 @@ def load_ladder(source, *, prefixes=None, layer: int | None = None, widths=None,
     if path.is_dir():
         sae = load_dictionary(path, max_codes=max_codes)
         if prefixes is None:
-            prefixes = (sae.metadata or {}).get("matryoshka_widths") or _cfg_prefixes(path)
+            prefixes = (sae.metadata or {}).get("matryoshka_widths")  # its cfg's, or dictionary_learning's groups
         if not prefixes:
             return _rung_names([sae])
         prefixes = sorted({int(p) for p in prefixes} | {sae.width})
@@ -118,16 +118,6 @@ def load_ladder(source, *, prefixes=None, layer: int | None = None, widths=None,
         if out and "hook_name_out" not in sae.metadata:  # a transcoder: it writes the MLP's output
             sae.metadata.update(transcoder=True, hook_name_out=out)
     return _rung_names(saes)
-
-
-def _cfg_prefixes(path: Path) -> list[int]:
-    import json
-
-    try:
-        cfg = json.loads((path / "cfg.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    return [int(w) for w in (cfg.get("matryoshka_widths") or [])] if isinstance(cfg, dict) else []
 
 
 def _width_pattern(w) -> re.Pattern:

@@ -151,8 +151,13 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     # what can be wrong with the inputs shows before anything is written, so a mistake leaves no run behind
     model, corpus = load_model(cfg.model), load_corpus(cfg.corpus)
     check_layer(model, cfg.layer)
-    if given is not None and not cfg.site:  # the dictionaries read an MLP / attention output: harvest that module
-        cfg = Config.from_dict({**cfg.to_dict(), "site": _ladder_module(model, cfg.layer, given)})
+    reads = None  # where a given ladder reads and (transcoders) writes, from its dictionaries' hook names
+    if given is not None:
+        from featuretree.ladders import ladder_site
+
+        reads = ladder_site(given)
+        if not cfg.site:  # the dictionaries read an MLP / attention output: harvest that module
+            cfg = Config.from_dict({**cfg.to_dict(), "site": _module_path(model, cfg.layer, reads)})
     if cfg.site:  # a submodule the block does not have fails here, naming the ones it has
         site_module(model, cfg.layer, cfg.site)
     if given is not None:
@@ -182,10 +187,11 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
         if given is not None:  # an existing ladder: measured on the held-out split, not trained
             from featuretree.ladders import measure
 
-            writes = _ladder_output(model, given)
             targets = None
-            if writes is not None:  # transcoders: scored against the module they write, harvested on the same texts
-                out_cfg = Config.from_dict({**cfg.to_dict(), "layer": writes[0], "site": writes[1]})
+            if reads["out"] is not None:  # transcoders: scored against the module they write, on the same texts
+                writes = reads["out"]
+                out_cfg = Config.from_dict({**cfg.to_dict(), "layer": writes["layer"],
+                                            "site": _module_path(model, writes["layer"], writes)})
                 targets = _harvest(model, out_cfg, corpus, run / "acts_out", shard_size, store_dtype, progress)
             measure({f"w{w}": s for w, s in given.items()}, acts, targets=targets)
             saes = given
@@ -194,10 +200,14 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
                 from featuretree.train import train_ladder as train
             saes = train(acts, config=cfg, checkpoint=Resume(run / "ckpt" / "train.safetensors",
                                                               every=checkpoint_every, keep=True), progress=progress)
-        from featuretree.faithful import is_causal_lm, record_faithfulness, spliceable
+        from featuretree.faithful import is_causal_lm, record_faithfulness, splice_blocker
 
-        if is_causal_lm(model) and spliceable(cfg.site, saes.values()):  # loss recovered / KL per rung (trained or
-            record_faithfulness(model, cfg.layer, saes, acts, run, progress=progress, site=cfg.site)  # given)
+        if is_causal_lm(model):  # loss recovered / KL per rung (trained or given) into faithfulness.json, cfg.json
+            why = splice_blocker(cfg.site, saes.values())
+            if why is None:
+                record_faithfulness(model, cfg.layer, saes, acts, run, progress=progress, site=cfg.site)
+            else:
+                log.info("faithfulness not measured: %s", why)
         for w, sae in saes.items():
             sae.save(run / "saes" / f"w{w}")
         reach("link")
@@ -213,26 +223,11 @@ def build(config: Config | None = None, *, out=None, force: bool = False, progre
     return tree
 
 
-def _ladder_output(model, ladder: dict) -> tuple[int, str] | None:
-    """(layer, site) of the module a ladder of transcoders writes; None for SAEs."""
-    from featuretree.ladders import ladder_site
+def _module_path(model, layer: int, where: dict) -> str:
+    """The submodule of block `layer` a `ladders.hook_site` answer names ("" for the block's output)."""
     from featuretree.model import site_of
 
-    out = ladder_site(dict(ladder))["out"]
-    if out is None:
-        return None
-    return out["layer"], out["path"] if out["kind"] == "path" else site_of(model, out["layer"], out["kind"])
-
-
-def _ladder_module(model, layer: int, ladder: dict) -> str:
-    """The submodule of block `layer` a given ladder reads, from its dictionaries' hook names ("" for the block)."""
-    from featuretree.ladders import ladder_site
-    from featuretree.model import site_of
-
-    site = ladder_site({w: s for w, s in ladder.items()})
-    if site["kind"] == "path":
-        return site["path"]
-    return site_of(model, layer, site["kind"])
+    return where["path"] if where["kind"] == "path" else site_of(model, layer, where["kind"])
 
 
 def _build_layers(cfg: Config, layers: list[int], *, out, force: bool, progress: bool, checkpoint_every: float,

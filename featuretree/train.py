@@ -204,9 +204,9 @@ def evaluate_many(saes: list[TopKSAE], batches: Iterable[Tensor]) -> list[dict[s
     n = 0
     device = saes[0].W_dec.device if saes else torch.device("cpu")
     for item in batches:
-        x, y = item if isinstance(item, tuple) else (item, item)
-        x = x.to(device=device, dtype=torch.float32)
-        y = x if y is item else y.to(device=device, dtype=torch.float32)
+        pair = isinstance(item, tuple)
+        x = (item[0] if pair else item).to(device=device, dtype=torch.float32)
+        y = item[1].to(device=device, dtype=torch.float32) if pair else x
         for j, sae in enumerate(saes):
             values, indices = sae.encode(x)
             recon = sae.decode(values, indices)
